@@ -1,0 +1,206 @@
+"""Mistral decoder in functional Flax (linen): einsum-shaped weights with logical axis names.
+
+Axis letters: B batch, T query length, S key length, D model dim, N query heads, K kv heads,
+H head dim, F feed-forward hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from mistral_jax import cache as kv_cache
+from mistral_jax import sharding
+from mistral_jax.attention import attend, attention_mask
+from mistral_jax.config import ModelConfig
+from mistral_jax.rope import apply_rope
+
+Dtype = Any
+_init = nn.initializers.normal(stddev=0.02)
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
+           init=_init) -> jax.Array:
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, module.param_dtype)
+
+
+def _constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) computed in float32, cast back to the compute dtype, then scaled."""
+    eps: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        scale_D = _param(self, "scale", (x_BTD.shape[-1],), ("norm",), nn.initializers.ones)
+        x = x_BTD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return x.astype(self.dtype) * scale_D.astype(self.dtype)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    cfg: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        D, F = self.cfg.dim, self.cfg.hidden_dim
+        w1_DF = _param(self, "w1", (D, F), ("embed", "mlp")).astype(self.dtype)
+        w3_DF = _param(self, "w3", (D, F), ("embed", "mlp")).astype(self.dtype)
+        w2_FD = _param(self, "w2", (F, D), ("mlp", "embed")).astype(self.dtype)
+        gate_BTF = jnp.einsum("btd,df->btf", x_BTD, w1_DF)
+        up_BTF = jnp.einsum("btd,df->btf", x_BTD, w3_DF)
+        h_BTF = _constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "length", "act_mlp"))
+        return jnp.einsum("btf,fd->btd", h_BTF, w2_FD)
+
+
+class Attention(nn.Module):
+    """GQA self-attention; with a layer cache, attends to cached keys plus the chunk and updates the cache."""
+    cfg: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, seg_BT: jax.Array | None = None,
+                 cache: kv_cache.LayerCache | None = None
+                 ) -> tuple[jax.Array, kv_cache.LayerCache | None]:
+        c = self.cfg
+        D, N, K, H = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
+        wq_DNH = _param(self, "wq", (D, N, H), ("embed", "q_heads", "head_dim")).astype(self.dtype)
+        wk_DKH = _param(self, "wk", (D, K, H), ("embed", "kv_heads", "head_dim")).astype(self.dtype)
+        wv_DKH = _param(self, "wv", (D, K, H), ("embed", "kv_heads", "head_dim")).astype(self.dtype)
+        wo_NHD = _param(self, "wo", (N, H, D), ("q_heads", "head_dim", "embed")).astype(self.dtype)
+
+        q_BTNH = apply_rope(jnp.einsum("btd,dnh->btnh", x_BTD, wq_DNH), pos_BT, c.rope_theta)
+        k_BTKH = apply_rope(jnp.einsum("btd,dkh->btkh", x_BTD, wk_DKH), pos_BT, c.rope_theta)
+        v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, wv_DKH)
+        q_BTNH = _constrain(q_BTNH, ("batch", "length", "act_heads", "head_dim"))
+        k_BTKH = _constrain(k_BTKH, ("batch", "length", "act_kv_heads", "head_dim"))
+        v_BTKH = _constrain(v_BTKH, ("batch", "length", "act_kv_heads", "head_dim"))
+
+        if cache is None:
+            k_BSKH, v_BSKH, kpos_BS, kseg_BS = k_BTKH, v_BTKH, pos_BT, seg_BT
+            new_cache = None
+        else:
+            if seg_BT is not None:
+                raise ValueError("Attention: segment ids are for packed training rows, not cached decoding")
+            k_BSKH = jnp.concatenate([cache["k"].astype(self.dtype), k_BTKH], axis=1)
+            v_BSKH = jnp.concatenate([cache["v"].astype(self.dtype), v_BTKH], axis=1)
+            kpos_BS = jnp.concatenate([cache["pos"], pos_BT.astype(jnp.int32)], axis=1)
+            kseg_BS = None
+            new_cache = kv_cache.write(cache, k_BTKH, v_BTKH, pos_BT)
+        mask_BTS = attention_mask(pos_BT, kpos_BS, c.sliding_window, seg_BT, kseg_BS)
+        out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+        return jnp.einsum("btnh,nhd->btd", out_BTNH, wo_NHD), new_cache
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: h += attn(norm(h)); h += ffn(norm(h))."""
+    cfg: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h_BTD, pos_BT, seg_BT=None, cache=None):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        a_BTD, new_cache = Attention(self.cfg, name="attention", **kw)(
+            RMSNorm(self.cfg.norm_eps, name="attention_norm", **kw)(h_BTD), pos_BT, seg_BT, cache)
+        h_BTD = h_BTD + a_BTD
+        h_BTD = h_BTD + FeedForward(self.cfg, name="feed_forward", **kw)(
+            RMSNorm(self.cfg.norm_eps, name="ffn_norm", **kw)(h_BTD))
+        return _constrain(h_BTD, ("batch", "length", "act_embed")), new_cache
+
+
+class Transformer(nn.Module):
+    """Token ids -> float32 logits. Optional positions, segment ids (packing) and a per-layer KV cache."""
+    cfg: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+                 segment_ids_BT: jax.Array | None = None,
+                 cache: list[kv_cache.LayerCache] | None = None
+                 ) -> tuple[jax.Array, list[kv_cache.LayerCache] | None]:
+        c = self.cfg
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
+        if cache is not None and len(cache) != c.n_layers:
+            raise ValueError(f"Transformer: cache has {len(cache)} layers, model has {c.n_layers}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        emb_VD = _param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"))
+        h_BTD = jnp.take(emb_VD, tokens_BT, axis=0).astype(self.dtype)
+        h_BTD = _constrain(h_BTD, ("batch", "length", "act_embed"))
+        block_cls = nn.remat(Block, prevent_cse=True) if self.remat else Block
+        new_cache = [] if cache is not None else None
+        for i in range(c.n_layers):
+            h_BTD, layer_cache = block_cls(c, name=f"layers_{i}", **kw)(
+                h_BTD, positions_BT, segment_ids_BT, None if cache is None else cache[i])
+            if cache is not None:
+                new_cache.append(layer_cache)
+        h_BTD = RMSNorm(c.norm_eps, name="norm", **kw)(h_BTD)
+        out_DV = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab")).astype(self.dtype)
+        logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, out_DV, preferred_element_type=jnp.float32)
+        return _constrain(logits_BTV, ("batch", "length", "act_vocab")), new_cache
+
+
+# ----- params: abstract shapes, shardings, sharded init -----
+
+def _dummy_tokens() -> jax.Array:
+    return jnp.zeros((1, 1), jnp.int32)
+
+
+def abstract_params(cfg: ModelConfig, param_dtype: Dtype = jnp.float32) -> Any:
+    """Boxed (LogicallyPartitioned) ShapeDtypeStructs of the params, without allocating anything."""
+    model = Transformer(cfg, param_dtype=param_dtype)
+    return jax.eval_shape(lambda r: model.init(r, _dummy_tokens()), jax.random.key(0))["params"]
+
+
+def count_params(cfg: ModelConfig) -> int:
+    return sum(x.size for x in jax.tree_util.tree_leaves(nn.unbox(abstract_params(cfg))))
+
+
+def param_logical_specs(cfg: ModelConfig) -> Any:
+    """Tree of PartitionSpecs in logical axis names, matching the unboxed params tree."""
+    return nn.get_partition_spec(abstract_params(cfg))
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, param_dtype: Dtype = jnp.float32) -> Any:
+    """Tree of NamedShardings for the (unboxed) params on `mesh`."""
+    abstract = abstract_params(cfg, param_dtype)
+    return sharding.logical_shardings(nn.get_partition_spec(abstract), mesh, nn.unbox(abstract))
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, mesh: Mesh | None = None,
+                param_dtype: Dtype = jnp.float32) -> Any:
+    """Random params (unboxed), created directly in their shardings when a mesh is given."""
+    model = Transformer(cfg, param_dtype=param_dtype)
+
+    def init(r):
+        return nn.unbox(model.init(r, _dummy_tokens())["params"])
+
+    if mesh is None:
+        return jax.jit(init)(rng)
+    return jax.jit(init, out_shardings=param_shardings(cfg, mesh, param_dtype))(rng)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def forward(params: Any, tokens_BT: jax.Array, cfg: ModelConfig, dtype: Dtype = jnp.float32,
+            positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """Jitted full-sequence forward pass returning float32 logits (B, T, V)."""
+    with sharding.with_rules():
+        logits, _ = Transformer(cfg, dtype=dtype).apply({"params": params}, tokens_BT, positions_BT,
+                                                         segment_ids_BT)
+    return logits

@@ -1,0 +1,87 @@
+"""Device mesh over (data, fsdp, tensor) and the logical-axis rules that place params and activations."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis name -> mesh axis (or axes). Params use embed/vocab/mlp/*_heads; activations use act_*.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("length", None),
+    ("cache_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = [data, fsdp, tensor]
+    if shape.count(-1) > 1:
+        raise ValueError(f"make_mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if len(devices) % known:
+            raise ValueError(f"make_mesh: {len(devices)} devices not divisible by data*fsdp*tensor={known}")
+        shape[shape.index(-1)] = len(devices) // known
+    if any(s < 1 for s in shape) or math.prod(shape) != len(devices):
+        raise ValueError(f"make_mesh: mesh shape data={shape[0]} fsdp={shape[1]} tensor={shape[2]} "
+                         f"needs {math.prod(shape)} devices, have {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_shardings(logical_specs: Any, mesh: Mesh, shapes: Any | None = None) -> Any:
+    """Maps a tree of logical PartitionSpecs to NamedShardings; checks divisibility when shapes are given."""
+    shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
+    if shapes is not None:
+        flat_sh, _ = jax.tree_util.tree_flatten_with_path(shardings)
+        flat_shapes = jax.tree_util.tree_leaves(shapes)
+        for (path, sh), leaf in zip(flat_sh, flat_shapes):
+            check_divisible(jax.tree_util.keystr(path), leaf.shape, sh)
+    return shardings
+
+
+def check_divisible(name: str, shape: Sequence[int], sharding: NamedSharding) -> None:
+    """Raises a ValueError naming the tensor when a dimension does not split evenly over its mesh axes."""
+    for dim, axes in zip(shape, sharding.spec):
+        if axes is None:
+            continue
+        axes = (axes,) if isinstance(axes, str) else axes
+        n = math.prod(sharding.mesh.shape[a] for a in axes)
+        if dim % n:
+            raise ValueError(f"{name}: dimension {dim} of shape {tuple(shape)} cannot be split over mesh "
+                             f"axes {axes} of total size {n}; choose a mesh that divides it")
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding for a (batch, ...) array: batch over (data, fsdp), the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def with_rules():
+    """Context manager installing LOGICAL_RULES for activation constraints inside jit."""
+    return nn.logical_axis_rules(LOGICAL_RULES)

@@ -1,0 +1,160 @@
+"""Name and layout mapping between this library's params and PyTorch state dicts.
+
+Two foreign layouts: Hugging Face (`model.layers.N.self_attn.q_proj.weight`, rotate-half q/k rows,
+the same rotary layout as ours) and mistral-inference (`layers.N.attention.wq.weight`, interleaved
+q/k rows). Both store Linear weights as (out, in). Functions here work on numpy arrays, one tensor
+at a time, so callers can stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from mistral_jax.config import ModelConfig
+
+LAYOUTS = ("hf", "mistral")
+
+
+class WeightError(ValueError):
+    """A checkpoint tensor is missing, unexpected or of the wrong shape; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One foreign tensor: its key, its (out, in) shape, our param path and the two conversions."""
+    key: str
+    shape: tuple[int, ...]
+    path: tuple[str, ...]
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    from_ours: Callable[[np.ndarray], np.ndarray]
+
+
+def interleaved_to_half(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Reorders q/k rows within each head from (2i, 2i+1) pairs to (i, i + H/2) halves."""
+    rows, cols = w.shape
+    h = rows // n_heads
+    return w.reshape(n_heads, h // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+def half_to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of `interleaved_to_half`."""
+    rows, cols = w.shape
+    h = rows // n_heads
+    return w.reshape(n_heads, 2, h // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+def _names(layout: str, i: int | None = None) -> dict[str, str]:
+    if layout == "hf":
+        if i is None:
+            return {"emb": "model.embed_tokens.weight", "norm": "model.norm.weight", "out": "lm_head.weight"}
+        p = f"model.layers.{i}."
+        return {"attention_norm": p + "input_layernorm.weight", "ffn_norm": p + "post_attention_layernorm.weight",
+                "wq": p + "self_attn.q_proj.weight", "wk": p + "self_attn.k_proj.weight",
+                "wv": p + "self_attn.v_proj.weight", "wo": p + "self_attn.o_proj.weight",
+                "w1": p + "mlp.gate_proj.weight", "w2": p + "mlp.down_proj.weight", "w3": p + "mlp.up_proj.weight"}
+    if layout == "mistral":
+        if i is None:
+            return {"emb": "tok_embeddings.weight", "norm": "norm.weight", "out": "output.weight"}
+        p = f"layers.{i}."
+        return {"attention_norm": p + "attention_norm.weight", "ffn_norm": p + "ffn_norm.weight",
+                **{w: p + f"attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")},
+                **{w: p + f"feed_forward.{w}.weight" for w in ("w1", "w2", "w3")}}
+    raise ValueError(f"unknown checkpoint layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def tensor_specs(cfg: ModelConfig, layout: str) -> list[TensorSpec]:
+    """Every tensor of a checkpoint in `layout` ('hf' or 'mistral'), in a stable order."""
+    D, N, K, H, F, V = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_dim, cfg.vocab_size
+    ident = lambda w: w  # noqa: E731
+    permute = layout == "mistral"
+
+    def proj_in(heads: int, rope: bool):  # torch (heads*H, D) -> ours (D, heads, H)
+        def to(w):
+            if rope and permute:
+                w = interleaved_to_half(w, heads)
+            return w.T.reshape(D, heads, H)
+
+        def back(w):
+            w = w.reshape(D, heads * H).T
+            return half_to_interleaved(w, heads) if rope and permute else w
+        return to, back
+
+    g = _names(layout)
+    specs = [TensorSpec(g["emb"], (V, D), ("tok_embeddings",), ident, ident)]
+    for i in range(cfg.n_layers):
+        n = _names(layout, i)
+        L = f"layers_{i}"
+        q, k, v = proj_in(N, True), proj_in(K, True), proj_in(K, False)
+        specs += [
+            TensorSpec(n["attention_norm"], (D,), (L, "attention_norm", "scale"), ident, ident),
+            TensorSpec(n["wq"], (N * H, D), (L, "attention", "wq"), *q),
+            TensorSpec(n["wk"], (K * H, D), (L, "attention", "wk"), *k),
+            TensorSpec(n["wv"], (K * H, D), (L, "attention", "wv"), *v),
+            TensorSpec(n["wo"], (D, N * H), (L, "attention", "wo"),
+                       lambda w: w.T.reshape(N, H, D), lambda w: w.reshape(N * H, D).T),
+            TensorSpec(n["ffn_norm"], (D,), (L, "ffn_norm", "scale"), ident, ident),
+            TensorSpec(n["w1"], (F, D), (L, "feed_forward", "w1"), lambda w: w.T, lambda w: w.T),
+            TensorSpec(n["w2"], (D, F), (L, "feed_forward", "w2"), lambda w: w.T, lambda w: w.T),
+            TensorSpec(n["w3"], (F, D), (L, "feed_forward", "w3"), lambda w: w.T, lambda w: w.T),
+        ]
+    specs += [TensorSpec(g["norm"], (D,), ("norm", "scale"), ident, ident),
+              TensorSpec(g["out"], (V, D), ("output",), lambda w: w.T, lambda w: w.T)]
+    return specs
+
+
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def check_keys(keys: set[str], specs: list[TensorSpec], source: str = "checkpoint") -> None:
+    """Raises WeightError naming missing or unexpected tensors."""
+    expected = {s.key for s in specs}
+    missing = sorted(expected - keys)
+    unexpected = sorted(k for k in keys - expected if not k.endswith(IGNORED_SUFFIXES))
+    if missing:
+        raise WeightError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                          f"({len(missing)} in all)")
+    if unexpected:
+        raise WeightError(f"{source}: unexpected tensor(s) {unexpected[:5]}"
+                          f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all); "
+                          "does the config match the checkpoint?")
+
+
+def check_shape(spec: TensorSpec, shape: tuple[int, ...], source: str = "checkpoint") -> None:
+    if tuple(shape) != spec.shape:
+        raise WeightError(f"{source}: tensor '{spec.key}' has shape {tuple(shape)}, the config expects "
+                          f"{spec.shape}")
+
+
+def set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def get_path(tree: Mapping, path: tuple[str, ...]) -> Any:
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def state_dict_to_params(state: Mapping[str, Any], cfg: ModelConfig, layout: str,
+                         dtype: Any = np.float32, source: str = "checkpoint") -> dict:
+    """Converts a whole state dict (numpy-convertible tensors) into our nested params of numpy arrays."""
+    specs = tensor_specs(cfg, layout)
+    check_keys(set(state), specs, source)
+    params: dict = {}
+    for spec in specs:
+        w = np.asarray(state[spec.key])
+        check_shape(spec, w.shape, source)
+        set_path(params, spec.path, np.ascontiguousarray(spec.to_ours(w.astype(dtype, copy=False))))
+    return params
+
+
+def params_to_state_dict(params: Mapping, cfg: ModelConfig, layout: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (key, numpy tensor in torch layout) one tensor at a time."""
+    for spec in tensor_specs(cfg, layout):
+        w = np.asarray(get_path(params, spec.path))
+        yield spec.key, np.ascontiguousarray(spec.from_ours(w))
