@@ -42,14 +42,13 @@ def cache_logical_axes() -> dict[str, tuple[str, ...]]:
 def write(cache: LayerCache, k_BTKH: jax.Array, v_BTKH: jax.Array, pos_BT: jax.Array) -> LayerCache:
     """Stores a chunk at slots pos mod C; tokens with pos < 0 (padding) are not written.
 
-    The chunk length T must not exceed C, so the valid tokens of a chunk (consecutive positions)
-    land in distinct slots.
+    The valid tokens of a row hold consecutive positions; when a chunk is longer than the cache only
+    its last C tokens are written (earlier ones would be overwritten anyway), so slots never collide.
     """
     B, C = cache["pos"].shape
-    T = pos_BT.shape[1]
-    if T > C:
-        raise ValueError(f"cache.write: chunk of {T} tokens exceeds the cache size {C}; prefill in chunks of <= {C}")
-    slot_BT = jnp.where(pos_BT >= 0, pos_BT % C, C)  # slot C is out of range: dropped
+    last_B1 = jnp.max(pos_BT, axis=1, keepdims=True)
+    keep_BT = (pos_BT >= 0) & (pos_BT > last_B1 - C)
+    slot_BT = jnp.where(keep_BT, pos_BT % C, C)  # slot C is out of range: dropped
     b_B1 = jnp.arange(B)[:, None]
     return {"k": cache["k"].at[b_B1, slot_BT].set(k_BTKH.astype(cache["k"].dtype), mode="drop"),
             "v": cache["v"].at[b_B1, slot_BT].set(v_BTKH.astype(cache["v"].dtype), mode="drop"),

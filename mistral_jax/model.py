@@ -132,8 +132,11 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
                  segment_ids_BT: jax.Array | None = None,
-                 cache: list[kv_cache.LayerCache] | None = None
+                 cache: list[kv_cache.LayerCache] | None = None,
+                 logit_index_B: jax.Array | None = None,
                  ) -> tuple[jax.Array, list[kv_cache.LayerCache] | None]:
+        """Returns (logits_BTV, updated cache). With logit_index_B, only the logits at that index of
+        each row are computed: (B, 1, V)."""
         c = self.cfg
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
@@ -150,6 +153,8 @@ class Transformer(nn.Module):
                 h_BTD, positions_BT, segment_ids_BT, None if cache is None else cache[i])
             if cache is not None:
                 new_cache.append(layer_cache)
+        if logit_index_B is not None:
+            h_BTD = jnp.take_along_axis(h_BTD, logit_index_B[:, None, None].astype(jnp.int32), axis=1)
         h_BTD = RMSNorm(c.norm_eps, name="norm", **kw)(h_BTD)
         out_DV = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab")).astype(self.dtype)
         logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, out_DV, preferred_element_type=jnp.float32)

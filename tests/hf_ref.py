@@ -24,7 +24,8 @@ class HFRef:
 
 def make_hf_model(path: Path, n_heads: int = 8, n_kv_heads: int = 2, window: int | None = 16,
                   seed: int = 0, vocab: int = 256, dim: int = 64, head_dim: int = 16, hidden: int = 128,
-                  layers: int = 2, theta: float = 10000.0, max_shard_size: str | None = None) -> HFRef:
+                  layers: int = 2, theta: float = 10000.0, max_shard_size: str | None = None,
+                  init_std: float = 0.02) -> HFRef:
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -32,7 +33,8 @@ def make_hf_model(path: Path, n_heads: int = 8, n_kv_heads: int = 2, window: int
     cfg = MistralConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=head_dim,
                         sliding_window=window, max_position_embeddings=2048, rms_norm_eps=1e-5,
-                        rope_theta=theta, tie_word_embeddings=False)
+                        rope_theta=theta, tie_word_embeddings=False,
+                        initializer_range=init_std)
     cfg._attn_implementation = "eager"
     model = MistralForCausalLM(cfg).eval()
     with torch.no_grad():  # make the norm weights non-trivial so a mapping mix-up shows

@@ -1,0 +1,56 @@
+"""Training checkpoints with orbax: sharded train state + data-iterator state + run metadata per step.
+
+Saves are atomic (orbax writes to a temporary directory and renames it) and asynchronous when
+enabled; only the last `keep` steps are kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+ITEMS = ("state", "data", "meta")
+
+
+class TrainCheckpointer:
+    """Wraps an orbax CheckpointManager for (train state, data state, metadata) triples."""
+
+    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).resolve()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=True, cleanup_tmp_directories=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, data_state: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Starts saving (returns before an async save is on disk; `wait()` blocks until it is)."""
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """(state placed as `abstract_state`'s shardings, data state, metadata) of `step` (default: latest)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint to resume from in {self.directory}")
+        if step not in self.all_steps():
+            raise FileNotFoundError(f"checkpoint step {step} not in {self.directory}; have {self.all_steps()}")
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
+        return out["state"], dict(out["data"]), dict(out["meta"])
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
