@@ -135,3 +135,20 @@ def test_bad_prompts_raise_named_errors(ref):
         decode.generate(params, cfg, [[1, 500]], 4)
     with pytest.raises(ValueError, match="max_new_tokens"):
         decode.generate(params, cfg, [[1, 2]], 0)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, W, 2 * W + 5])
+def test_chunked_prefill_matches_mistral_inference_buffer_cache(ref, seq, tmp_path_factory, chunk):
+    """Next-token logits after a prompt prefilled in chunks equal mistral-inference's BufferCache prefill."""
+    from mistral_jax.convert import write_mistral
+    from tests.mistral_ref import load_mi, mi_logits
+
+    _, cfg, params = ref
+    folder = tmp_path_factory.getbasetemp() / "mi_w8"
+    if not folder.exists():
+        write_mistral(folder, cfg, params)
+    mi = load_mi(folder)
+    theirs = np.stack(mi_logits(mi, np.asarray(seq).tolist(), chunk_size=chunk))
+    ours = np.asarray(decode.forward_cached(params, seq, cfg=cfg, chunk=chunk))
+    assert np.abs(ours[:, -1] - theirs[:, -1]).max() <= 1e-4     # next-token logits
+    assert np.abs(ours - theirs).max() <= 1e-4                   # and every position on the way
