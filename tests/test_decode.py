@@ -152,3 +152,17 @@ def test_chunked_prefill_matches_mistral_inference_buffer_cache(ref, seq, tmp_pa
     ours = np.asarray(decode.forward_cached(params, seq, cfg=cfg, chunk=chunk))
     assert np.abs(ours[:, -1] - theirs[:, -1]).max() <= 1e-4     # next-token logits
     assert np.abs(ours - theirs).max() <= 1e-4                   # and every position on the way
+
+
+def test_decode_cache_is_sharded_over_the_mesh(ref):
+    _, cfg, params = ref
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    p = jax.device_put(params, model.param_shardings(cfg, mesh))
+    toks = jax.device_put(jnp.ones((4, 8), jnp.int32), sharding.batch_sharding(mesh, 2))
+    lens = jax.device_put(jnp.full((4,), 8, jnp.int32), sharding.batch_sharding(mesh, 1))
+    _, cache = decode._generate(p, toks, lens, jax.random.key(0), cfg=cfg, dtype=jnp.float32, chunk=8,
+                                cache_len=W, max_new=4, sampling=decode.SamplingConfig(), eos_id=-1)
+    spec = jax.sharding.PartitionSpec
+    assert cache[0]["k"].sharding.spec == spec(("data", "fsdp"), None, "tensor")
+    assert cache[0]["pos"].sharding.spec == spec(("data", "fsdp"))
+    assert cache[0]["k"].addressable_shards[0].data.shape == (1, W, cfg.n_kv_heads // 2, cfg.head_dim)
