@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--chat", action="store_true", help="wrap prompts in the Mistral v1 instruct format")
     p.add_argument("--tokenizer", type=Path, default=None, help="SentencePiece model (default: Mistral v1)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype; params and cache are held in it too")
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk (default: the window)")
     p.add_argument("--mesh", default=None, help="data,fsdp,tensor mesh shape, e.g. 1,1,8 (default: one device)")
     args = p.parse_args(argv)
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     try:
-        cfg, params = load_params(args.checkpoint, mesh=mesh)
+        cfg, params = load_params(args.checkpoint, mesh=mesh, dtype=dtype)
         tok = Tokenizer(args.tokenizer)
         requests = list(read_requests(args))
     except (FileNotFoundError, ValueError) as e:
