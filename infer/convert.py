@@ -10,6 +10,7 @@ PyTorch layout. Errors print one line naming the culprit and exit with status 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -67,8 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except (CheckpointError, ConfigError, WeightError, OSError) as e:
-        msg = " ".join(str(e).split())
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the CLI promises one line, not a traceback
+        if os.environ.get("MISTRAL_JAX_DEBUG"):
+            raise
+        print(f"error: unexpected {type(e).__name__}: {' '.join(str(e).split())} "
+              "(set MISTRAL_JAX_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
     return 0
 

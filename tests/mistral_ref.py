@@ -27,7 +27,7 @@ def _plain_attention(q, k, v, attn_bias=None, p: float = 0.0, scale: float | Non
             (q.shape[1], k.shape[1]), dtype=torch.float32, device=q.device)
         scores = scores + mask
     out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), v.float())
-    return out.to(q.dtype)
+    return out.to(q.dtype).contiguous()
 
 
 def _patch() -> None:
@@ -38,12 +38,13 @@ def _patch() -> None:
         _PATCHED = True
 
 
-def load_mi(folder: str | Path):
+def load_mi(folder: str | Path, max_batch_size: int = 8):
     """A mistral-inference `Transformer` from `folder`, on CPU in float32, with CPU-capable attention."""
     import torch
     _patch()
     from mistral_inference.transformer import Transformer
-    return Transformer.from_folder(Path(folder), device="cpu", dtype=torch.float32).eval()
+    return Transformer.from_folder(Path(folder), max_batch_size=max_batch_size, device="cpu",
+                                   dtype=torch.float32).eval()
 
 
 def mi_logits(model, token_lists: list[list[int]], chunk_size: int | None = None) -> list[np.ndarray]:

@@ -254,3 +254,22 @@ def test_truncated_pth_and_existing_dst(mistral_dirs, hf_gqa, tmp_path, capsys):
     assert cli.main(["--to", "mistral", str(hf_gqa.path), str(dst), "--quiet", "--force"]) == 0
     assert sorted(p.name for p in dst.iterdir()) == ["consolidated.safetensors", "params.json"]
     assert _leftovers(tmp_path, "busy") == []
+
+
+def test_hf_pytorch_bin_and_bf16_safetensors(hf_gqa, tmp_path):
+    """bf16 tensors read the same from pytorch_model.bin (torch, mmap) and model.safetensors (raw bytes)."""
+    import ml_dtypes
+    import safetensors.torch
+    import torch
+    sd = {k: torch.from_numpy(v).bfloat16() for k, v in hf_gqa.state_dict().items()}
+    for name in ("bin", "st"):
+        (tmp_path / name).mkdir()
+        shutil.copy(hf_gqa.path / "config.json", tmp_path / name / "config.json")
+    torch.save(sd, tmp_path / "bin" / "pytorch_model.bin")
+    safetensors.torch.save_file(sd, tmp_path / "st" / "model.safetensors", metadata={"format": "pt"})
+    cfg, ref = checkpoint.load_params(hf_gqa.path, progress=False)
+    for name in ("bin", "st"):
+        _, got = checkpoint.load_params(tmp_path / name, dtype=None, progress=False)
+        for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)):
+            assert b.dtype == jnp.bfloat16
+            np.testing.assert_array_equal(np.asarray(a).astype(ml_dtypes.bfloat16), np.asarray(b))
