@@ -152,6 +152,8 @@ class PackedStream:
 
     def next_row(self) -> Row:
         """The next row; raises StopIteration at the end of a non-shuffled pass."""
+        if not self.shuffle and self._window >= self.n_windows:
+            raise StopIteration
         while True:
             if self._rows is None:
                 self._rows = self._load_window()

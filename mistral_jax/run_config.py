@@ -89,6 +89,8 @@ class EvalSection:
     batches: int = 8  # held-out batches for the final perplexity (0: skip)
     sample_prompt: str = "def "
     sample_tokens: int = 48  # 0: skip the sample
+    sample_temperature: float = 0.0  # 0: greedy
+    sample_top_k: int = 0
     export: bool = True  # write final params with mistral_jax.checkpoint.save_params
 
 

@@ -1,0 +1,147 @@
+"""Training throughput: our sharded jit train step vs HF transformers MistralForCausalLM (PyTorch, CPU).
+
+    python bench/bench_train.py [--batch 8 --seq 512 --steps 3 --peak-flops 0]
+
+Same model (the 57M config: dim 512, 8 layers, 8 q / 2 kv heads, head_dim 64, hidden 1536, vocab
+32000), same batch, AdamW with global-norm clipping on both sides. Prints a markdown table of tokens/s,
+seconds per step and MFU (model FLOPs from mistral_jax.flops over a stated or measured peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mistral_jax import flops, optim, sharding  # noqa: E402
+from mistral_jax import train_step as ts  # noqa: E402
+from mistral_jax.config import ModelConfig  # noqa: E402
+from mistral_jax.run_config import OptimSection  # noqa: E402
+
+CFG_57M = ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536,
+                      vocab_size=32000, sliding_window=4096, max_seq_len=4096)
+
+
+def host_batch(batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"tokens": rng.integers(3, CFG_57M.vocab_size, (batch, seq)).astype(np.int32),
+            "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
+            "segment_ids": np.ones((batch, seq), np.int32)}
+
+
+def time_steps(run_one, steps: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        run_one()
+    out = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        run_one()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def bench_jax(batch: int, seq: int, steps: int, dtype, remat: bool = False) -> list[float]:
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    o = OptimSection(lr=1e-4, warmup_steps=0)
+    opt = optim.make_optimizer(o, 1000)
+    state = {"s": ts.init_state(CFG_57M, opt, jax.random.key(0), mesh)}
+    step = ts.make_train_step(CFG_57M, opt, optim.learning_rate_schedule(o, 1000), mesh, dtype=dtype, remat=remat)
+    b = ts.put_batch(host_batch(batch, seq), mesh, 1)
+
+    def run_one():
+        state["s"], m = step(state["s"], b)
+        jax.block_until_ready(m["loss"])
+    return time_steps(run_one, steps)
+
+
+def bench_torch(batch: int, seq: int, steps: int) -> list[float]:
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    c = CFG_57M
+    hf_cfg = MistralConfig(hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
+                           num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
+                           vocab_size=c.vocab_size, sliding_window=c.sliding_window,
+                           max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+                           tie_word_embeddings=False)
+    model = MistralForCausalLM(hf_cfg).float().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    ids = torch.from_numpy(host_batch(batch, seq)["tokens"]).long()
+
+    def run_one():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return time_steps(run_one, steps)
+
+
+def torch_matmul_flops(n: int = 1024, repeats: int = 10) -> float:
+    """Best observed FLOP/s of an n x n x n float32 torch matmul (MKL/oneDNN on CPU)."""
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
+    a, b = torch.ones(n, n), torch.ones(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--peak-flops", type=float, default=0.0,
+                   help="FLOP/s for MFU; 0 takes the best 1024^3 float32 matmul of JAX and PyTorch")
+    p.add_argument("--skip-torch", action="store_true")
+    args = p.parse_args(argv)
+
+    if args.peak_flops:
+        peak, peak_src = args.peak_flops, "given"
+    else:
+        jax_mm = flops.measure_peak_flops(1024, jnp.float32, repeats=10)
+        torch_mm = 0.0 if args.skip_torch else torch_matmul_flops()
+        peak = max(jax_mm, torch_mm)
+        peak_src = (f"best 1024^3 float32 matmul: JAX {jax_mm / 1e9:.0f}, PyTorch {torch_mm / 1e9:.0f} GFLOP/s")
+    fpt = flops.train_flops_per_token(CFG_57M, args.seq)
+    tokens = args.batch * args.seq
+    rows = []
+    runs = [("mistral-jax jit step", "float32", lambda: bench_jax(args.batch, args.seq, args.steps, jnp.float32)),
+            ("mistral-jax jit step", "bfloat16 compute, f32 master",
+             lambda: bench_jax(args.batch, args.seq, args.steps, jnp.bfloat16))]
+    if not args.skip_torch:
+        runs.append(("HF transformers MistralForCausalLM (PyTorch)", "float32",
+                     lambda: bench_torch(args.batch, args.seq, args.steps)))
+    for name, dt, fn in runs:
+        times = fn()
+        med = statistics.median(times)
+        rows.append((name, dt, tokens / med, med, flops.mfu(tokens / med, fpt, peak)))
+        print(f"# {name} [{dt}]: step times {[round(t, 2) for t in times]}", file=sys.stderr, flush=True)
+
+    print(f"\nModel: 57M Mistral (dim 512, 8 layers, 8q/2kv, hidden 1536, vocab 32000); batch {args.batch}x{args.seq}; "
+          f"{fpt / 1e6:.0f} MFLOP/token (train, mistral_jax.flops); peak {peak / 1e9:.1f} GFLOP/s "
+          f"({peak_src}); median of {args.steps} steps.\n")
+    print("| implementation | dtype | tokens/s | s/step | MFU |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for name, dt, tps, med, m in rows:
+        print(f"| {name} | {dt} | {tps:.0f} | {med:.2f} | {100 * m:.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
