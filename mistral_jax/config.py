@@ -104,16 +104,10 @@ class ModelConfig:
             raise ConfigError(f"{source}: field 'tie_word_embeddings' is true; Mistral has an untied output head")
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{source}: field 'hidden_act' is {d.get('hidden_act')!r}, only 'silu' is supported")
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-            if key not in d:
-                raise ConfigError(f"{source}: missing field '{key}'")
+        _require(d, ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"),
+                 source)
         n_heads = d["num_attention_heads"]
-        head_dim = d.get("head_dim")
-        if head_dim is None:
-            if d["hidden_size"] % n_heads:
-                raise ConfigError(f"{source}: 'num_attention_heads'={n_heads} does not divide "
-                                  f"'hidden_size'={d['hidden_size']} and no 'head_dim' is given")
-            head_dim = d["hidden_size"] // n_heads
+        head_dim = _head_dim(d, "hidden_size", "num_attention_heads", source)
         theta = d.get("rope_theta")
         rope_params = d.get("rope_parameters") or {}
         if theta is None:
@@ -163,18 +157,11 @@ class ModelConfig:
             source = str(d)
             d = _read_json(Path(d))
         notes: list[str] = []
-        for key in ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size"):
-            if key not in d:
-                raise ConfigError(f"{source}: missing field '{key}'")
+        _require(d, ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size"), source)
         if d.get("moe") or d.get("lora"):
             raise ConfigError(f"{source}: MoE / LoRA params.json fields are not supported")
         n_heads = d["n_heads"]
-        head_dim = d.get("head_dim")
-        if head_dim is None:
-            if d["dim"] % n_heads:
-                raise ConfigError(f"{source}: 'n_heads'={n_heads} does not divide 'dim'={d['dim']}"
-                                  " and no 'head_dim' is given")
-            head_dim = d["dim"] // n_heads
+        head_dim = _head_dim(d, "dim", "n_heads", source)
         window = _window(d.get("sliding_window"), source)
         theta = d.get("rope_theta")
         if rope_theta is not None:
@@ -221,6 +208,22 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
     return d
+
+
+def _require(d: Mapping[str, Any], keys: tuple[str, ...], source: str) -> None:
+    for key in keys:
+        if key not in d:
+            raise ConfigError(f"{source}: missing field '{key}'")
+
+
+def _head_dim(d: Mapping[str, Any], dim_key: str, heads_key: str, source: str) -> int:
+    """The explicit 'head_dim', else dim / heads (which must divide)."""
+    if d.get("head_dim") is not None:
+        return d["head_dim"]
+    if not isinstance(d[heads_key], int) or d[heads_key] < 1 or d[dim_key] % d[heads_key]:
+        raise ConfigError(f"{source}: '{heads_key}'={d[heads_key]!r} does not divide '{dim_key}'={d[dim_key]!r}"
+                          " and no 'head_dim' is given")
+    return d[dim_key] // d[heads_key]
 
 
 def _window(value: Any, source: str) -> int | None:

@@ -140,7 +140,7 @@ def test_bad_config_names_field(kw, field):
 def test_bad_foreign_configs_name_field(tmp_path):
     with pytest.raises(ConfigError, match="unknown model config field.*'n_expert'"):
         ModelConfig.from_dict({**ModelConfig.preset("tiny").to_dict(), "n_expert": 8})
-    with pytest.raises(ConfigError, match="num_attention_heads"):
+    with pytest.raises(ConfigError, match="num_attention_heads.*does not divide .hidden_size"):
         ModelConfig.from_hf_config({"hidden_size": 100, "num_hidden_layers": 2, "num_attention_heads": 3,
                                     "intermediate_size": 64, "vocab_size": 10})
     with pytest.raises(ConfigError, match="n_kv_heads"):
