@@ -23,7 +23,9 @@ from mistral_jax import data as data_lib
 from mistral_jax import flops, optim, sharding
 from mistral_jax import run_config as rc_lib
 from mistral_jax import train_step as ts
+from mistral_jax.checkpoint import load_params, save_params
 from mistral_jax.config import ModelConfig
+from mistral_jax.decode import generate
 from mistral_jax.tokenizer import Tokenizer
 from mistral_jax.train_checkpoint import TrainCheckpointer
 
@@ -68,11 +70,7 @@ def peak_flops(rc: rc_lib.RunConfig, mesh: jax.sharding.Mesh, dtype: Any) -> tup
 
 
 def _load_init_params(path: str, cfg: ModelConfig, mesh, param_dtype) -> Any:
-    try:
-        from mistral_jax import checkpoint as native_ckpt
-    except ImportError as e:
-        raise RuntimeError(f"--init-from needs mistral_jax.checkpoint.load_params, which is not available ({e})") from e
-    loaded_cfg, params = native_ckpt.load_params(path, mesh=mesh, dtype=param_dtype)
+    loaded_cfg, params = load_params(path, mesh=mesh, dtype=param_dtype)
     if loaded_cfg != cfg:
         raise rc_lib.RunConfigError(f"--init-from {path}: its model config {loaded_cfg} differs from the run's {cfg}")
     return params
@@ -261,31 +259,22 @@ def heldout_loss(params, cfg, mesh, val_stream, n_batches: int, dtype, param_dty
 def _finish(rc, cfg, params, mesh, tokenizer, val_stream, run_dir, dtype, param_dtype) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     if rc.eval.export:
-        try:
-            from mistral_jax.checkpoint import save_params
-        except ImportError as e:
-            summary["export"] = f"skipped: mistral_jax.checkpoint.save_params unavailable ({e})"
-        else:
-            save_params(run_dir / "export", cfg, params, force=True)
-            summary["export"] = str(run_dir / "export")
+        save_params(run_dir / "export", cfg, params, force=True)
+        summary["export"] = str(run_dir / "export")
     if rc.eval.batches and val_stream is not None:
         val_loss, n = heldout_loss(params, cfg, mesh, val_stream, rc.eval.batches, dtype, param_dtype)
         summary.update(heldout_loss=val_loss, heldout_perplexity=math.exp(val_loss), heldout_tokens=n)
         print(f"held-out: loss {val_loss:.4f} nats/token, perplexity {math.exp(val_loss):.2f} over {n} tokens",
               flush=True)
     if rc.eval.sample_tokens:
-        try:
-            from mistral_jax.decode import generate
-        except ImportError as e:
-            summary["sample"] = f"skipped: mistral_jax.decode.generate unavailable ({e})"
-        else:
-            prompt_ids = tokenizer.encode(rc.eval.sample_prompt, bos=True)
-            out = generate(params, cfg, [prompt_ids], rc.eval.sample_tokens, temperature=rc.eval.sample_temperature,
-                           top_k=rc.eval.sample_top_k, seed=rc.train.seed, mesh=mesh)
-            text = tokenizer.decode(out[0])
-            summary.update(sample_prompt=rc.eval.sample_prompt, sample=text)
-            (run_dir / "sample.txt").write_text(rc.eval.sample_prompt + text + "\n")
-            print(f"sample (temperature {rc.eval.sample_temperature}) for prompt {rc.eval.sample_prompt!r}:\n{rc.eval.sample_prompt}{text}", flush=True)
+        prompt_ids = tokenizer.encode(rc.eval.sample_prompt, bos=True)
+        out = generate(params, cfg, [prompt_ids], rc.eval.sample_tokens, temperature=rc.eval.sample_temperature,
+                       top_k=rc.eval.sample_top_k, seed=rc.train.seed, mesh=mesh)
+        text = tokenizer.decode(out[0])
+        summary.update(sample_prompt=rc.eval.sample_prompt, sample=text)
+        (run_dir / "sample.txt").write_text(rc.eval.sample_prompt + text + "\n")
+        print(f"sample (temperature {rc.eval.sample_temperature}) for prompt {rc.eval.sample_prompt!r}:\n"
+              f"{rc.eval.sample_prompt}{text}", flush=True)
     return summary
 
 
