@@ -80,6 +80,13 @@ class ModelConfig:
     def replace(self, **kw: Any) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
 
+    def with_rope_theta(self, rope_theta: float | None, source: str) -> tuple["ModelConfig", list[str]]:
+        """(config with rope_theta overridden, notes): the one place an override is applied and reported."""
+        if rope_theta is None or float(rope_theta) == self.rope_theta:
+            return self, []
+        note = f"rope_theta overridden: {source} says {self.rope_theta}, using {float(rope_theta)}"
+        return self.replace(rope_theta=float(rope_theta)), [note]
+
     # ----- presets and foreign formats -----
 
     @classmethod
