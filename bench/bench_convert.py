@@ -2,7 +2,7 @@
 
     python bench/bench_convert.py --preset mistral-7b-v0.1 [--layers N] [--dtype bfloat16] [--shard-size 4GB]
 
-Writes the source checkpoint into a temp dir, runs `python -m infer.convert` on it in a subprocess, and
+Writes the source checkpoint into a temp dir, runs `python -m convert` on it in a subprocess, and
 reports the conversion's wall time and peak RSS (getrusage of the child) as a markdown table row.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mistral_jax import convert  # noqa: E402
+from mistral_jax.torch_write import parse_size, write_safetensors  # noqa: E402
 from mistral_jax.config import ModelConfig  # noqa: E402
 from mistral_jax.weights import tensor_specs  # noqa: E402
 
@@ -57,7 +57,7 @@ def write_random_hf(dst: Path, cfg: ModelConfig, shard_bytes: int, seed: int = 0
     dst.mkdir(parents=True)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, entries in zip(names, shards):
-        convert.write_safetensors(dst / name, entries, tensor)
+        write_safetensors(dst / name, entries, tensor)
     weight_map = {k: name for name, entries in zip(names, shards) for k, _, _ in entries}
     total = sum(math.prod(s.shape) for s in specs) * 2
     (dst / "model.safetensors.index.json").write_text(
@@ -82,12 +82,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_convert_", dir=args.workdir))
     try:
         t0 = time.perf_counter()
-        src_bytes = write_random_hf(work / "src", cfg, convert.parse_size(args.shard_size))
+        src_bytes = write_random_hf(work / "src", cfg, parse_size(args.shard_size))
         write_s = time.perf_counter() - t0
         n_shards = len(list((work / "src").glob("*.safetensors")))
         print(f"wrote {src_bytes / 1e9:.2f} GB in {n_shards} shards in {write_s:.0f}s", file=sys.stderr)
         subprocess.run(["sync"], check=False)
-        cmd = [sys.executable, "-m", "infer.convert", str(work / "src"), str(work / "native"),
+        cmd = [sys.executable, "-m", "convert", str(work / "src"), str(work / "native"),
                "--dtype", args.dtype, "--quiet"]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -1,50 +1,122 @@
 """Batch offline generation: `python -m infer.generate --checkpoint CKPT --prompts in.jsonl --output out.jsonl`.
 
-Input lines are {"prompt": "..."} (or {"messages": [...]} with --chat). Output lines carry prompt,
-completion, completion_ids and finish_reason; a prompt that cannot be run gets an "error" field
-instead, and the others are still generated. Results are written batch by batch.
+Input: JSONL, one {"prompt": str} per line (or {"messages": [{"role", "content"}, ...]} with --chat); an
+optional "id" (any JSON value) is copied to that line's output row. The file is read as bytes and decoded
+line by line, so a line that is not UTF-8, not JSON or not a valid request spoils only its own row.
+Blank lines are skipped: they get no output row and are counted in the summary on stderr; every row
+carries "line", its 1-based input line number, so rows stay traceable to input lines.
+
+Output: one JSON row per non-blank input line, in input order: {"line", "id"?, "prompt" | "messages",
+"completion", "completion_ids", "finish_reason"} where finish_reason is "eos" (the model ended the answer)
+or "length" (max_new_tokens ids, no EOS); a line that cannot be run gets {"line", "id"?, ..., "error":
+"in.jsonl:N: reason"} instead, and the other lines are still generated.
+
+Writing: --output is checked before the model is loaded (its folder must exist and be writable, it may not
+be the --prompts file, and an existing file is refused unless --overwrite). Rows are written batch by batch
+to a temporary file in the same folder, which is renamed onto --output once every line is answered; a run
+that is killed or fails to write leaves any previous output untouched (a killed run may leave its hidden
+.NAME.*.tmp file behind).
+
+Sampling: greedy by default. Line N draws with its own key fold_in(key(seed), N), so sampled outputs are
+reproducible from --seed and do not depend on --batch-size or on the other lines.
+Exit status: 0 every line generated, 1 some line failed or the output could not be written, 2 bad
+arguments, files or checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
-
-import jax.numpy as jnp
-from tqdm import tqdm
+from typing import IO, Any, Callable
 
 from mistral_jax import decode, sharding
+from mistral_jax.dtypes import parse_dtype
 from mistral_jax.tokenizer import Tokenizer
 
 
+def _int_arg(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be {f'in [{lo}, {hi}]' if hi is not None else f'>= {lo}'}, "
+                                             f"got {v}")
+        return v
+    return parse
+
+
+def _float_arg(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def _mesh_arg(text: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    try:
+        shape = tuple(int(x) for x in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or any(s == 0 or s < -1 for s in shape):
+        raise argparse.ArgumentTypeError(f"expected data,fsdp,tensor as three integers >= 1 (one may be -1), "
+                                         f"got {text!r}")
+    return shape  # type: ignore[return-value]
+
+
+def _dtype_arg(text: str) -> Any:
+    try:
+        return parse_dtype(text, "--dtype")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--dtype: ")) from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="native checkpoint dir, or an HF / mistral-inference folder")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompts", type=Path, help="JSONL file with one {\"prompt\": ...} per line")
+    src.add_argument("--prompts", type=Path,
+                     help="JSONL file, one {\"prompt\": ...} (or {\"messages\": [...]} with --chat) per line, "
+                          "optional \"id\" copied to the output; blank lines are skipped")
     src.add_argument("--prompt", help="a single prompt; the completion is printed")
-    p.add_argument("--output", type=Path, help="output JSONL (required with --prompts)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 disables")
-    p.add_argument("--top-p", type=float, default=1.0, help="1.0 disables")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--chat", action="store_true", help="wrap prompts in the Mistral v1 instruct format")
-    p.add_argument("--tokenizer", type=Path, default=None, help="SentencePiece model (default: Mistral v1)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="compute dtype; params and cache are held in it too")
-    p.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk (default: the window)")
-    p.add_argument("--mesh", default=None, help="data,fsdp,tensor mesh shape, e.g. 1,1,8 (default: one device)")
+    p.add_argument("--output", type=Path,
+                   help="output JSONL (required with --prompts), one row per non-blank input line; written to a "
+                        "temporary file in the same folder and renamed into place when every line is done")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("--max-new-tokens", type=_int_arg(1), default=128)
+    p.add_argument("--temperature", type=_float_arg, default=0.0,
+                   help="0 (the default) is greedy decoding, which on a small or undertrained model tends to "
+                        "repeat one token (e.g. rows of dots); the pretrain run's sample uses "
+                        "--temperature 0.8 --top-k 40")
+    p.add_argument("--top-k", type=_int_arg(0), default=0, help="keep the k most likely tokens; 0 disables")
+    p.add_argument("--top-p", type=_float_arg, default=1.0, help="nucleus mass in (0, 1]; 1.0 disables")
+    p.add_argument("--seed", type=_int_arg(0, decode.MAX_SEED), default=0,
+                   help="sampling seed; line N samples with fold_in(key(seed), N), independent of --batch-size")
+    p.add_argument("--batch-size", type=_int_arg(1), default=8)
+    p.add_argument("--chat", action="store_true",
+                   help="encode prompts as instruct dialogues with mistral-common (v1 or v3, from the tokenizer)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="SentencePiece model; its piece count must equal the model's vocab (default: Mistral v1 "
+                        "for vocab 32000, v3 for 32768, from mistral-common)")
+    p.add_argument("--dtype", type=_dtype_arg, default="float32",
+                   help="compute dtype (float32, bfloat16, float16); params and cache are held in it too")
+    p.add_argument("--prefill-chunk", type=_int_arg(1), default=None,
+                   help="prefill chunk in tokens (default: the window)")
+    p.add_argument("--mesh", type=_mesh_arg, default=None,
+                   help="data,fsdp,tensor mesh shape, e.g. 1,1,8 (default: one device)")
     args = p.parse_args(argv)
-    if args.batch_size < 1:
-        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_new_tokens < 1:
-        p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.prompts is not None and args.output is None:
         p.error("--output is required with --prompts")
     try:
@@ -54,35 +126,79 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def read_requests(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
-    """Yields {"prompt" or "messages": ...} dicts, or {"error": ...} for malformed lines."""
-    if args.prompt is not None:
-        yield {"prompt": args.prompt}
-        return
-    if not args.prompts.is_file():
-        raise FileNotFoundError(f"prompts file not found: {args.prompts}")
-    with open(args.prompts) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield {"error": f"{args.prompts}:{n}: not valid JSON ({e})", "prompt": line.rstrip("\n")}
-                continue
-            if not isinstance(obj, dict) or not ({"prompt", "messages"} & set(obj)):
-                yield {"error": f"{args.prompts}:{n}: expected an object with 'prompt' (or 'messages')",
-                       "prompt": obj}
-                continue
-            yield obj
+def check_output(out: Path, prompts: Path | None, overwrite: bool) -> None:
+    """Raises ValueError (one line) unless `out` can be written: folder exists and is writable, not the input."""
+    parent = out.resolve().parent
+    if out.is_dir():
+        raise ValueError(f"--output {out}: is a folder")
+    if not parent.is_dir():
+        raise ValueError(f"--output {out}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {out}: folder {parent} is not writable")
+    if prompts is not None and (out.resolve() == prompts.resolve()
+                                or (out.exists() and prompts.exists() and os.path.samefile(out, prompts))):
+        raise ValueError(f"--output {out} is the --prompts file; it would be overwritten")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise ValueError(f"--output {out} exists; pass --overwrite to replace it")
 
 
-def encode(req: dict[str, Any], tok: Tokenizer, chat: bool) -> list[int]:
-    if "messages" in req:
+def read_requests(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """(rows, number of blank lines): one row per non-blank line, {"line", "id"?, "prompt"|"messages"} or
+    {"line", ..., "error": "PATH:N: reason"}. Raises ValueError if the file cannot be read at all."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"--prompts {path}: cannot read ({e.strerror or e})") from None
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()                                        # the file's final newline ends a line
+    rows, blank = [], 0
+    for n, raw in enumerate(lines, 1):
+        where = f"{path}:{n}"
+        if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]                                  # UTF-8 byte order mark
+        if not raw.strip():
+            blank += 1
+            continue
+        row: dict[str, Any] = {"line": n}
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            row.update(input=raw.decode("utf-8", "backslashreplace"),
+                       error=f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start} of the line)")
+            rows.append(row)
+            continue
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            row.update(input=text.rstrip("\r"), error=f"{where}: not valid JSON ({str(e)[:200]})")
+            rows.append(row)
+            continue
+        if not isinstance(obj, dict):
+            row.update(input=obj, error=f"{where}: expected an object with 'prompt' (or 'messages'), got "
+                                        f"{type(obj).__name__}")
+            rows.append(row)
+            continue
+        if "id" in obj:
+            row["id"] = obj["id"]
+        for key in ("prompt", "messages"):
+            if key in obj:
+                row[key] = obj[key]
+        if "prompt" in obj and "messages" in obj:
+            row["error"] = f"{where}: give either 'prompt' or 'messages', not both"
+        elif "prompt" not in obj and "messages" not in obj:
+            row["error"] = f"{where}: expected an object with 'prompt' (or 'messages'), got keys {sorted(obj)[:10]}"
+        rows.append(row)
+    return rows, blank
+
+
+def encode(row: dict[str, Any], tok: Tokenizer, chat: bool) -> list[int]:
+    """Prompt ids of one request row; raises ValueError with a one-line reason."""
+    if "messages" in row:
         if not chat:
             raise ValueError("'messages' given without --chat")
-        return tok.encode_chat(req["messages"])
-    prompt = req["prompt"]
+        return tok.encode_chat(row["messages"])
+    prompt = row["prompt"]
     if not isinstance(prompt, str):
         raise ValueError(f"'prompt' must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
@@ -90,84 +206,114 @@ def encode(req: dict[str, Any], tok: Tokenizer, chat: bool) -> list[int]:
     return tok.encode_chat([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt, bos=True)
 
 
+def _json_line(row: dict[str, Any]) -> bytes:
+    text = json.dumps(row, ensure_ascii=False)
+    try:
+        return (text + "\n").encode("utf-8")
+    except UnicodeEncodeError:      # a lone surrogate from a "\ud800" escape: keep it escaped
+        return (json.dumps(row) + "\n").encode("ascii")
+
+
+def _open_temp(out: Path) -> tuple[Path, IO[bytes]]:
+    """A new temporary file next to `out` (same folder, so the final rename is atomic)."""
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
+    return Path(name), os.fdopen(fd, "wb")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from mistral_jax.checkpoint import load_params  # heavy imports only after argument checks
-
-    mesh = None
-    if args.mesh:
-        try:
-            data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
-            mesh = sharding.make_mesh(data, fsdp, tensor)
-        except ValueError as e:
-            print(f"error: --mesh {args.mesh!r}: {e}", file=sys.stderr)
-            return 2
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     try:
-        cfg, params = load_params(args.checkpoint, mesh=mesh, dtype=dtype)
-        tok = Tokenizer(args.tokenizer)
-        requests = list(read_requests(args))
-    except (FileNotFoundError, ValueError) as e:
+        if args.output is not None:
+            check_output(args.output, args.prompts, args.overwrite)
+        if args.prompt is not None:
+            rows, blank, where = [{"line": 1, "prompt": args.prompt}], 0, "--prompt"
+        else:
+            rows, blank = read_requests(args.prompts)
+            where = str(args.prompts)
+        tok = Tokenizer(args.tokenizer) if args.tokenizer is not None else None
+        mesh = sharding.make_mesh(*args.mesh) if args.mesh else None
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if tok.vocab_size > cfg.vocab_size:
-        print(f"error: tokenizer {tok.path} has {tok.vocab_size} pieces, the model's vocab is {cfg.vocab_size}",
-              file=sys.stderr)
+
+    from mistral_jax.checkpoint import load_params  # heavy imports only after argument and file checks
+    try:
+        cfg, params = load_params(args.checkpoint, mesh=mesh, dtype=args.dtype)
+        if tok is None:
+            tok = Tokenizer.for_vocab(cfg.vocab_size)
+        tok.check_model_vocab(cfg.vocab_size)
+        if args.chat:
+            tok.chat_tokenizer()
+    except (OSError, ValueError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
 
-    results: list[dict[str, Any] | None] = [None] * len(requests)
-    runnable: list[tuple[int, list[int]]] = []
-    for i, req in enumerate(requests):
-        if "error" in req:
-            results[i] = req
+    runnable: list[tuple[int, list[int]]] = []          # (index into rows, prompt ids)
+    for i, row in enumerate(rows):
+        if "error" in row:
             continue
         try:
-            ids = encode(req, tok, args.chat)
-            decode.check_prompt(ids, cfg, args.max_new_tokens, index=i)
+            ids = encode(row, tok, args.chat)
+            decode.check_prompt(ids, cfg, args.max_new_tokens)
             runnable.append((i, ids))
         except ValueError as e:
-            results[i] = {"prompt": req.get("prompt", req.get("messages")), "error": f"prompt {i}: {e}"}
+            row["error"] = f"{where}:{row['line']}: {e}" if args.prompts else f"{where}: {e}"
 
-    out = open(args.output, "w") if args.output else None
-    written = 0
+    tmp, out = _open_temp(args.output) if args.output else (None, None)
+    written, n_tokens, t_gen = 0, 0, 0.0
+    done = [("error" in r) for r in rows]
 
-    def flush() -> None:  # write finished results in input order as soon as they are contiguous
+    def flush() -> None:  # write finished rows in input order as soon as they are contiguous
         nonlocal written
-        while written < len(results) and results[written] is not None:
-            if out:
-                out.write(json.dumps(results[written], ensure_ascii=False) + "\n")
+        while written < len(rows) and done[written]:
+            row = rows[written]
+            if out is not None:
+                out.write(_json_line(row))
                 out.flush()
-            elif "error" in results[written]:
-                print(f"error: {results[written]['error']}", file=sys.stderr)
+            elif "error" in row:
+                print(f"error: {row['error']}", file=sys.stderr)
             else:
-                print(results[written]["completion"])
+                print(row["completion"])
             written += 1
 
-    n_tokens, t_gen = 0, 0.0
+    from tqdm import tqdm
     batches = [runnable[i:i + args.batch_size] for i in range(0, len(runnable), args.batch_size)]
     try:
-        for batch in tqdm(batches, desc="generate", unit="batch", disable=len(batches) < 2, file=sys.stderr):
-            ids = [b[1] for b in batch]
-            ids += [ids[-1]] * (args.batch_size - len(ids)) if len(batches) > 1 else []  # one shape: one compile
-            t0 = time.perf_counter()
-            gen = decode.generate(params, cfg, ids, args.max_new_tokens, temperature=args.temperature,
-                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, mesh=mesh, dtype=dtype,
-                                  prefill_chunk=args.prefill_chunk, eos_id=tok.eos_id, return_info=True)
-            t_gen += time.perf_counter() - t0
-            for (i, _), comp, eos in zip(batch, gen.tokens, gen.stopped_on_eos):
-                req = requests[i]
-                results[i] = {"prompt": req.get("prompt", req.get("messages")), "completion": tok.decode(comp),
-                              "completion_ids": comp, "finish_reason": "eos" if eos else "length"}
-                n_tokens += len(comp) + int(eos)
+        try:
             flush()
-        flush()
+            for batch in tqdm(batches, desc="generate", unit="batch", disable=len(batches) < 2, file=sys.stderr):
+                ids = [b[1] for b in batch]
+                lines = [rows[i]["line"] for i, _ in batch]
+                if len(batches) > 1:                         # one batch shape: one compilation
+                    ids += [ids[-1]] * (args.batch_size - len(ids))
+                    lines += [lines[-1]] * (args.batch_size - len(lines))
+                t0 = time.perf_counter()
+                gen = decode.generate(params, cfg, ids, args.max_new_tokens, temperature=args.temperature,
+                                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, row_ids=lines, mesh=mesh,
+                                      dtype=args.dtype, prefill_chunk=args.prefill_chunk, eos_id=tok.eos_id,
+                                      return_info=True)
+                t_gen += time.perf_counter() - t0
+                for (i, _), comp, eos in zip(batch, gen.tokens, gen.stopped_on_eos):
+                    rows[i].update(completion=tok.decode(comp), completion_ids=comp,
+                                   finish_reason="eos" if eos else "length")
+                    done[i] = True
+                    n_tokens += len(comp) + int(eos)
+                flush()
+            if out is not None:
+                out.close()
+                os.replace(tmp, args.output)
+        except OSError as e:
+            print(f"error: writing {args.output or 'stdout'}: {e.strerror or e}", file=sys.stderr)
+            return 1
     finally:
-        if out:
+        if out is not None and not out.closed:
             out.close()
-    n_err = sum(1 for r in results if r is not None and "error" in r)
+        if tmp is not None and tmp.exists():
+            tmp.unlink()
+    n_err = sum("error" in r for r in rows)
     print(f"generated {n_tokens} tokens for {len(runnable)} prompts in {t_gen:.2f} s "
-          f"({n_tokens / max(t_gen, 1e-9):.1f} tokens/s, compilation included); {n_err} prompt(s) failed",
-          file=sys.stderr)
+          f"({n_tokens / max(t_gen, 1e-9):.1f} tokens/s, compilation included); {n_err} line(s) failed; "
+          f"{blank} blank line(s) skipped", file=sys.stderr)
     return 1 if n_err else 0
 
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mistral_jax.blockwise import blockwise_attend
+
+IMPLS = ("dense", "blockwise")
+
 
 def attention_mask(q_pos_BT: jax.Array, k_pos_BS: jax.Array, window: int | None = None,
                    q_seg_BT: jax.Array | None = None, k_seg_BS: jax.Array | None = None) -> jax.Array:
@@ -45,3 +49,20 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: ja
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
     out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
     return out_BTKGH.reshape(B, T, N, H)
+
+
+def multihead_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_pos_BT: jax.Array,
+                        k_pos_BS: jax.Array, window: int | None = None, q_seg_BT: jax.Array | None = None,
+                        k_seg_BS: jax.Array | None = None, impl: str = "dense", block: int = 512) -> jax.Array:
+    """Attention output (B, T, N, H) under the position/segment mask, by the chosen implementation.
+
+    "dense" materialises the (B, T, S) mask and float32 scores (the test oracle); "blockwise" visits
+    only the key blocks each query block can see (O(T * W) with a window). Both give the same output
+    for every query that sees at least one key.
+    """
+    if impl == "dense":
+        return attend(q_BTNH, k_BSKH, v_BSKH, attention_mask(q_pos_BT, k_pos_BS, window, q_seg_BT, k_seg_BS))
+    if impl == "blockwise":
+        return blockwise_attend(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window, q_seg_BT, k_seg_BS,
+                                block_q=block, block_k=block)
+    raise ValueError(f"attention implementation must be one of {IMPLS}, got {impl!r}")

@@ -1,10 +1,18 @@
-"""This library's checkpoint format (config.json + orbax params) and one loader for native, HF and
-mistral-inference folders."""
+"""This library's checkpoint format (config.json + checksums.json + orbax params) and one loader for
+native, HF and mistral-inference folders.
+
+Native format version 2 (FORMAT_VERSION): config.json holds the config fields, the format marker and the
+param dtype; checksums.json holds a sha256 of every param's bytes (in its stored dtype), verified on
+load. Version-1 folders (no checksums) still load, with a note that they were not verified.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +22,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from mistral_jax import convert
+from mistral_jax.atomic import atomic_dir
 from mistral_jax.config import ConfigError, ModelConfig
-from mistral_jax.convert import NATIVE_MARKER, CheckpointError
+from mistral_jax.dtypes import parse_dtype
+from mistral_jax.formats import FORMATS, NATIVE_MARKER, CheckpointError, detect_format
+from mistral_jax.integrity import ALGORITHM, check_values, count_nonfinite, tensor_digest
 from mistral_jax.model import abstract_params, param_shardings
-from mistral_jax.weights import WeightError
+from mistral_jax.torch_read import load_tensors, open_source, read_config
+from mistral_jax.weights import WeightError, check_shape
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+CHECKSUMS = "checksums.json"
 log = logging.getLogger(__name__)
 
 
@@ -40,14 +53,39 @@ def _check_tree(cfg: ModelConfig, got: dict[str, Any], source: str) -> None:
         raise WeightError(f"{source}: unexpected param(s) {unexpected[:5]} ({len(unexpected)} in all); "
                           "does the config match the params?")
     for k, shape in want.items():
-        if tuple(got[k].shape) != shape:
-            raise WeightError(f"{source}: param '{k}' has shape {tuple(got[k].shape)}, the config expects {shape}")
+        check_shape(source, k, got[k].shape, shape, what="param")
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _cast(x: jax.Array, dtype: np.dtype) -> jax.Array:
+    """x cast to dtype, keeping its sharding (one compiled program per shape, sharding and dtype)."""
+    return x.astype(dtype)
+
+
+def _host(leaf: Any) -> np.ndarray:
+    """One param as a host numpy array (gathered from its devices if sharded)."""
+    return np.asarray(jax.device_get(leaf))
+
+
+def _wait_for_threads(before: set[threading.Thread], limit_s: float = 60.0) -> None:
+    """Waits (at most `limit_s` in all) for the non-daemon threads started since `before` to end.
+
+    On Ctrl-C the main thread stops waiting, but orbax's writer threads and their executor workers go on
+    writing into the temp folder; removing it before they end leaves a re-created partial folder behind.
+    A second Ctrl-C stops the wait.
+    """
+    deadline = time.monotonic() + limit_s
+    for t in set(threading.enumerate()) - before:
+        if not t.daemon and t is not threading.current_thread():
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def save_params(dst: str | Path, cfg: ModelConfig, params: Any, force: bool = False) -> Path:
-    """Writes DST/config.json (config fields + format marker + param dtype) and an orbax checkpoint DST/params.
+    """Writes DST/config.json (config fields + format marker + param dtype), DST/checksums.json (sha256 of
+    each param) and an orbax checkpoint DST/params.
 
-    The folder appears only when complete; an existing non-empty DST is refused unless `force`.
+    The folder appears only when complete; an existing non-empty DST is refused unless `force` (and even
+    then unless it is a checkpoint folder). Params holding NaN/inf are saved with a logged warning.
     """
     import orbax.checkpoint as ocp
 
@@ -57,44 +95,87 @@ def save_params(dst: str | Path, cfg: ModelConfig, params: Any, force: bool = Fa
     if len(dtypes) != 1:
         raise WeightError(f"save_params: params mix dtypes {dtypes}; cast them to one dtype first")
     meta = {NATIVE_MARKER: FORMAT_VERSION, "param_dtype": dtypes[0], **cfg.to_dict()}
-    with convert.atomic_dir(dst, force) as tmp:
+    digests: dict[str, str] = {}
+    for k, leaf in flat.items():  # one host copy at a time
+        x = _host(leaf)
+        digests[k] = tensor_digest(x)
+        if n := count_nonfinite(x):
+            log.warning(f"save_params: param '{k}' holds {n} non-finite value(s) (NaN/inf)")
+        del x
+    with atomic_dir(dst, force) as tmp:
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / CHECKSUMS).write_text(json.dumps({"algorithm": ALGORITHM, "tensors": digests}, indent=2) + "\n")
         # Synchronous, uncompressed, at most ~1 GB in flight: compression doubled the save time and added
         # about half a model copy of host memory on a 7B-shaped model (see bench/bench_convert.py).
         handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, save_device_host_concurrent_gb=1,
                                               use_compression=False)
-        with ocp.Checkpointer(handler) as ckptr:
-            ckptr.save((tmp / "params").absolute(), args=ocp.args.PyTreeSave(params))
+        threads_before = set(threading.enumerate())
+        try:
+            with ocp.Checkpointer(handler) as ckptr:
+                ckptr.save((tmp / "params").absolute(), args=ocp.args.PyTreeSave(params))
+        except BaseException:
+            _wait_for_threads(threads_before)
+            raise
     return Path(dst)
+
+
+def _read_native_meta(path: str | Path) -> tuple[ModelConfig, str, int]:
+    """(config, stored param dtype name, format version) of a native checkpoint folder."""
+    source = Path(path) / "config.json"
+    try:
+        d = json.loads(source.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{source}: cannot read native config ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{source}: expected a JSON object")
+    version = d.pop(NATIVE_MARKER, None)
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{source}: field '{NATIVE_MARKER}' is {version!r}, this library reads "
+                              f"version(s) {', '.join(map(str, READABLE_VERSIONS))}")
+    dtype = d.pop("param_dtype", "float32")
+    return ModelConfig.from_dict(d, source=str(source)), dtype, version
 
 
 def read_native_config(path: str | Path) -> tuple[ModelConfig, str]:
     """(config, stored param dtype name) of a native checkpoint folder."""
-    source = Path(path) / "config.json"
+    cfg, dtype, _ = _read_native_meta(path)
+    return cfg, dtype
+
+
+def _read_checksums(path: Path, names: list[str]) -> dict[str, str]:
+    """The stored digest of every param in `names`; CheckpointError if the file is missing or incomplete."""
+    source = path / CHECKSUMS
     try:
         d = json.loads(source.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{source}: cannot read native config ({e})") from None
-    version = d.pop(NATIVE_MARKER, None)
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{source}: field '{NATIVE_MARKER}' is {version!r}, this library reads "
-                              f"version {FORMAT_VERSION}")
-    dtype = d.pop("param_dtype", "float32")
-    return ModelConfig.from_dict(d, source=str(source)), dtype
+        algorithm, digests = d["algorithm"], d["tensors"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{source}: cannot read checksums ({type(e).__name__}: {e})") from None
+    if algorithm != ALGORITHM:
+        raise CheckpointError(f"{source}: field 'algorithm' is {algorithm!r}, this library checks {ALGORITHM!r}")
+    missing = [k for k in names if k not in digests]
+    if missing:
+        raise CheckpointError(f"{source}: no checksum for param(s) {missing[:5]} ({len(missing)} in all)")
+    return digests
 
 
-def _load_native(path: Path, shardings: Any, dtype: Any, rope_theta: float | None) -> tuple[ModelConfig, Any, list[str]]:
+def _load_native(path: Path, shardings: Any, dtype: Any, rope_theta: float | None, verify: bool = True,
+                 allow_nonfinite: bool = False) -> tuple[ModelConfig, Any, list[str]]:
+    """Restores a native folder; with `verify`, checks each param's checksum and values in its stored dtype
+    (restored in that dtype, then cast param by param to `dtype`)."""
     import orbax.checkpoint as ocp
 
-    cfg, stored = read_native_config(path)
-    notes: list[str] = []
-    if rope_theta is not None and float(rope_theta) != cfg.rope_theta:
-        notes.append(f"rope_theta overridden: checkpoint says {cfg.rope_theta}, using {rope_theta}")
-        cfg = cfg.replace(rope_theta=float(rope_theta))
+    cfg, stored, version = _read_native_meta(path)
+    cfg, notes = cfg.with_rope_theta(rope_theta, str(path / "config.json"))
     params_dir = (path / "params").absolute()
     if not params_dir.is_dir():
         raise CheckpointError(f"{params_dir}: missing (native checkpoint has no params folder)")
-    dtype = convert.parse_dtype(stored if dtype is None else dtype)
+    stored_dt = parse_dtype(stored, f"{path / 'config.json'}: field 'param_dtype'")
+    want_dt = parse_dtype(stored_dt if dtype is None else dtype, "dtype")
+    digests: dict[str, str] | None = None
+    if verify and version < 2:
+        notes.append(f"{path}: native format version {version} has no checksums; params not verified "
+                     "(save it again to add them)")
+    check = verify and version >= 2
     ckptr = ocp.StandardCheckpointer(restore_concurrent_gb=1)
     try:
         try:
@@ -102,11 +183,14 @@ def _load_native(path: Path, shardings: Any, dtype: Any, rope_theta: float | Non
         except Exception as e:  # orbax raises various types for unreadable metadata
             raise CheckpointError(f"{params_dir}: unreadable orbax metadata ({type(e).__name__}: {e})") from None
         _check_tree(cfg, _flat(stored_tree), str(params_dir))
-        abstract = nn.unbox(abstract_params(cfg, dtype))
+        abstract = nn.unbox(abstract_params(cfg))
+        if check:
+            digests = _read_checksums(path, list(_flat(abstract)))
         if shardings is None:
             dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shardings = jax.tree_util.tree_map(lambda _: dev, abstract)
-        target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype, sharding=s),
+        restore_dt = stored_dt if (check or not allow_nonfinite) else want_dt
+        target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, restore_dt, sharding=s),
                                         abstract, shardings)
         try:
             params = ckptr.restore(params_dir, target)
@@ -115,39 +199,67 @@ def _load_native(path: Path, shardings: Any, dtype: Any, rope_theta: float | Non
                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None
     finally:
         ckptr.close()
-    return cfg, params, notes
+    if restore_dt == want_dt and not check and allow_nonfinite:
+        return cfg, params, notes
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    del params
+    out = []
+    for i, (kpath, leaf) in enumerate(leaves):
+        name = "/".join(str(getattr(k, "key", k)) for k in kpath)
+        x = _host(leaf)
+        if digests is not None and tensor_digest(x) != digests[name]:
+            raise CheckpointError(f"{params_dir}: param '{name}' does not match its {ALGORITHM} checksum in "
+                                  f"{CHECKSUMS}: the params files are corrupt")
+        check_values(x, name, str(params_dir), allow_nonfinite)
+        if want_dt != stored_dt:
+            cast = _cast(leaf, want_dt)
+            if want_dt.itemsize < stored_dt.itemsize:  # narrowing can overflow to inf
+                check_values(_host(cast), name, f"{params_dir} (cast to {want_dt.name})", allow_nonfinite, before=x)
+            leaf.delete()
+            leaf = cast
+        out.append(leaf)
+        leaves[i] = None
+        del x
+    return cfg, jax.tree_util.tree_unflatten(treedef, out), notes
 
 
 def load_params_with_notes(path: str | Path, mesh: Mesh | None = None, dtype: Any = jnp.float32,
                            fmt: str | None = None, rope_theta: float | None = None,
-                           progress: bool = True) -> tuple[ModelConfig, Any, list[str]]:
+                           progress: bool = True, allow_nonfinite: bool = False,
+                           verify: bool = True) -> tuple[ModelConfig, Any, list[str]]:
     """Like `load_params`, also returning notes about inferred or overridden config values."""
     path = Path(path)
-    fmt = fmt or convert.detect_format(path)
-    if fmt not in convert.FORMATS:
-        raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {convert.FORMATS}")
+    fmt = fmt or detect_format(path)
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint folder (does not exist or is a file)")
     if fmt == "native":
         cfg, _ = read_native_config(path)
         shardings = param_shardings(cfg, mesh) if mesh is not None else None
-        return _load_native(path, shardings, dtype, rope_theta)
-    cfg, notes = convert.read_config(path, fmt, rope_theta)
+        return _load_native(path, shardings, dtype, rope_theta, verify, allow_nonfinite)
+    cfg, notes = read_config(path, fmt, rope_theta)
     shardings = param_shardings(cfg, mesh) if mesh is not None else None
-    with convert.open_source(path, fmt) as source:
-        params = convert.load_tensors(source, cfg, fmt, dtype, shardings, progress)
+    with open_source(path, fmt) as source:
+        params = load_tensors(source, cfg, fmt, dtype, shardings, progress, allow_nonfinite)
     return cfg, params, notes
 
 
 def load_params(path: str | Path, mesh: Mesh | None = None, dtype: Any = jnp.float32, fmt: str | None = None,
-                rope_theta: float | None = None, progress: bool = True) -> tuple[ModelConfig, Any]:
+                rope_theta: float | None = None, progress: bool = True, allow_nonfinite: bool = False,
+                verify: bool = True) -> tuple[ModelConfig, Any]:
     """Loads a native, Hugging Face or mistral-inference folder (auto-detected unless `fmt`) as (cfg, params).
 
     With a mesh, params are placed with `model.param_shardings(cfg, mesh)` as they are read. `dtype` None
     keeps the stored dtype. Notes about inferred config values (e.g. v0.1's rope_theta) are logged as
     warnings; `load_params_with_notes` returns them instead.
+
+    NaN/inf values (or values a cast to `dtype` overflows) are refused with a CheckpointError naming the
+    tensor unless `allow_nonfinite`. A native checkpoint's params are checked against their stored
+    checksums unless `verify=False` (version-1 folders have none: a note says so).
     """
-    cfg, params, notes = load_params_with_notes(path, mesh, dtype, fmt, rope_theta, progress)
+    cfg, params, notes = load_params_with_notes(path, mesh, dtype, fmt, rope_theta, progress, allow_nonfinite,
+                                                verify)
     for note in notes:
         log.warning(note)
     return cfg, params

@@ -1,13 +1,16 @@
 """Text files -> tokenised documents -> packed fixed-length rows with segment ids and per-document positions.
 
 Streaming and resumable: each epoch shuffles the file order with the seed; files are read and
-tokenised a window at a time, the window's packed rows are shuffled, and the iterator's position
-is the small dict {'epoch', 'window', 'row'}. Memory is bounded by one window, not the corpus.
+tokenised a shuffle group (`shuffle_files` files) at a time, the group's packed rows are shuffled, and
+the iterator's position is the small dict {'epoch', 'group', 'row', 'seed'}. Memory is bounded by one
+group, not the corpus.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import os
 import sysconfig
 import zlib
 from pathlib import Path
@@ -27,25 +30,80 @@ class TextEncoder(Protocol):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
 
 
+class DataError(ValueError):
+    """The corpus is unusable (no files, no text, nothing left for training); the message says which."""
+
+
 # ----- files -----
 
-def list_files(data: DataSection) -> list[Path]:
-    """The corpus files, sorted: Python's standard library sources or the configured globs."""
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """The corpus files (sorted) and what was left out of it."""
+    files: list[Path]
+    n_large: int  # skipped: larger than data.max_bytes
+    n_excluded: int  # skipped: a path part below the corpus root is in data.exclude
+    where: str  # the root directory or globs, for messages
+
+    def describe(self, max_bytes: int) -> str:
+        """One line, e.g. 'data: 1234 files (56 skipped: larger than data.max_bytes=200000; 12 excluded ...)'."""
+        notes = []
+        if self.n_large:
+            notes.append(f"{self.n_large} skipped: larger than data.max_bytes={max_bytes}")
+        if self.n_excluded:
+            notes.append(f"{self.n_excluded} excluded by data.exclude")
+        return f"data: {len(self.files)} files from {self.where}" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def glob_base(pattern: str) -> Path:
+    """The directory part of a glob before its first wildcard ('data/**/x*.txt' -> 'data')."""
+    parts = Path(pattern).parts
+    fixed = []
+    for part in parts:
+        if any(c in part for c in "*?["):
+            return Path(*fixed) if fixed else Path(".")
+        fixed.append(part)
+    return Path(*fixed[:-1]) if len(fixed) > 1 else Path(".")  # no wildcard: the file's own directory
+
+
+def _candidates(data: DataSection) -> Iterator[tuple[Path, Path]]:
+    """(file or directory, the corpus root it was found under)."""
     if data.source == "stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
-        candidates = root.glob(data.pattern)
+        for p in root.glob(data.pattern):
+            yield p, root
     elif data.source == "files":
-        candidates = (Path(p) for pattern in data.paths for p in glob.glob(pattern, recursive=True))
+        for pattern in data.paths:
+            base = glob_base(pattern)
+            for p in glob.glob(pattern, recursive=True):
+                yield Path(p), base
     else:
-        raise ValueError(f"data.source must be 'stdlib' or 'files', got {data.source!r}")
+        raise DataError(f"data.source must be 'stdlib' or 'files', got {data.source!r}")
+
+
+def list_files(data: DataSection) -> Corpus:
+    """The corpus: Python's standard library sources or the configured globs, less excluded and large files.
+
+    `data.exclude` is matched against the path parts below the corpus root (the stdlib directory, or
+    each glob's directory before its first wildcard), so the root's own location does not matter.
+    """
     excluded = set(data.exclude)
-    files = sorted({p for p in candidates
-                    if p.is_file() and not excluded.intersection(p.parts)
-                    and (data.max_bytes <= 0 or p.stat().st_size <= data.max_bytes)})
+    files, large, skipped = set(), set(), set()
+    for p, root in _candidates(data):
+        if not p.is_file():
+            continue
+        rel_parts = tuple(part for part in Path(os.path.relpath(p, root)).parts if part != "..")
+        if excluded.intersection(rel_parts):
+            skipped.add(p)
+        elif data.max_bytes > 0 and p.stat().st_size > data.max_bytes:
+            large.add(p)
+        else:
+            files.add(p)
+    where = sysconfig.get_paths()["stdlib"] + "/" + data.pattern if data.source == "stdlib" else list(data.paths)
     if not files:
-        where = data.pattern if data.source == "stdlib" else list(data.paths)
-        raise FileNotFoundError(f"data: no files found for source={data.source!r} ({where})")
-    return files
+        raise DataError(f"data: no files found for source={data.source!r} ({where})"
+                        + (f"; {len(skipped)} excluded by data.exclude={list(data.exclude)}" if skipped else "")
+                        + (f"; {len(large)} larger than data.max_bytes={data.max_bytes}" if large else ""))
+    return Corpus(sorted(files), len(large), len(skipped), str(where))
 
 
 def split_files(files: Sequence[Path], val_percent: float) -> tuple[list[Path], list[Path]]:
@@ -55,7 +113,7 @@ def split_files(files: Sequence[Path], val_percent: float) -> tuple[list[Path], 
         key = f"{f.parent.name}/{f.name}".encode()
         (val if (zlib.crc32(key) % 10_000) < val_percent * 100 else train).append(f)
     if not train:
-        raise ValueError(f"data: val_percent={val_percent} left no training files out of {len(files)}")
+        raise DataError(f"data: val_percent={val_percent} left no training files out of {len(files)}")
     return train, val
 
 
@@ -104,74 +162,77 @@ def stack_rows(rows: Sequence[Row]) -> dict[str, np.ndarray]:
 class PackedStream:
     """Batches of packed rows, (batch_size, seq_len) each. `state()` / `restore()` give exact resumption.
 
-    shuffle=True: endless, file order reshuffled each epoch and rows shuffled within each window of
-    `shuffle_files` files. shuffle=False: files in order, one pass (for held-out evaluation).
+    shuffle=True: endless, file order reshuffled each epoch and rows shuffled within each shuffle group
+    of `shuffle_files` consecutive files. shuffle=False: files in order, one pass (for held-out evaluation).
     """
 
     def __init__(self, files: Sequence[Path], tokenizer: TextEncoder, seq_len: int, batch_size: int,
                  seed: int = 0, shuffle_files: int = 64, shuffle: bool = True):
         if not files:
-            raise ValueError("PackedStream: no files")
+            raise DataError("PackedStream: no files")
         self.files = list(files)
         self.tokenizer = tokenizer
         self.seq_len, self.batch_size = seq_len, batch_size
-        self.seed, self.window_size, self.shuffle = seed, shuffle_files, shuffle
-        self._epoch, self._window, self._row = 0, 0, 0
-        self._rows: list[Row] | None = None  # rows of the current window, in emission order
-        self._empty_windows = 0  # consecutive windows without rows (all files empty)
+        self.seed, self.group_size, self.shuffle = seed, shuffle_files, shuffle
+        self._epoch, self._group, self._row = 0, 0, 0
+        self._rows: list[Row] | None = None  # rows of the current group, in emission order
+        self._empty_groups = 0  # consecutive groups without rows (all files empty)
 
     @property
-    def n_windows(self) -> int:
-        return -(-len(self.files) // self.window_size)
+    def n_groups(self) -> int:
+        return -(-len(self.files) // self.group_size)
 
     def state(self) -> dict[str, int]:
         """Position of the next row: a small JSON-able dict."""
-        return {"epoch": self._epoch, "window": self._window, "row": self._row, "seed": self.seed}
+        return {"epoch": self._epoch, "group": self._group, "row": self._row, "seed": self.seed}
 
     def restore(self, state: dict[str, int]) -> None:
-        """Continue from a position returned by `state()` (the seed must match)."""
-        for key in ("epoch", "window", "row"):
+        """Continue from a position returned by `state()` (the seed must match). A state written before
+        the rename of 'window' to 'group' is read the same way."""
+        if "group" not in state and "window" in state:
+            state = {**state, "group": state["window"]}
+        for key in ("epoch", "group", "row"):
             if not isinstance(state.get(key), int) or state[key] < 0:
                 raise ValueError(f"PackedStream.restore: field '{key}' must be a non-negative int, got {state.get(key)!r}")
         if state.get("seed", self.seed) != self.seed:
             raise ValueError(f"PackedStream.restore: state was saved with seed {state['seed']}, "
                              f"this stream has seed {self.seed} (data.seed)")
-        self._epoch, self._window, self._row = state["epoch"], state["window"], state["row"]
+        self._epoch, self._group, self._row = state["epoch"], state["group"], state["row"]
         self._rows = None
 
-    def _load_window(self) -> list[Row]:
+    def _load_group(self) -> list[Row]:
         order = np.arange(len(self.files))
         if self.shuffle:
             order = np.random.default_rng([self.seed, self._epoch]).permutation(len(self.files))
-        idx = order[self._window * self.window_size:(self._window + 1) * self.window_size]
+        idx = order[self._group * self.group_size:(self._group + 1) * self.group_size]
         rows = list(pack_documents(read_documents([self.files[i] for i in idx], self.tokenizer), self.seq_len))
         if self.shuffle:
-            perm = np.random.default_rng([self.seed, self._epoch, self._window, 1]).permutation(len(rows))
+            perm = np.random.default_rng([self.seed, self._epoch, self._group, 1]).permutation(len(rows))
             rows = [rows[i] for i in perm]
         return rows
 
     def next_row(self) -> Row:
         """The next row; raises StopIteration at the end of a non-shuffled pass."""
-        if not self.shuffle and self._window >= self.n_windows:
+        if not self.shuffle and self._group >= self.n_groups:
             raise StopIteration
         while True:
             if self._rows is None:
-                self._rows = self._load_window()
+                self._rows = self._load_group()
             if self._row < len(self._rows):
                 row = self._rows[self._row]
                 self._row += 1
-                self._empty_windows = 0
+                self._empty_groups = 0
                 return row
-            self._empty_windows = self._empty_windows + 1 if not self._rows else 0
-            if self._empty_windows > self.n_windows:
-                raise ValueError(f"PackedStream: none of the {len(self.files)} files has any text")
+            self._empty_groups = self._empty_groups + 1 if not self._rows else 0
+            if self._empty_groups > self.n_groups:
+                raise DataError(f"data: none of the {len(self.files)} files has any text")
             self._rows, self._row = None, 0
-            self._window += 1
-            if self._window >= self.n_windows:
+            self._group += 1
+            if self._group >= self.n_groups:
                 if not self.shuffle:
-                    self._window = self.n_windows
+                    self._group = self.n_groups
                     raise StopIteration
-                self._window, self._epoch = 0, self._epoch + 1
+                self._group, self._epoch = 0, self._epoch + 1
 
     def __iter__(self) -> "PackedStream":
         return self
@@ -190,10 +251,11 @@ class PackedStream:
         return stack_rows(rows)
 
 
-def make_streams(data: DataSection, tokenizer: TextEncoder) -> tuple[PackedStream, PackedStream | None]:
-    """(train stream, held-out stream or None) for a run's data section."""
-    train_files, val_files = split_files(list_files(data), data.val_percent)
+def make_streams(data: DataSection, tokenizer: TextEncoder) -> tuple[PackedStream, PackedStream | None, Corpus]:
+    """(train stream, held-out stream or None, the corpus listing) for a run's data section."""
+    corpus = list_files(data)
+    train_files, val_files = split_files(corpus.files, data.val_percent)
     train = PackedStream(train_files, tokenizer, data.seq_len, data.batch_size, data.seed, data.shuffle_files)
     val = (PackedStream(val_files, tokenizer, data.seq_len, data.batch_size, data.seed, data.shuffle_files,
                         shuffle=False) if val_files else None)
-    return train, val
+    return train, val, corpus

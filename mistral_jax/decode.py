@@ -25,38 +25,59 @@ from mistral_jax.config import ModelConfig
 Dtype = Any
 
 
+MAX_SEED = 2**32 - 1     # jax.random.key keeps only 32 bits of a seed without x64: larger seeds would collide
+MAX_ROW_ID = 2**32 - 1   # jax.random.fold_in takes uint32 data
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
+    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters.
+
+    Sampling draws from softmax(logits / temperature) restricted to the top_k most likely tokens (exactly
+    k; ties at the k-th value go to the lower token id), renormalised, then restricted to the smallest
+    prefix of those, in descending order, whose mass reaches top_p, renormalised again.
+    """
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < float("inf")):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+def row_keys(seed: int, row_ids: jax.Array) -> jax.Array:
+    """Per-row sampling keys (B,): fold_in(key(seed), row_id); a row's draws depend only on (seed, row id)."""
+    return jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(row_ids)
 
 
 def sample(logits_BV: jax.Array, key: jax.Array, s: SamplingConfig) -> jax.Array:
-    """Next token ids (B,) from float32 logits under the sampling settings."""
+    """Next token ids (B,) from logits (B, V) under the sampling settings (see SamplingConfig).
+
+    key: one key (rows get independent draws from it) or one key per row, shape (B,).
+    """
     if s.temperature == 0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     logits_BV = logits_BV.astype(jnp.float32) / s.temperature
-    neg = jnp.finfo(jnp.float32).min
-    if s.top_k:
-        kth_B1 = jax.lax.top_k(logits_BV, min(s.top_k, logits_BV.shape[-1]))[0][:, -1:]
-        logits_BV = jnp.where(logits_BV < kth_B1, neg, logits_BV)
+    V = logits_BV.shape[-1]
+    if key.ndim == 0:
+        draw = lambda lg: jax.random.categorical(key, lg, axis=-1)  # noqa: E731
+    else:
+        draw = lambda lg: jax.vmap(jax.random.categorical)(key, lg)  # noqa: E731
+    if not s.top_k and s.top_p >= 1:
+        return draw(logits_BV).astype(jnp.int32)
+    # Candidates in descending order (lax.top_k: exactly k, ties broken towards the lower id).
+    vals_BK, idx_BK = jax.lax.top_k(logits_BV, min(s.top_k or V, V))
     if s.top_p < 1:
-        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV     # mass strictly above each token
-        cutoff_B1 = jnp.min(jnp.where(before_BV < s.top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-        logits_BV = jnp.where(logits_BV < cutoff_B1, neg, logits_BV)
-    return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+        probs_BK = jax.nn.softmax(vals_BK, axis=-1)
+        before_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK      # mass strictly before each candidate
+        vals_BK = jnp.where(before_BK < s.top_p, vals_BK, -jnp.inf)  # the first candidate always stays
+    j_B = draw(vals_BK)
+    return jnp.take_along_axis(idx_BK, j_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
 def _apply(params, cfg: ModelConfig, dtype: Dtype, tokens_BT, pos_BT, cache, logit_index_B=None):
@@ -101,32 +122,45 @@ def _prefill(params, cfg: ModelConfig, dtype: Dtype, tokens_BL, lengths_B, cache
     return last_BV, cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk", "cache_len"))
-def forward_cached(params, tokens_BT: jax.Array, *, cfg: ModelConfig, chunk: int, cache_len: int | None = None,
-                   dtype: Dtype = jnp.float32) -> jax.Array:
+def forward_cached(params: Any, tokens_BT: jax.Array, *, cfg: ModelConfig, chunk: int,
+                   cache_len: int | None = None, dtype: Dtype = jnp.float32) -> jax.Array:
     """Logits (B, T, V) of full sequences computed through the rolling cache, `chunk` tokens at a time.
 
     chunk=1 is step-by-step cached decoding. T is padded up to a multiple of chunk internally.
+    cache_len (default: the window, or T without one) may not be smaller than that: a shorter cache
+    would drop keys that queries must see.
     """
+    T = tokens_BT.shape[1]
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"forward_cached: chunk must be an integer >= 1, got {chunk!r}")
+    need = kv_cache.cache_size(cfg, T)
+    if cache_len is not None and cache_len < need:
+        window = f"the window {cfg.sliding_window}" if cfg.sliding_window is not None else "no window"
+        raise ValueError(f"forward_cached: cache_len {cache_len} is smaller than the {need} slots required for "
+                         f"{T} tokens with {window}")
+    return _forward_cached(params, tokens_BT, cfg=cfg, chunk=chunk, cache_len=cache_len or need, dtype=dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk", "cache_len"))
+def _forward_cached(params, tokens_BT, *, cfg: ModelConfig, chunk: int, cache_len: int, dtype: Dtype):
     B, T = tokens_BT.shape
     L = -(-T // chunk) * chunk
     tokens_BL = jnp.pad(tokens_BT, ((0, 0), (0, L - T)))
-    size = cache_len or kv_cache.cache_size(cfg, T)
     with sharding.with_rules():
         logits, _ = _prefill(params, cfg, dtype, tokens_BL, jnp.full((B,), T, jnp.int32),
-                             _new_cache(cfg, B, size, dtype), chunk, all_logits=True)
+                             _new_cache(cfg, B, cache_len, dtype), chunk, all_logits=True)
     return logits[:, :T]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk", "cache_len", "max_new", "sampling",
-                                             "eos_id"))
-def _generate(params, tokens_BL, lengths_B, key, *, cfg: ModelConfig, dtype: Dtype, chunk: int,
-              cache_len: int, max_new: int, sampling: SamplingConfig, eos_id: int):
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk", "cache_len", "max_new", "sampling"))
+def _generate(params, tokens_BL, lengths_B, keys_B, *, cfg: ModelConfig, dtype: Dtype, chunk: int,
+              cache_len: int, max_new: int, sampling: SamplingConfig, eos_id: jax.Array):
     B = tokens_BL.shape[0]
     with sharding.with_rules():
         cache = _new_cache(cfg, B, cache_len, dtype)
         last_BV, cache = _prefill(params, cfg, dtype, tokens_BL, lengths_B, cache, chunk, all_logits=False)
-        tok_B = sample(last_BV, jax.random.fold_in(key, 0), sampling)
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))   # (B,) keys, step t -> (B,) keys
+        tok_B = sample(last_BV, step_keys(keys_B, 0), sampling)
         out_BN = jnp.full((B, max_new), -1, jnp.int32).at[:, 0].set(tok_B)
         done_B = tok_B == eos_id
 
@@ -138,7 +172,7 @@ def _generate(params, tokens_BL, lengths_B, key, *, cfg: ModelConfig, dtype: Dty
             t, tok_B, cache, done_B, out_BN = state
             pos_B = lengths_B + t - 1
             logits_B1V, cache = _apply(params, cfg, dtype, tok_B[:, None], pos_B[:, None], cache)
-            nxt_B = sample(logits_B1V[:, 0], jax.random.fold_in(key, t), sampling)
+            nxt_B = sample(logits_B1V[:, 0], step_keys(keys_B, t), sampling)
             out_BN = jax.lax.dynamic_update_slice(out_BN, jnp.where(done_B, -1, nxt_B)[:, None], (0, t))
             return t + 1, nxt_B, cache, done_B | (nxt_B == eos_id), out_BN
 
@@ -156,45 +190,64 @@ class Generation:
 
 def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             mesh: Mesh | None = None, dtype: Dtype = jnp.float32, prefill_chunk: int | None = None,
-             eos_id: int | None = None, return_info: bool = False) -> list[list[int]] | Generation:
+             row_ids: Sequence[int] | None = None, mesh: Mesh | None = None, dtype: Dtype = jnp.float32,
+             prefill_chunk: int | None = None, eos_id: int | None = None,
+             return_info: bool = False) -> list[list[int]] | Generation:
     """Generates up to max_new_tokens per prompt; returns completion ids (EOS excluded) per prompt.
 
     Prompts may differ in length. The prompt goes through the cache in chunks of `prefill_chunk`
     tokens (default: the sliding window, or the whole prompt without one). With a mesh, params and
     the batch are placed on it (batch over data x fsdp, padded to a multiple of that).
+    Sampling: prompt i draws with key fold_in(key(seed), row_ids[i]) (row_ids default 0, 1, ...), so
+    its completion depends only on (seed, row id, prompt, settings), not on the batch it shares.
+    eos_id -1 never stops; default cfg.eos_id.
     """
     prompts = [list(p) for p in prompts]
     if not prompts:
         raise ValueError("generate: no prompts given")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     for i, p in enumerate(prompts):
-        check_prompt(p, cfg, max_new_tokens, index=i)
+        try:
+            check_prompt(p, cfg, max_new_tokens)
+        except ValueError as e:
+            raise ValueError(f"generate: prompts[{i}]: {e}") from None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"generate: seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    rows = list(range(len(prompts))) if row_ids is None else [int(r) for r in row_ids]
+    if len(rows) != len(prompts) or not all(0 <= r <= MAX_ROW_ID for r in rows):
+        raise ValueError(f"generate: row_ids must be {len(prompts)} integers in [0, {MAX_ROW_ID}], got {row_ids!r}")
     sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
+    dtype = jnp.dtype(dtype)      # one canonical static value: jnp.float32 and np.dtype("float32") share a compile
     eos = cfg.eos_id if eos_id is None else eos_id
+    if isinstance(eos, bool) or not isinstance(eos, (int, np.integer)) or not -1 <= eos < cfg.vocab_size:
+        raise ValueError(f"generate: eos_id must be -1 (never stop) or an id in [0, {cfg.vocab_size}), got {eos!r}")
     n_real = len(prompts)
     if mesh is not None:
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        prompts += [[cfg.bos_id]] * (-len(prompts) % shards)
+        pad = -len(prompts) % shards
+        prompts += [[cfg.bos_id]] * pad
+        rows += [0] * pad
     lengths = np.array([len(p) for p in prompts], np.int32)
     total = int(lengths.max()) + max_new_tokens
     cache_len = kv_cache.cache_size(cfg, total)
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                      or prefill_chunk < 1):
+        raise ValueError(f"generate: prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
     chunk = prefill_chunk or (cfg.sliding_window or int(lengths.max()))
-    if chunk < 1:
-        raise ValueError(f"generate: prefill_chunk must be >= 1, got {prefill_chunk}")
     chunk = min(chunk, int(lengths.max()))
     L = -(-int(lengths.max()) // chunk) * chunk
     tokens = np.zeros((len(prompts), L), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
     tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
+    keys = row_keys(int(seed), jnp.asarray(np.array(rows, np.uint32)))
     if mesh is not None:
         params = jax.device_put(params, model_lib.param_shardings(cfg, mesh))
         tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, 2))
         lengths = jax.device_put(lengths, sharding.batch_sharding(mesh, 1))
-    out, cache = _generate(params, tokens, lengths, jax.random.key(seed), cfg=cfg, dtype=dtype, chunk=chunk,
-                           cache_len=cache_len, max_new=max_new_tokens, sampling=sampling, eos_id=eos)
+    out, cache = _generate(params, tokens, lengths, keys, cfg=cfg, dtype=dtype, chunk=chunk,
+                           cache_len=cache_len, max_new=max_new_tokens, sampling=sampling, eos_id=jnp.int32(eos))
     out = np.asarray(out)[:n_real]
     completions, stopped = [], []
     for row in out:
@@ -207,13 +260,13 @@ def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], ma
     return completions
 
 
-def check_prompt(prompt: Sequence[int], cfg: ModelConfig, max_new_tokens: int, index: int = 0) -> None:
-    """Raises ValueError naming the prompt when it is empty, too long or has out-of-vocab ids."""
+def check_prompt(prompt: Sequence[int], cfg: ModelConfig, max_new_tokens: int) -> None:
+    """Raises ValueError when a prompt is empty, too long or has out-of-vocab ids (the caller names it)."""
     if len(prompt) == 0:
-        raise ValueError(f"prompt {index}: empty prompt")
+        raise ValueError("empty prompt")
     if len(prompt) + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt {index}: {len(prompt)} tokens + max_new_tokens {max_new_tokens} exceeds the "
+        raise ValueError(f"{len(prompt)} prompt tokens + max_new_tokens {max_new_tokens} exceeds the "
                          f"model's max_seq_len {cfg.max_seq_len}")
     bad = [t for t in prompt if not 0 <= int(t) < cfg.vocab_size]
     if bad:
-        raise ValueError(f"prompt {index}: token id(s) {bad[:5]} outside the vocabulary [0, {cfg.vocab_size})")
+        raise ValueError(f"token id(s) {bad[:5]} outside the vocabulary [0, {cfg.vocab_size})")

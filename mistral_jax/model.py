@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from mistral_jax import cache as kv_cache
 from mistral_jax import sharding
-from mistral_jax.attention import attend, attention_mask
+from mistral_jax.attention import multihead_attention
 from mistral_jax.config import ModelConfig
 from mistral_jax.rope import apply_rope
 
@@ -70,6 +70,8 @@ class Attention(nn.Module):
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attn_impl: str = "dense"
+    attn_block: int = 512
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, seg_BT: jax.Array | None = None,
@@ -100,8 +102,8 @@ class Attention(nn.Module):
             kpos_BS = jnp.concatenate([cache["pos"], pos_BT.astype(jnp.int32)], axis=1)
             kseg_BS = None
             new_cache = kv_cache.write(cache, k_BTKH, v_BTKH, pos_BT)
-        mask_BTS = attention_mask(pos_BT, kpos_BS, c.sliding_window, seg_BT, kseg_BS)
-        out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+        out_BTNH = multihead_attention(q_BTNH, k_BSKH, v_BSKH, pos_BT, kpos_BS, c.sliding_window, seg_BT, kseg_BS,
+                                       impl=self.attn_impl, block=self.attn_block)
         return jnp.einsum("btnh,nhd->btd", out_BTNH, wo_NHD), new_cache
 
 
@@ -110,11 +112,14 @@ class Block(nn.Module):
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attn_impl: str = "dense"
+    attn_block: int = 512
 
     @nn.compact
     def __call__(self, h_BTD, pos_BT, seg_BT=None, cache=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        a_BTD, new_cache = Attention(self.cfg, name="attention", **kw)(
+        a_BTD, new_cache = Attention(self.cfg, name="attention", attn_impl=self.attn_impl,
+                                     attn_block=self.attn_block, **kw)(
             RMSNorm(self.cfg.norm_eps, name="attention_norm", **kw)(h_BTD), pos_BT, seg_BT, cache)
         h_BTD = h_BTD + a_BTD
         h_BTD = h_BTD + FeedForward(self.cfg, name="feed_forward", **kw)(
@@ -128,15 +133,19 @@ class Transformer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    attn_impl: str = "dense"   # "dense" (mask + full scores) or "blockwise" (key blocks by reach)
+    attn_block: int = 512      # query/key block size of the blockwise path
 
     @nn.compact
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
                  segment_ids_BT: jax.Array | None = None,
                  cache: list[kv_cache.LayerCache] | None = None,
                  logit_index_B: jax.Array | None = None,
+                 return_hidden: bool = False,
                  ) -> tuple[jax.Array, list[kv_cache.LayerCache] | None]:
         """Returns (logits_BTV, updated cache). With logit_index_B, only the logits at that index of
-        each row are computed: (B, 1, V)."""
+        each row are computed: (B, 1, V). With return_hidden, returns the final normed hidden states
+        (B, T, D) instead of logits (for a chunked loss against params['output'])."""
         c = self.cfg
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
@@ -149,7 +158,8 @@ class Transformer(nn.Module):
         block_cls = nn.remat(Block, prevent_cse=True) if self.remat else Block
         new_cache = [] if cache is not None else None
         for i in range(c.n_layers):
-            h_BTD, layer_cache = block_cls(c, name=f"layers_{i}", **kw)(
+            h_BTD, layer_cache = block_cls(c, name=f"layers_{i}", attn_impl=self.attn_impl,
+                                           attn_block=self.attn_block, **kw)(
                 h_BTD, positions_BT, segment_ids_BT, None if cache is None else cache[i])
             if cache is not None:
                 new_cache.append(layer_cache)
@@ -157,6 +167,8 @@ class Transformer(nn.Module):
             h_BTD = jnp.take_along_axis(h_BTD, logit_index_B[:, None, None].astype(jnp.int32), axis=1)
         h_BTD = RMSNorm(c.norm_eps, name="norm", **kw)(h_BTD)
         out_DV = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab")).astype(self.dtype)
+        if return_hidden:
+            return h_BTD, new_cache
         logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, out_DV, preferred_element_type=jnp.float32)
         return _constrain(logits_BTV, ("batch", "length", "act_vocab")), new_cache
 

@@ -1,11 +1,12 @@
-"""Pretraining run configuration: a TOML file of sections plus `--set section.key=value` overrides."""
+"""Training run configuration: pydantic models read from a TOML file of sections, plus `--set` overrides."""
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -16,194 +17,190 @@ from mistral_jax.config import ModelConfig
 
 
 class RunConfigError(ValueError):
-    """A run configuration is malformed; the message names the file, section and field."""
+    """A run configuration is malformed; the message names the file, section and field (one line per error)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSection:
+DtypeName = Literal["float32", "bfloat16", "float16"]
+StrTuple = Annotated[tuple[str, ...], Field(strict=False)]  # TOML arrays arrive as lists
+
+
+def _mesh_axis(v: int) -> int:
+    if v != -1 and v < 1:
+        raise ValueError("must be a positive integer or -1 (the remaining devices)")
+    return v
+
+
+MeshAxis = Annotated[int, AfterValidator(_mesh_axis)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ModelSection(_Section):
     """Which model: a preset plus field overrides, and the numerics."""
     preset: str = "tiny"
-    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # ModelConfig fields
-    dtype: str = "bfloat16"  # compute dtype
-    param_dtype: str = "float32"  # master params
+    overrides: dict[str, Any] = Field(default_factory=dict)  # ModelConfig fields
+    dtype: DtypeName = "bfloat16"  # compute dtype
+    param_dtype: DtypeName = "float32"  # master params
     remat: bool = False
 
 
-@dataclasses.dataclass(frozen=True)
-class DataSection:
+class DataSection(_Section):
     """Where text comes from and how rows are packed."""
-    source: str = "stdlib"  # "stdlib" (Python's own library sources) or "files"
-    paths: Sequence[str] = ()  # globs, for source = "files"
+    source: Literal["stdlib", "files"] = "stdlib"  # Python's own library sources, or the `paths` globs
+    paths: StrTuple = ()  # globs, for source = "files"
     pattern: str = "**/*.py"  # glob under the stdlib directory, for source = "stdlib"
-    exclude: Sequence[str] = ("site-packages", "test", "tests", "__pycache__")  # skip paths with these parts
-    max_bytes: int = 200_000  # skip larger files (0: no limit)
-    val_percent: float = 5.0  # share of files held out, by a hash of their path
-    seq_len: int = 256
-    batch_size: int = 8  # global rows per optimizer step (all micro-batches together)
-    seed: int = 0
-    shuffle_files: int = 64  # files tokenised and row-shuffled together (bounded memory)
+    # skip files with one of these names among their path parts below the corpus root
+    exclude: StrTuple = ("site-packages", "test", "tests", "__pycache__")
+    max_bytes: int = Field(200_000, ge=0)  # skip larger files (0: no limit)
+    val_percent: float = Field(5.0, ge=0, lt=100)  # share of files held out, by a hash of their path
+    seq_len: int = Field(256, ge=2)
+    batch_size: int = Field(8, ge=1)  # global rows per optimizer step (all micro-batches together)
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # a jax.random key seed
+    shuffle_files: int = Field(64, ge=1)  # files tokenised and row-shuffled together (bounded memory)
+    tokenizer: str = ""  # SentencePiece model file; "" = Mistral's own for the model vocab (v3 for 32768, else v1)
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimSection:
+class OptimSection(_Section):
     """AdamW with linear warmup and cosine decay; global-norm clipping; micro-batching."""
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    clip_norm: float = 1.0
-    grad_accum: int = 1
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    b1: float = Field(0.9, ge=0, lt=1)
+    b2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    clip_norm: float = Field(1.0, ge=0)  # 0: no clipping
+    grad_accum: int = Field(1, ge=1)
+    # length of the warmup + cosine schedule. 0: train.steps at a fresh start, the checkpoint's length on
+    # --resume (so more train.steps continue at the final lr); a value re-stretches on purpose.
+    schedule_steps: int = Field(0, ge=0)
 
 
-@dataclasses.dataclass(frozen=True)
-class MeshSection:
+class MeshSection(_Section):
     """Device mesh; one axis may be -1. devices = 0 uses all devices, n uses the first n."""
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
-    devices: int = 0
+    data: MeshAxis = 1
+    fsdp: MeshAxis = -1
+    tensor: MeshAxis = 1
+    devices: int = Field(0, ge=0)
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainSection:
-    steps: int = 100
-    seed: int = 0
-    log_every: int = 10
-    peak_flops: float = 0.0  # per-device-set FLOP/s for MFU; 0 measures a matmul once
-    nan_at_step: int = -1  # testing aid: poison the loss at this step (0-based) to exercise the NaN stop
+class TrainSection(_Section):
+    steps: int = Field(100, ge=1)
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # a jax.random key seed
+    log_every: int = Field(10, ge=1)
+    peak_flops: float = Field(0.0, ge=0)  # FLOP/s of the device set for MFU; 0: measure once per run
     progress: bool = True
 
 
-@dataclasses.dataclass(frozen=True)
-class CheckpointSection:
-    every: int = 50
-    keep: int = 3
+class CheckpointSection(_Section):
+    every: int = Field(50, ge=1)
+    keep: int = Field(3, ge=1)
     async_save: bool = True
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalSection:
-    batches: int = 8  # held-out batches for the final perplexity (0: skip)
+class EvalSection(_Section):
+    batches: int = Field(8, ge=0)  # held-out batches for the final perplexity (0: skip)
     sample_prompt: str = "def "
-    sample_tokens: int = 48  # 0: skip the sample
-    sample_temperature: float = 0.0  # 0: greedy
-    sample_top_k: int = 0
+    sample_tokens: int = Field(48, ge=0)  # 0: skip the sample
+    sample_temperature: float = Field(0.0, ge=0)  # 0: greedy
+    sample_top_k: int = Field(0, ge=0)
     export: bool = True  # write final params with mistral_jax.checkpoint.save_params
 
 
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    model: ModelSection = ModelSection()
-    data: DataSection = DataSection()
-    optim: OptimSection = OptimSection()
-    mesh: MeshSection = MeshSection()
-    train: TrainSection = TrainSection()
-    checkpoint: CheckpointSection = CheckpointSection()
-    eval: EvalSection = EvalSection()
+class RunConfig(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    mesh: MeshSection = Field(default_factory=MeshSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
 
-    def model_config(self) -> ModelConfig:
+    def model_cfg(self) -> ModelConfig:
         """The ModelConfig: preset with overrides applied."""
-        cfg = ModelConfig.preset(self.model.preset)
-        try:
-            return cfg.replace(**dict(self.model.overrides)) if self.model.overrides else cfg
-        except TypeError as e:
-            raise RunConfigError(f"[model.overrides]: {e}") from None
+        return _model_cfg(self.model, "config")
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["model"]["overrides"] = dict(self.model.overrides)
-        d["data"]["paths"] = list(self.data.paths)
-        d["data"]["exclude"] = list(self.data.exclude)
-        return d
+        """Plain JSON-able nested dicts (tuples as lists)."""
+        return self.model_dump(mode="json")
+
+    def replace(self, **sections: Mapping[str, Any]) -> "RunConfig":
+        """A validated copy with some section fields changed, e.g. `rc.replace(optim={'schedule_steps': 12})`."""
+        d = self.to_dict()
+        for name, fields in sections.items():
+            d[name].update(fields)
+        return from_dict(d, source="config")
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
-_SECTION_CLS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "mesh": MeshSection,
-                "train": TrainSection, "checkpoint": CheckpointSection, "eval": EvalSection}
+SECTIONS: dict[str, type[_Section]] = {name: f.annotation for name, f in RunConfig.model_fields.items()}
+
+# Fields that may differ between a checkpoint and the run that resumes from it. Everything else (the
+# model, the data and the optimizer's hyperparameters) would make the restored state or data position
+# meaningless. The mesh may change: orbax reshards the restored arrays to the new mesh.
+RESUMABLE_CHANGES = ("model.remat", "optim.grad_accum", "optim.schedule_steps", "mesh.*", "train.*",
+                     "checkpoint.*", "eval.*")
 
 
-def _section(name: str, d: Mapping[str, Any], source: str) -> Any:
-    cls = _SECTION_CLS[name]
-    if not isinstance(d, Mapping):
-        raise RunConfigError(f"{source}: [{name}] must be a table, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        raise RunConfigError(f"{source}: unknown field(s) {unknown} in [{name}]; known: {sorted(fields)}")
-    kw = {}
-    for key, value in d.items():
-        default = getattr(cls(), key)
-        kw[key] = _check_type(value, default, f"{source}: [{name}] field '{key}'")
-    return cls(**kw)
+def _model_cfg(model: ModelSection, source: str) -> ModelConfig:
+    try:
+        cfg = ModelConfig.preset(model.preset)
+        return cfg.replace(**model.overrides) if model.overrides else cfg
+    except TypeError as e:
+        raise RunConfigError(f"{source}: [model] field 'overrides': {e}") from None
+    except ValueError as e:
+        raise RunConfigError(f"{source}: [model]: {e}") from None
 
 
-def _check_type(value: Any, default: Any, where: str) -> Any:
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise RunConfigError(f"{where} must be true/false, got {value!r}")
-    elif isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RunConfigError(f"{where} must be an integer, got {value!r}")
-    elif isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RunConfigError(f"{where} must be a number, got {value!r}")
-        value = float(value)
-    elif isinstance(default, str):
-        if not isinstance(value, str):
-            raise RunConfigError(f"{where} must be a string, got {value!r}")
-    elif isinstance(default, (tuple, list)):
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise RunConfigError(f"{where} must be a list of strings, got {value!r}")
-        value = tuple(value)
-    elif isinstance(default, Mapping):
-        if not isinstance(value, Mapping):
-            raise RunConfigError(f"{where} must be a table, got {value!r}")
-        value = dict(value)
-    return value
+def _format_errors(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = [str(x) for x in err["loc"]]
+        msg = err["msg"].removeprefix("Value error, ")
+        if len(loc) == 1:
+            if err["type"] == "extra_forbidden":
+                lines.append(f"{source}: unknown section [{loc[0]}]; known: {sorted(SECTIONS)}")
+            else:
+                lines.append(f"{source}: [{loc[0]}] must be a table of fields, got {err['input']!r}")
+            continue
+        where = f"{source}: [{loc[0]}] field '{'.'.join(loc[1:])}'"
+        if err["type"] == "extra_forbidden":
+            known = sorted(SECTIONS[loc[0]].model_fields)
+            lines.append(f"{where}: unknown field; known: {known}")
+        else:
+            lines.append(f"{where}: {msg} (got {err['input']!r})")
+    return "\n".join(lines)
+
+
+def _cross_check(rc: RunConfig, source: str) -> None:
+    """Constraints between fields; raises RunConfigError naming the fields."""
+    errors = []
+    d, o, m = rc.data, rc.optim, rc.mesh
+    if d.source == "files" and not d.paths:
+        errors.append(f"{source}: [data] field 'paths': must list files/globs when data.source = 'files'")
+    if d.batch_size % o.grad_accum:
+        errors.append(f"{source}: [optim] field 'grad_accum': {o.grad_accum} must divide "
+                      f"data.batch_size={d.batch_size}")
+    if [m.data, m.fsdp, m.tensor].count(-1) > 1:
+        errors.append(f"{source}: [mesh]: at most one of data, fsdp, tensor may be -1, got data={m.data} "
+                      f"fsdp={m.fsdp} tensor={m.tensor}")
+    cfg = _model_cfg(rc.model, source)
+    if cfg.max_seq_len < d.seq_len:
+        errors.append(f"{source}: [model] max_seq_len={cfg.max_seq_len} is below data.seq_len={d.seq_len}; "
+                      "lower data.seq_len or raise model.overrides.max_seq_len")
+    if errors:
+        raise RunConfigError("\n".join(errors))
 
 
 def from_dict(d: Mapping[str, Any], source: str = "config") -> RunConfig:
     """Builds and validates a RunConfig from nested dicts (TOML tables)."""
-    unknown = sorted(set(d) - set(_SECTIONS))
-    if unknown:
-        raise RunConfigError(f"{source}: unknown section(s) {unknown}; known: {sorted(_SECTIONS)}")
-    cfg = RunConfig(**{k: _section(k, v, source) for k, v in d.items()})
-    _validate(cfg, source)
-    return cfg
-
-
-def _validate(cfg: RunConfig, source: str) -> None:
-    def need(ok: bool, field: str, msg: str) -> None:
-        if not ok:
-            raise RunConfigError(f"{source}: field '{field}' {msg}")
-
-    need(cfg.data.source in ("stdlib", "files"), "data.source", f"must be 'stdlib' or 'files', got {cfg.data.source!r}")
-    need(cfg.data.source != "files" or bool(cfg.data.paths), "data.paths", "must list files/globs when data.source = 'files'")
-    need(cfg.data.seq_len >= 2, "data.seq_len", f"must be >= 2, got {cfg.data.seq_len}")
-    need(cfg.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {cfg.data.batch_size}")
-    need(cfg.data.shuffle_files >= 1, "data.shuffle_files", f"must be >= 1, got {cfg.data.shuffle_files}")
-    need(0 <= cfg.data.val_percent < 100, "data.val_percent", f"must be in [0, 100), got {cfg.data.val_percent}")
-    need(cfg.optim.grad_accum >= 1, "optim.grad_accum", f"must be >= 1, got {cfg.optim.grad_accum}")
-    need(cfg.data.batch_size % cfg.optim.grad_accum == 0, "optim.grad_accum",
-         f"={cfg.optim.grad_accum} must divide data.batch_size={cfg.data.batch_size}")
-    need(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr}")
-    need(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {cfg.optim.min_lr_ratio}")
-    need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {cfg.optim.warmup_steps}")
-    need(cfg.train.steps >= 1, "train.steps", f"must be >= 1, got {cfg.train.steps}")
-    need(cfg.train.log_every >= 1, "train.log_every", f"must be >= 1, got {cfg.train.log_every}")
-    need(cfg.checkpoint.every >= 1, "checkpoint.every", f"must be >= 1, got {cfg.checkpoint.every}")
-    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
-    for name in ("dtype", "param_dtype"):
-        value = getattr(cfg.model, name)
-        need(value in ("float32", "bfloat16", "float16"), f"model.{name}",
-             f"must be float32, bfloat16 or float16, got {value!r}")
     try:
-        cfg.model_config()
-    except ValueError as e:
-        raise RunConfigError(f"{source}: [model]: {e}") from None
+        rc = RunConfig.model_validate(d)
+    except ValidationError as e:
+        raise RunConfigError(_format_errors(e, source)) from None
+    _cross_check(rc, source)
+    return rc
 
 
 def load(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
@@ -213,7 +210,7 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
         raise RunConfigError(f"run config not found: {path}")
     try:
         d = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RunConfigError(f"{path}: invalid TOML ({e})") from None
     for item in overrides:
         apply_override(d, item)
@@ -232,17 +229,43 @@ def apply_override(d: dict[str, Any], item: str) -> None:
         value = raw  # a bare string such as a path or a dtype name
     parts = key.split(".")
     if len(parts) == 1:
-        owners = [s for s, cls in _SECTION_CLS.items() if parts[0] in {f.name for f in dataclasses.fields(cls)}]
+        owners = [s for s, cls in SECTIONS.items() if parts[0] in cls.model_fields]
         if len(owners) != 1:
             raise RunConfigError(f"--set {item!r}: key '{key}' is "
                                  + ("unknown" if not owners else f"ambiguous (in sections {owners})")
                                  + "; write it as section.key")
         parts = [owners[0], parts[0]]
-    if parts[0] not in _SECTIONS:
-        raise RunConfigError(f"--set {item!r}: unknown section '{parts[0]}'; known: {sorted(_SECTIONS)}")
+    if parts[0] not in SECTIONS:
+        raise RunConfigError(f"--set {item!r}: unknown section '{parts[0]}'; known: {sorted(SECTIONS)}")
     node = d
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise RunConfigError(f"--set {item!r}: '{p}' is not a table")
     node[parts[-1]] = value
+
+
+def _resumable(section: str, field: str) -> bool:
+    return f"{section}.{field}" in RESUMABLE_CHANGES or f"{section}.*" in RESUMABLE_CHANGES
+
+
+def resume_changes(saved_run: Mapping[str, Any], saved_model: Mapping[str, Any], rc: RunConfig) -> list[str]:
+    """'section.field old -> new' for each field that differs from the checkpoint's and may not change on
+    resume. `saved_model` is the checkpoint's resolved ModelConfig dict (preset + overrides), compared
+    field by field; fields a checkpoint does not record (written by an older version) are not compared."""
+    out = []
+    now_model = rc.model_cfg().to_dict()
+    for k, v in now_model.items():
+        if k in saved_model and saved_model[k] != v:
+            out.append(f"model.{k} {saved_model[k]!r} -> {v!r}")
+    now = rc.to_dict()
+    for section, fields in now.items():
+        saved = saved_run.get(section)
+        if not isinstance(saved, Mapping):
+            continue
+        for k, v in fields.items():
+            if section == "model" and k in ("preset", "overrides"):
+                continue  # compared above as the resolved model config
+            if k in saved and saved[k] != v and not _resumable(section, k):
+                out.append(f"{section}.{k} {saved[k]!r} -> {v!r}")
+    return out

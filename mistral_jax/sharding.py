@@ -7,8 +7,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -34,20 +33,24 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices."""
+    """A (data, fsdp, tensor) mesh over `devices` (default: all); one axis may be -1 to take the rest.
+
+    Device order comes from `jax.make_mesh` (topology-aware on TPU); axes are Auto, so placement follows
+    NamedShardings and the logical rules.
+    """
     devices = list(devices if devices is not None else jax.devices())
     shape = [data, fsdp, tensor]
     if shape.count(-1) > 1:
         raise ValueError(f"make_mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
     if -1 in shape:
         known = math.prod(s for s in shape if s != -1)
-        if len(devices) % known:
+        if known < 1 or len(devices) % known:
             raise ValueError(f"make_mesh: {len(devices)} devices not divisible by data*fsdp*tensor={known}")
         shape[shape.index(-1)] = len(devices) // known
     if any(s < 1 for s in shape) or math.prod(shape) != len(devices):
         raise ValueError(f"make_mesh: mesh shape data={shape[0]} fsdp={shape[1]} tensor={shape[2]} "
                          f"needs {math.prod(shape)} devices, have {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def logical_shardings(logical_specs: Any, mesh: Mesh, shapes: Any | None = None) -> Any:

@@ -1,40 +1,77 @@
-"""SentencePiece tokenizer (default: Mistral's v1 model shipped in `mistral-common`) and v1 chat encoding."""
+"""SentencePiece tokenizer (default: Mistral's v1 or v3 model shipped in `mistral-common`) and chat encoding.
+
+Chat prompts are encoded by mistral-common's instruct tokenizers (v1: `[INST]` is plain text; v3:
+`[INST]`/`[/INST]` are control tokens 3 and 4), chosen from the tokenizer file.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import sentencepiece as spm
 
+# Model vocab size -> mistral-common package data file of the matching tokenizer.
+DEFAULT_FILES = {32000: "tokenizer.model.v1", 32768: "mistral_instruct_tokenizer_240323.model.v3"}
+CHAT_ROLES = ("system", "user", "assistant")
 
-def default_tokenizer_path() -> Path:
-    """Path of `tokenizer.model.v1`, shipped as package data of mistral-common."""
+
+class TokenizerError(ValueError):
+    """A tokenizer file is missing, unreadable, or does not fit the model; the message names it."""
+
+
+def _mistral_common_data() -> Path:
     try:
         import mistral_common
     except ImportError as e:
-        raise FileNotFoundError("the default tokenizer ships with the 'mistral-common' package; "
-                                "pip install mistral-common, or pass a tokenizer path") from e
-    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+        raise TokenizerError("the default tokenizers ship with the 'mistral-common' package; "
+                             "pip install mistral-common, or pass a tokenizer path") from e
+    return Path(mistral_common.__file__).parent / "data"
+
+
+def default_tokenizer_path(vocab_size: int = 32000) -> Path:
+    """Path of the Mistral tokenizer with `vocab_size` pieces (v1: 32000, v3: 32768) in mistral-common's data."""
+    if vocab_size not in DEFAULT_FILES:
+        raise TokenizerError(f"no default tokenizer for a model vocab of {vocab_size} (known: "
+                             f"{', '.join(f'{n} -> {f}' for n, f in DEFAULT_FILES.items())}); pass a tokenizer path")
+    path = _mistral_common_data() / DEFAULT_FILES[vocab_size]
     if not path.is_file():
-        raise FileNotFoundError(f"mistral-common is installed but has no {path}")
+        raise TokenizerError(f"mistral-common is installed but has no {path}")
     return path
 
 
 class Tokenizer:
-    """Thin wrapper over a SentencePiece model: encode/decode and Mistral v1 instruct chat encoding."""
+    """Thin wrapper over a SentencePiece model: encode/decode and Mistral instruct chat encoding."""
 
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path is not None else default_tokenizer_path()
         if not self.path.is_file():
-            raise FileNotFoundError(f"tokenizer model not found: {self.path}")
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+            raise TokenizerError(f"tokenizer model not found: {self.path}")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TokenizerError(f"tokenizer {self.path}: not a readable SentencePiece model ({first})") from None
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
         self.vocab_size = self.sp.get_piece_size()
+        self._chat: Any = None
+
+    @classmethod
+    def for_vocab(cls, vocab_size: int) -> "Tokenizer":
+        """The Mistral tokenizer whose piece count equals a model's vocab (32000 -> v1, 32768 -> v3)."""
+        return cls(default_tokenizer_path(vocab_size))
+
+    def check_model_vocab(self, vocab_size: int) -> None:
+        """Raises TokenizerError unless the tokenizer has exactly `vocab_size` pieces (the model's vocab)."""
+        if self.vocab_size != vocab_size:
+            raise TokenizerError(f"tokenizer {self.path} has {self.vocab_size} pieces but the model's vocab_size is "
+                                 f"{vocab_size}; they must be equal")
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of `text`, optionally with BOS / EOS. Raises ValueError for text that is not valid Unicode."""
+        _check_text(text, "text")
         ids = self.sp.encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
@@ -44,33 +81,78 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
-    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Mistral v1 instruct encoding of a dialogue, token-for-token as mistral-common's v1 tokenizer.
+    def chat_tokenizer(self) -> Any:
+        """mistral-common's MistralTokenizer for this file (v1/v3 by name); TokenizerError if it has none."""
+        if self._chat is None:
+            from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+            try:
+                mt = MistralTokenizer.from_file(str(self.path))
+            except Exception as e:  # noqa: BLE001 - mistral-common raises several types for unknown files
+                raise TokenizerError(f"tokenizer {self.path}: chat encoding needs a Mistral instruct tokenizer file "
+                                     f"(e.g. tokenizer.model.v1 or *.model.v3); mistral-common could not load it "
+                                     f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            n = mt.instruct_tokenizer.tokenizer.n_words
+            if n != self.vocab_size:
+                raise TokenizerError(f"tokenizer {self.path}: mistral-common reads {n} pieces, SentencePiece "
+                                     f"{self.vocab_size}")
+            # mistral-common takes the version from the file name (v1 when it has none): check it fits the pieces
+            version = getattr(mt.instruct_tokenizer.tokenizer.version, "value", "?")
+            control = self.vocab_size > 4 and self.sp.id_to_piece(3) == "[INST]" and self.sp.is_control(3)
+            if (version == "v1") == control:
+                raise TokenizerError(f"tokenizer {self.path}: mistral-common reads it as {version} but [INST] is "
+                                     f"{'a control token' if control else 'plain text'} in it; name the file "
+                                     f"*.model.v3 (control tokens) or *.model.v1 (plain text)")
+            self._chat = mt
+        return self._chat
 
-        messages: dicts with 'role' in {'system', 'user', 'assistant'} and 'content'. A system message
-        (at most one, first) is prefixed to the first user message with a blank line. Turns must
-        alternate user/assistant; every finished assistant turn is closed with EOS. If the dialogue
-        ends with a user turn the result is a prompt for the next assistant answer.
+    def encode_chat(self, messages: Any) -> list[int]:
+        """Prompt ids for the next assistant answer of a dialogue, as mistral-common encodes it.
+
+        messages: a list of {'role': 'system'|'user'|'assistant', 'content': str}; after optional system
+        messages it must start with a user turn, and it must end with one. Raises ValueError with a one-line
+        reason otherwise.
         """
-        msgs = list(messages)
-        system = None
-        if msgs and msgs[0].get("role") == "system":
-            system = msgs.pop(0)["content"]
-        ids = [self.bos_id]
-        first_user = True
-        for i, m in enumerate(msgs):
+        from mistral_common.exceptions import MistralCommonException
+        from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        if not isinstance(messages, list):
+            raise ValueError(f"'messages' must be a list of {{'role', 'content'}} objects, got "
+                             f"{type(messages).__name__}")
+        if not messages:
+            raise ValueError("'messages' is empty; a dialogue must end with a user message")
+        cls = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+        msgs = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise ValueError(f"messages[{i}]: expected an object with 'role' and 'content', got "
+                                 f"{type(m).__name__}")
             role, content = m.get("role"), m.get("content")
+            if role not in CHAT_ROLES:
+                raise ValueError(f"messages[{i}]: 'role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
             if not isinstance(content, str):
-                raise ValueError(f"chat message {i}: 'content' must be a string, got {content!r}")
-            expected = "user" if i % 2 == 0 else "assistant"
-            if role != expected:
-                raise ValueError(f"chat message {i}: role {role!r} where {expected!r} was expected "
-                                 "(turns alternate user/assistant after an optional first system message)")
-            if role == "user":
-                if first_user and system:
-                    content = system + "\n\n" + content
-                first_user = False
-                ids += self.sp.encode(f"[INST] {content} [/INST]")
-            else:
-                ids += self.sp.encode(content) + [self.eos_id]
-        return ids
+                raise ValueError(f"messages[{i}]: 'content' must be a string, got {type(content).__name__}")
+            _check_text(content, f"messages[{i}].content")
+            msgs.append(cls[role](content=content))
+        first = next((m for m in msgs if m.role != "system"), None)
+        if first is None or first.role != "user":
+            raise ValueError("a dialogue must have a user message first (after an optional system message)")
+        if msgs[-1].role != "user":
+            raise ValueError(f"the last message is {msgs[-1].role!r}; a dialogue must end with a user message")
+        try:
+            return list(self.chat_tokenizer().encode_chat_completion(ChatCompletionRequest(messages=msgs)).tokens)
+        except (MistralCommonException, ValueError) as e:
+            if isinstance(e, TokenizerError):
+                raise
+            raise ValueError(f"invalid dialogue: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _check_text(text: Any, what: str) -> None:
+    """Raises ValueError naming `what` if text is not a str or holds a lone surrogate (not encodable as UTF-8)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} holds a lone surrogate {text[e.start]!r} at character {e.start}; "
+                         "not valid Unicode text") from None

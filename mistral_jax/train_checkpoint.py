@@ -35,13 +35,24 @@ class TrainCheckpointer:
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta)), force=True)
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-        """(state placed as `abstract_state`'s shardings, data state, metadata) of `step` (default: latest)."""
+    def _check_step(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint to resume from in {self.directory}")
         if step not in self.all_steps():
             raise FileNotFoundError(f"checkpoint step {step} not in {self.directory}; have {self.all_steps()}")
+        return step
+
+    def read_meta(self, step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(data state, metadata) of `step` (default: latest), without reading the train state."""
+        step = self._check_step(step)
+        out = self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore(),
+                                                                  meta=ocp.args.JsonRestore()))
+        return dict(out["data"]), dict(out["meta"])
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """(state placed as `abstract_state`'s shardings, data state, metadata) of `step` (default: latest)."""
+        step = self._check_step(step)
         out = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
@@ -52,5 +63,12 @@ class TrainCheckpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for pending saves and for the start-up clean-up of unfinished (tmp) checkpoint folders."""
         self._manager.wait_until_finished()
+        # orbax awaits that clean-up only before a save; a run that stops before saving would otherwise
+        # exit under the clean-up thread, which then prints a traceback ('cannot schedule new futures
+        # after shutdown'). No public method awaits it in orbax-checkpoint 0.12.
+        await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
         self._manager.close()

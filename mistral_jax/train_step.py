@@ -23,6 +23,8 @@ from mistral_jax.config import ModelConfig
 TrainState = dict[str, Any]  # {'step': int32 scalar, 'params': tree, 'opt_state': optax state}
 Batch = dict[str, jax.Array]
 BATCH_KEYS = ("tokens", "positions", "segment_ids")
+# (params, tokens_BT, positions_BT, segment_ids_BT, *, cfg, dtype, remat) -> (summed NLL, token count)
+LossFn = Callable[..., tuple[jax.Array, jax.Array]]
 
 
 def loss_mask(segment_ids_BT: jax.Array) -> jax.Array:
@@ -116,17 +118,17 @@ def check_batch_shape(mesh: Mesh, grad_accum: int, batch_size: int) -> None:
 
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     mesh: Mesh, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                    remat: bool = False, nan_at_step: int = -1
+                    remat: bool = False, loss_fn: LossFn | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns jit(step)(state, batch) -> (state, metrics), state donated, explicit in/out shardings.
 
     Gradients of the summed token loss are accumulated over the A micro-batches and divided by the
     total token count, so A micro-batches equal one step on the A-times batch. A non-finite loss or
-    gradient norm leaves the state unchanged and reports finite=False. `nan_at_step` >= 0 poisons the
-    loss at that step (a testing aid).
+    gradient norm leaves the state unchanged and reports finite=False. `loss_fn` (default
+    `summed_loss`) has summed_loss's signature and returns (summed NLL, token count).
     """
-    loss_grad = jax.value_and_grad(
-        functools.partial(summed_loss, cfg=cfg, dtype=dtype, remat=remat), has_aux=True)
+    loss_fn = summed_loss if loss_fn is None else loss_fn
+    loss_grad = jax.value_and_grad(functools.partial(loss_fn, cfg=cfg, dtype=dtype, remat=remat), has_aux=True)
 
     def micro(params, mb: Batch):
         (loss_sum, count), grads = loss_grad(params, mb["tokens"], mb["positions"], mb["segment_ids"])
@@ -147,8 +149,6 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, s
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
         loss = loss_sum / denom
-        if nan_at_step >= 0:
-            loss = jnp.where(state["step"] == nan_at_step, jnp.nan, loss)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = optimizer.update(grads, state["opt_state"], params)

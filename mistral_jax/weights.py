@@ -122,10 +122,14 @@ def check_keys(keys: set[str], specs: list[TensorSpec], source: str = "checkpoin
                           "does the config match the checkpoint?")
 
 
-def check_shape(spec: TensorSpec, shape: tuple[int, ...], source: str = "checkpoint") -> None:
-    if tuple(shape) != spec.shape:
-        raise WeightError(f"{source}: tensor '{spec.key}' has shape {tuple(shape)}, the config expects "
-                          f"{spec.shape}")
+def check_shape(source: str, name: str, got: tuple[int, ...], want: tuple[int, ...],
+                what: str = "tensor") -> None:
+    """Raises WeightError naming `name` in `source` when shape `got` differs from the config's `want`.
+
+    The one shape check for foreign tensors, native params and exports alike.
+    """
+    if tuple(got) != tuple(want):
+        raise WeightError(f"{source}: {what} '{name}' has shape {tuple(got)}, the config expects {tuple(want)}")
 
 
 def set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
@@ -148,7 +152,7 @@ def state_dict_to_params(state: Mapping[str, Any], cfg: ModelConfig, layout: str
     params: dict = {}
     for spec in specs:
         w = np.asarray(state[spec.key])
-        check_shape(spec, w.shape, source)
+        check_shape(source, spec.key, w.shape, spec.shape)
         set_path(params, spec.path, np.ascontiguousarray(spec.to_ours(w.astype(dtype, copy=False))))
     return params
 

@@ -22,3 +22,17 @@ def hf_gqa(tmp_path_factory):
 def hf_mha(tmp_path_factory):
     """Random HF MistralForCausalLM, 4 query / 4 kv heads, window 16."""
     return hf_ref.make_hf_model(tmp_path_factory.mktemp("hf_mha"), n_heads=4, n_kv_heads=4, window=16, seed=1)
+
+
+@pytest.fixture(scope="session")
+def hf_v02(tmp_path_factory):
+    """Random HF MistralForCausalLM shaped like v0.2: no sliding window, rope theta 1e6 (vocab kept tiny)."""
+    return hf_ref.make_hf_model(tmp_path_factory.mktemp("hf_v02"), n_heads=8, n_kv_heads=2, window=None,
+                                theta=1e6, seed=2)
+
+
+@pytest.fixture(scope="session")
+def hf_v03(tmp_path_factory):
+    """Random HF MistralForCausalLM shaped like v0.3: vocab 32768, no sliding window, rope theta 1e6."""
+    return hf_ref.make_hf_model(tmp_path_factory.mktemp("hf_v03"), n_heads=8, n_kv_heads=2, window=None,
+                                theta=1e6, vocab=32768, seed=3)

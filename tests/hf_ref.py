@@ -19,7 +19,8 @@ class HFRef:
             return self.model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {k: v.detach().float().numpy() for k, v in self.model.state_dict().items()}
+        """Float32 copies (never views of the live model's weights, which session fixtures share)."""
+        return {k: v.detach().float().numpy().copy() for k, v in self.model.state_dict().items()}
 
 
 def make_hf_model(path: Path, n_heads: int = 8, n_kv_heads: int = 2, window: int | None = 16,

@@ -2,6 +2,7 @@
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,14 +47,14 @@ def _take(stream, n):
     return [next(stream) for _ in range(n)]
 
 
-def test_stream_resumes_exactly_across_windows_and_epochs(corpus, tokenizer):
+def test_stream_resumes_exactly_across_groups_and_epochs(corpus, tokenizer):
     make = lambda seed=0: data.PackedStream(corpus, tokenizer, seq_len=16, batch_size=3, seed=seed,
                                             shuffle_files=4)
     reference = _take(make(), 24)
     first = make()
     _take(first, 5)
     state = json.loads(json.dumps(first.state()))  # the state is a small JSON-able dict
-    assert set(state) == {"epoch", "window", "row", "seed"}
+    assert set(state) == {"epoch", "group", "row", "seed"}
     resumed = make()
     resumed.restore(state)
     later = _take(resumed, 19)
@@ -65,6 +66,10 @@ def test_stream_resumes_exactly_across_windows_and_epochs(corpus, tokenizer):
     assert any(not np.array_equal(a["tokens"], b["tokens"]) for a, b in zip(reference, other_seed))
     with pytest.raises(ValueError, match="seed"):
         make(seed=1).restore(state)
+    # a state written before 'window' was renamed 'group' resumes the same way
+    legacy = make()
+    legacy.restore({"epoch": state["epoch"], "window": state["group"], "row": state["row"], "seed": 0})
+    np.testing.assert_array_equal(next(legacy)["tokens"], reference[5]["tokens"])
 
 
 def test_epoch_covers_every_token_once(corpus, tokenizer):
@@ -110,8 +115,36 @@ def test_split_is_stable_and_disjoint(corpus):
 
 
 def test_stdlib_source_lists_python_files():
-    files = data.list_files(DataSection(source="stdlib", pattern="json/*.py"))
-    names = {f.name for f in files}
+    corpus = data.list_files(DataSection(source="stdlib", pattern="json/*.py"))
+    names = {f.name for f in corpus.files}
     assert {"decoder.py", "encoder.py", "__init__.py"} <= names
-    with pytest.raises(FileNotFoundError, match="no files"):
+    with pytest.raises(data.DataError, match="no files"):
         data.list_files(DataSection(source="files", paths=("/nonexistent/*.txt",)))
+
+
+def test_exclude_is_relative_to_the_corpus_root_and_skips_are_counted(tmp_path):
+    root = tmp_path / "tests" / "corpus"  # the corpus itself lives under a folder named 'tests'
+    (root / "test").mkdir(parents=True)
+    (root / "sub").mkdir()
+    (root / "a.txt").write_text("small")
+    (root / "sub" / "b.txt").write_text("small too")
+    (root / "big.txt").write_text("x" * 101)
+    (root / "test" / "c.txt").write_text("excluded: 'test' below the root")
+    d = DataSection(source="files", paths=(f"{root}/**/*.txt",), max_bytes=100)
+    corpus = data.list_files(d)
+    assert [f.name for f in corpus.files] == ["a.txt", "b.txt"]
+    assert (corpus.n_large, corpus.n_excluded) == (1, 1)
+    line = corpus.describe(d.max_bytes)
+    assert line.startswith("data: 2 files") and "1 skipped: larger than data.max_bytes=100" in line
+    assert "1 excluded by data.exclude" in line
+    # a glob without wildcards: its own directory is the root
+    assert data.list_files(DataSection(source="files", paths=(str(root / "a.txt"),))).files == [root / "a.txt"]
+    assert data.glob_base("x/y/**/*.py") == Path("x/y") and data.glob_base("*.py") == Path(".")
+
+
+def test_corpus_without_text_is_a_data_error(tmp_path, tokenizer):
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text(" \n")
+    stream = data.PackedStream(sorted(tmp_path.glob("*.txt")), tokenizer, seq_len=8, batch_size=2, shuffle_files=2)
+    with pytest.raises(data.DataError, match="none of the 3 files has any text"):
+        next(stream)

@@ -93,28 +93,49 @@ def test_cache_memory_flat_in_generated_length(ref):
     assert kv_cache.cache_size(no_window, 32 * W) == 32 * W and kv_cache.cache_size(cfg, 32 * W) == W
 
 
-def test_eos_stops_a_row_and_sampling_settings(ref):
+def test_rows_stop_on_eos_at_different_steps_like_hf_generate(ref):
+    import torch
+    r, cfg, params = ref
+    rs = np.random.RandomState(5)      # the prompts and length of test_batch_of_different_lengths: one compile
+    prompts = [rs.randint(3, cfg.vocab_size, n).tolist() for n in (3, 2 * W + 1, W)]
+    n = 2 * W
+    greedy = decode.generate(params, cfg, prompts, n, eos_id=-1)
+
+    def first(row, t):
+        return row.index(t) if t in row else None
+    # An eos id that rows 0 and 1 produce first at different steps and row 2 never does.
+    eos = next((t for t in greedy[0] if first(greedy[1], t) not in (None, first(greedy[0], t))
+                and t not in greedy[2]), None)
+    assert eos is not None, f"no suitable eos id in the greedy outputs {greedy}"
+    out = decode.generate(params, cfg, prompts, n, eos_id=eos, return_info=True)
+    for p, g, toks, stopped in zip(prompts, greedy, out.tokens, out.stopped_on_eos):
+        with torch.no_grad():
+            hf = r.model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=eos,
+                                  pad_token_id=0)[0, len(p):].tolist()
+        hf_stopped = eos in hf
+        assert stopped == hf_stopped
+        assert toks == (hf[:hf.index(eos)] if hf_stopped else hf)
+        assert toks == (g[:first(g, eos)] if hf_stopped else g)
+    assert out.stopped_on_eos == [True, True, False]
+    assert len(out.tokens[0]) != len(out.tokens[1]) and len(out.tokens[2]) == n
+
+
+def test_sampling_is_reproducible_and_per_row(ref):
     _, cfg, params = ref
-    prompts = [[1, 7, 9, 11], [1, 30]]
-    greedy = decode.generate(params, cfg, prompts, 12, eos_id=-1)
-    eos = greedy[0][4]
-    stopped = decode.generate(params, cfg, prompts, 12, eos_id=eos, return_info=True)
-    assert stopped.tokens[0] == greedy[0][:greedy[0].index(eos)] and stopped.stopped_on_eos[0]
-    # top_k=1 and a tiny top_p are greedy whatever the temperature; the seed makes sampling reproducible
-    assert decode.generate(params, cfg, prompts, 12, eos_id=-1, temperature=1.5, top_k=1, seed=3) == greedy
-    assert decode.generate(params, cfg, prompts, 12, eos_id=-1, temperature=1.5, top_p=1e-6, seed=3) == greedy
-    a = decode.generate(params, cfg, prompts, 12, eos_id=-1, temperature=1.0, top_k=50, top_p=0.9, seed=7)
-    b = decode.generate(params, cfg, prompts, 12, eos_id=-1, temperature=1.0, top_k=50, top_p=0.9, seed=7)
-    c = decode.generate(params, cfg, prompts, 12, eos_id=-1, temperature=1.0, top_k=50, top_p=0.9, seed=8)
-    assert a == b and a != c
-
-
-def test_top_k_top_p_filtering():
-    logits = jnp.broadcast_to(jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05])), (2000, 4))  # 2000 independent rows
-    draw = lambda s: np.asarray(decode.sample(logits, jax.random.key(0), s))  # noqa: E731
-    assert set(draw(decode.SamplingConfig(1.0, top_k=2))) == {0, 1}
-    assert set(draw(decode.SamplingConfig(1.0, top_p=0.7))) == {0, 1}    # 0.5 + 0.3 covers 0.7
-    assert set(draw(decode.SamplingConfig(1.0, top_p=0.85))) == {0, 1, 2}
+    prompts = [[1, 7, 9, 11], [1, 30]]       # (the filters themselves: tests/test_sampling.py)
+    kw = dict(eos_id=-1, temperature=1.0, top_k=50, top_p=0.9)
+    a = decode.generate(params, cfg, prompts, 12, seed=7, **kw)
+    assert a == decode.generate(params, cfg, prompts, 12, seed=7, **kw)
+    assert a != decode.generate(params, cfg, prompts, 12, seed=8, **kw)
+    # A row's sample depends on (seed, row id), not on its position in the batch or its neighbours
+    # (same batch shape as above: no new compilation).
+    assert decode.generate(params, cfg, prompts[::-1], 12, seed=7, row_ids=[1, 0], **kw) == a[::-1]
+    same = decode.generate(params, cfg, [prompts[0]] * 2, 12, seed=7, row_ids=[5, 0], **kw)
+    assert same[1] == a[0] and same[0] != a[0]
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        decode.generate(params, cfg, prompts, 4, seed=2**32)
+    with pytest.raises(ValueError, match="row_ids must be 2 integers"):
+        decode.generate(params, cfg, prompts, 4, row_ids=[0])
 
 
 def test_sharded_decode_equals_single_device(ref):
@@ -127,20 +148,35 @@ def test_sharded_decode_equals_single_device(ref):
 
 def test_bad_prompts_raise_named_errors(ref):
     _, cfg, params = ref
-    with pytest.raises(ValueError, match="prompt 1: empty prompt"):
+    with pytest.raises(ValueError, match=r"^generate: prompts\[1\]: empty prompt$"):
         decode.generate(params, cfg, [[1, 2], []], 4)
-    with pytest.raises(ValueError, match="prompt 0: .*exceeds the model's max_seq_len"):
+    with pytest.raises(ValueError, match=r"^generate: prompts\[0\]: .*exceeds the model's max_seq_len"):
         decode.generate(params, cfg, [[1] * 10], cfg.max_seq_len)
     with pytest.raises(ValueError, match=r"token id\(s\) \[500\]"):
         decode.generate(params, cfg, [[1, 500]], 4)
     with pytest.raises(ValueError, match="max_new_tokens"):
         decode.generate(params, cfg, [[1, 2]], 0)
+    with pytest.raises(ValueError, match=f"eos_id must be -1 .* got {cfg.vocab_size}"):
+        decode.generate(params, cfg, [[1, 2]], 4, eos_id=cfg.vocab_size)
+    with pytest.raises(ValueError, match="prefill_chunk must be an integer >= 1, got -5"):
+        decode.generate(params, cfg, [[1, 2]], 4, prefill_chunk=-5)
+
+
+def test_forward_cached_refuses_a_cache_smaller_than_the_window(ref, seq, full_logits):
+    _, cfg, params = ref
+    with pytest.raises(ValueError, match=f"cache_len {W - 1} is smaller than the {W} slots .* window {W}"):
+        decode.forward_cached(params, seq, cfg=cfg, chunk=3, cache_len=W - 1)
+    no_window = cfg.replace(sliding_window=None)
+    with pytest.raises(ValueError, match="cache_len 10 is smaller than the 12 slots required for 12 tokens"):
+        decode.forward_cached(params, seq[:, :12], cfg=no_window, chunk=4, cache_len=10)
+    bigger = np.asarray(decode.forward_cached(params, seq, cfg=cfg, chunk=3, cache_len=2 * W))
+    assert np.abs(bigger - full_logits).max() <= 1e-5                    # a larger cache is fine
 
 
 @pytest.mark.parametrize("chunk", [1, 3, W, 2 * W + 5])
 def test_chunked_prefill_matches_mistral_inference_buffer_cache(ref, seq, tmp_path_factory, chunk):
     """Next-token logits after a prompt prefilled in chunks equal mistral-inference's BufferCache prefill."""
-    from mistral_jax.convert import write_mistral
+    from mistral_jax.torch_write import write_mistral
     from tests.mistral_ref import load_mi, mi_logits
 
     _, cfg, params = ref
@@ -160,7 +196,7 @@ def test_decode_cache_is_sharded_over_the_mesh(ref):
     p = jax.device_put(params, model.param_shardings(cfg, mesh))
     toks = jax.device_put(jnp.ones((4, 8), jnp.int32), sharding.batch_sharding(mesh, 2))
     lens = jax.device_put(jnp.full((4,), 8, jnp.int32), sharding.batch_sharding(mesh, 1))
-    _, cache = decode._generate(p, toks, lens, jax.random.key(0), cfg=cfg, dtype=jnp.float32, chunk=8,
+    _, cache = decode._generate(p, toks, lens, decode.row_keys(0, jnp.arange(4)), cfg=cfg, dtype=jnp.float32, chunk=8,
                                 cache_len=W, max_new=4, sampling=decode.SamplingConfig(), eos_id=-1)
     spec = jax.sharding.PartitionSpec
     assert cache[0]["k"].sharding.spec == spec(("data", "fsdp"), None, "tensor")

@@ -1,0 +1,1 @@
+"""Checkpoint conversion tool: `python -m convert SRC DST ...` (see `convert.__main__`)."""

@@ -1,0 +1,104 @@
+"""Checkpoint conversion CLI.
+
+    python -m convert SRC DST [--format hf|mistral|native] [--dtype float32|bfloat16|float16] [--rope-theta X]
+    python -m convert --to hf|mistral CKPT OUT [--dtype ...] [--max-shard-size 5GB] [--tokenizer PATH|none]
+
+The first form writes a native checkpoint; the second exports one (or any readable folder) to a
+PyTorch layout. Errors print one line naming the culprit and exit with status 1.
+(`python -m infer.convert` is an alias.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from mistral_jax.config import ConfigError
+from mistral_jax.dtypes import DtypeError
+from mistral_jax.formats import CheckpointError
+from mistral_jax.weights import WeightError
+
+PROG = "python -m convert"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG,
+                                description="Convert Mistral checkpoints between PyTorch layouts and this library.")
+    p.add_argument("src", help="checkpoint folder to read (native, Hugging Face or mistral-inference)")
+    p.add_argument("dst", help="folder to write (a symlink is written through)")
+    p.add_argument("--to", choices=("native", "hf", "mistral"), default="native",
+                   help="output layout (default: native)")
+    p.add_argument("--format", choices=("native", "hf", "mistral"), default=None,
+                   help="input layout (default: auto-detect)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="parameter dtype to write (default: native input keeps its dtype, else float32 "
+                        "for --to native and the stored dtype for exports)")
+    p.add_argument("--rope-theta", type=float, default=None,
+                   help="override rope_theta (needed for a params.json without rope_theta or window)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest Hugging Face shard (default 5GB)")
+    p.add_argument("--tokenizer", default=None,
+                   help="SentencePiece model to ship with --to hf/mistral (default: mistral-common's v1 model for "
+                        "vocab 32000, v3 for 32768, none otherwise; 'none' writes no tokenizer)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="accept NaN/inf weights and values past the output dtype's range (default: refuse)")
+    p.add_argument("--force", action="store_true",
+                   help="replace DST if it is an existing checkpoint folder (never other non-empty folders)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def run(args: argparse.Namespace) -> None:
+    """Performs the conversion described by parsed CLI arguments."""
+    from mistral_jax import checkpoint, torch_write
+    from mistral_jax.atomic import check_dst
+    from mistral_jax.formats import detect_format
+
+    check_dst(args.dst, args.force, src=args.src)  # fail before reading gigabytes
+    dtype = args.dtype
+    if dtype is None and args.to == "native":
+        fmt = args.format or detect_format(args.src)
+        dtype = None if fmt == "native" else "float32"
+    t0 = time.perf_counter()
+    cfg, params, notes = checkpoint.load_params_with_notes(args.src, dtype=dtype, fmt=args.format,
+                                                           rope_theta=args.rope_theta, progress=not args.quiet,
+                                                           allow_nonfinite=args.allow_nonfinite)
+    for note in notes:
+        print(f"note: {note}")
+    if args.to == "native":
+        checkpoint.save_params(args.dst, cfg, params, force=args.force)
+    else:
+        if args.tokenizer is None:
+            tokenizer = torch_write.tokenizer_for_vocab(cfg.vocab_size)
+            if tokenizer is None:
+                print(f"note: no known tokenizer for vocab {cfg.vocab_size}; no tokenizer files written "
+                      "(pass --tokenizer PATH)")
+        else:
+            tokenizer = None if args.tokenizer.lower() == "none" else args.tokenizer
+        write = torch_write.write_hf if args.to == "hf" else torch_write.write_mistral
+        kw = {"max_shard_size": args.max_shard_size} if args.to == "hf" else {}
+        write(args.dst, cfg, params, dtype=args.dtype, force=args.force, progress=not args.quiet,
+              tokenizer=tokenizer, allow_nonfinite=args.allow_nonfinite, **kw)
+    print(f"wrote {args.to} checkpoint to {args.dst} ({time.perf_counter() - t0:.1f}s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status (0 ok, 1 error reported on one line)."""
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (CheckpointError, ConfigError, WeightError, DtypeError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the CLI promises one line, not a traceback
+        if os.environ.get("MISTRAL_JAX_DEBUG"):
+            raise
+        print(f"error: unexpected {type(e).__name__}: {' '.join(str(e).split())} "
+              "(set MISTRAL_JAX_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Blockwise (flash-style) grouped-query attention whose mask comes from positions and segment ids.
+
+Queries and keys are cut into blocks; each query block runs an online softmax over the key blocks,
+and a key block that no query of the block can see (judged from the blocks' positions and segment
+ids, so the same code serves packed training rows, chunked prefill over a cache, and ragged padded
+batches) is skipped with `lax.cond`. With a sliding window W only about (W + block) / block key
+blocks per query block do work, so time is O(T * W) and memory O(T) instead of O(T * S). The
+backward pass is a custom VJP that recomputes block scores from the saved log-sum-exp.
+
+Axis letters: B batch, T queries, S keys, N query heads, K kv heads, G = N / K, H head dim,
+Q / C query / key block size, nq / nk block counts.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e30  # finite "minus infinity" for masked logits and the running max
+
+
+def _block_mask(qpos_BQ, kpos_BC, window, qseg_BQ, kseg_BC):
+    """(B, Q, C) visibility, the same rule as attention.attention_mask."""
+    q = qpos_BQ[:, :, None]
+    k = kpos_BC[:, None, :]
+    mask = (k >= 0) & (k <= q)
+    if window is not None:
+        mask &= (q - k) < window
+    if qseg_BQ is not None:
+        mask &= qseg_BQ[:, :, None] == kseg_BC[:, None, :]
+    return mask
+
+
+def _reachable(qpos_BQ, kpos_BC, window):
+    """Scalar bool: can any query of the block see any key of the block (segments ignored)?
+
+    Positions alone bound it: a key is visible only if 0 <= k <= q and q - k < window.
+    """
+    q_valid = qpos_BQ >= 0
+    k_valid = kpos_BC >= 0
+    big = jnp.iinfo(jnp.int32).max
+    qmax_B = jnp.max(jnp.where(q_valid, qpos_BQ, -1), axis=1)
+    qmin_B = jnp.min(jnp.where(q_valid, qpos_BQ, big), axis=1)
+    kmin_B = jnp.min(jnp.where(k_valid, kpos_BC, big), axis=1)
+    kmax_B = jnp.max(jnp.where(k_valid, kpos_BC, -1), axis=1)
+    ok_B = (kmin_B <= qmax_B) & (kmax_B >= 0) & (qmax_B >= 0)
+    if window is not None:
+        ok_B &= kmax_B > qmin_B - window
+    return jnp.any(ok_B)
+
+
+def _blocks(x, n, size):
+    """(B, n*size, ...) -> (n, B, size, ...)."""
+    return x.reshape(x.shape[0], n, size, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _unblocks(x):
+    """(n, B, size, ...) -> (B, n*size, ...)."""
+    x = x.swapaxes(0, 1)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def _pad(x, length, value):
+    extra = length - x.shape[1]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _forward(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, window, bq, bk):
+    """(out (B, T, K, G, H) in q's dtype, lse (B, K, G, T) float32); T % bq == S % bk == 0."""
+    B, T, K, G, H = q_BTKGH.shape
+    S = k_BSKH.shape[1]
+    nq, nk = T // bq, S // bk
+    scale = H ** -0.5
+    kb = (_blocks(k_BSKH, nk, bk), _blocks(v_BSKH, nk, bk), _blocks(kpos_BS, nk, bk),
+          None if kseg_BS is None else _blocks(kseg_BS, nk, bk))
+
+    def q_block(_, xs):
+        q_BQKGH, qpos_BQ, qseg_BQ = xs
+
+        def k_block(carry, ys):
+            k_BCKH, v_BCKH, kpos_BC, kseg_BC = ys
+
+            def visit(carry):
+                o_BKGQH, m_BKGQ, l_BKGQ = carry
+                s_BKGQC = jnp.einsum("bqkgh,bckh->bkgqc", q_BQKGH, k_BCKH,
+                                     preferred_element_type=jnp.float32) * scale
+                mask_B11QC = _block_mask(qpos_BQ, kpos_BC, window, qseg_BQ, kseg_BC)[:, None, None]
+                s_BKGQC = jnp.where(mask_B11QC, s_BKGQC, _NEG)
+                m_new = jnp.maximum(m_BKGQ, jnp.max(s_BKGQC, axis=-1))
+                p_BKGQC = jnp.where(mask_B11QC, jnp.exp(s_BKGQC - m_new[..., None]), 0.0)
+                alpha = jnp.exp(m_BKGQ - m_new)
+                l_new = l_BKGQ * alpha + jnp.sum(p_BKGQC, axis=-1)
+                pv = jnp.einsum("bkgqc,bckh->bkgqh", p_BKGQC.astype(v_BCKH.dtype), v_BCKH,
+                                preferred_element_type=jnp.float32)
+                return o_BKGQH * alpha[..., None] + pv, m_new, l_new
+
+            return jax.lax.cond(_reachable(qpos_BQ, kpos_BC, window), visit, lambda c: c, carry), None
+
+        init = (jnp.zeros((B, K, G, bq, H), jnp.float32), jnp.full((B, K, G, bq), _NEG, jnp.float32),
+                jnp.zeros((B, K, G, bq), jnp.float32))
+        (o, m, l), _ = jax.lax.scan(k_block, init, kb)
+        safe_l = jnp.where(l > 0, l, 1.0)
+        out_BQKGH = jnp.einsum("bkgqh->bqkgh", o / safe_l[..., None]).astype(q_BTKGH.dtype)
+        lse_BKGQ = jnp.where(l > 0, m + jnp.log(safe_l), jnp.inf)  # inf: no key visible, p = 0 everywhere
+        return None, (out_BQKGH, lse_BKGQ)
+
+    xs = (_blocks(q_BTKGH, nq, bq), _blocks(qpos_BT, nq, bq), None if qseg_BT is None else _blocks(qseg_BT, nq, bq))
+    _, (out, lse) = jax.lax.scan(q_block, None, xs)
+    return _unblocks(out), jnp.moveaxis(lse, 0, 3).reshape(B, K, G, T)
+
+
+def _backward(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, window, bq, bk, out, lse, dout):
+    B, T, K, G, H = q_BTKGH.shape
+    S = k_BSKH.shape[1]
+    nq, nk = T // bq, S // bk
+    scale = H ** -0.5
+    # D_i = sum_h dO * O, the softmax-gradient correction per query row.
+    delta_BKGT = jnp.einsum("btkgh,btkgh->bkgt", dout.astype(jnp.float32), out.astype(jnp.float32))
+    kb = (_blocks(k_BSKH, nk, bk), _blocks(v_BSKH, nk, bk), _blocks(kpos_BS, nk, bk),
+          None if kseg_BS is None else _blocks(kseg_BS, nk, bk), jnp.arange(nk))
+
+    def q_block(carry, xs):
+        dk_BSKH, dv_BSKH = carry
+        q_BQKGH, qpos_BQ, qseg_BQ, do_BQKGH, lse_BKGQ, delta_BKGQ = xs
+
+        def k_block(carry, ys):
+            k_BCKH, v_BCKH, kpos_BC, kseg_BC, j = ys
+
+            def visit(carry):
+                dq_BQKGH, dk_BSKH, dv_BSKH = carry
+                s = jnp.einsum("bqkgh,bckh->bkgqc", q_BQKGH, k_BCKH, preferred_element_type=jnp.float32) * scale
+                mask = _block_mask(qpos_BQ, kpos_BC, window, qseg_BQ, kseg_BC)[:, None, None]
+                p_BKGQC = jnp.where(mask, jnp.exp(s - lse_BKGQ[..., None]), 0.0)
+                dv_BCKH = jnp.einsum("bkgqc,bqkgh->bckh", p_BKGQC, do_BQKGH.astype(jnp.float32))
+                dp = jnp.einsum("bqkgh,bckh->bkgqc", do_BQKGH.astype(jnp.float32), v_BCKH.astype(jnp.float32))
+                ds_BKGQC = p_BKGQC * (dp - delta_BKGQ[..., None]) * scale
+                dq_BQKGH = dq_BQKGH + jnp.einsum("bkgqc,bckh->bqkgh", ds_BKGQC, k_BCKH.astype(jnp.float32))
+                dk_BCKH = jnp.einsum("bkgqc,bqkgh->bckh", ds_BKGQC, q_BQKGH.astype(jnp.float32))
+                start = (0, j * bk, 0, 0)
+                dk_BSKH = jax.lax.dynamic_update_slice(
+                    dk_BSKH, jax.lax.dynamic_slice(dk_BSKH, start, dk_BCKH.shape) + dk_BCKH, start)
+                dv_BSKH = jax.lax.dynamic_update_slice(
+                    dv_BSKH, jax.lax.dynamic_slice(dv_BSKH, start, dv_BCKH.shape) + dv_BCKH, start)
+                return dq_BQKGH, dk_BSKH, dv_BSKH
+
+            return jax.lax.cond(_reachable(qpos_BQ, kpos_BC, window), visit, lambda c: c, carry), None
+
+        init = (jnp.zeros(q_BQKGH.shape, jnp.float32), dk_BSKH, dv_BSKH)
+        (dq, dk_BSKH, dv_BSKH), _ = jax.lax.scan(k_block, init, kb)
+        return (dk_BSKH, dv_BSKH), dq
+
+    def lse_blocks(x_BKGT):
+        return jnp.moveaxis(x_BKGT.reshape(B, K, G, nq, bq), 3, 0)
+
+    xs = (_blocks(q_BTKGH, nq, bq), _blocks(qpos_BT, nq, bq), None if qseg_BT is None else _blocks(qseg_BT, nq, bq),
+          _blocks(dout, nq, bq), lse_blocks(lse), lse_blocks(delta_BKGT))
+    zeros = jnp.zeros((B, S, K, H), jnp.float32)
+    (dk, dv), dq = jax.lax.scan(q_block, (zeros, zeros), xs)
+    return _unblocks(dq).astype(q_BTKGH.dtype), dk.astype(k_BSKH.dtype), dv.astype(v_BSKH.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _attend(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk):
+    return _forward(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk)[0]
+
+
+def _attend_fwd(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk):
+    out, lse = _forward(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk)
+    return out, (q, k, v, qpos, kpos, qseg, kseg, out, lse)
+
+
+def _attend_bwd(window, bq, bk, res, dout):
+    q, k, v, qpos, kpos, qseg, kseg, out, lse = res
+    dq, dk, dv = _backward(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk, out, lse, dout)
+    return dq, dk, dv, None, None, None, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def blockwise_attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_pos_BT: jax.Array,
+                     k_pos_BS: jax.Array, window: int | None = None, q_seg_BT: jax.Array | None = None,
+                     k_seg_BS: jax.Array | None = None, block_q: int = 512, block_k: int = 512) -> jax.Array:
+    """Attention output (B, T, N, H) under the position/segment mask of `attention.attention_mask`.
+
+    Equals `attention.attend(q, k, v, attention_mask(...))` for every query that sees at least one
+    key; a query that sees none (padding) gets zeros. Logits, softmax and accumulation are float32.
+    """
+    B, T, N, H = q_BTNH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    if N % K:
+        raise ValueError(f"blockwise_attend: {N} query heads not divisible by {K} kv heads")
+    if (q_seg_BT is None) != (k_seg_BS is None):
+        raise ValueError("blockwise_attend: give segment ids for both queries and keys, or for neither")
+    if block_q < 1 or block_k < 1:
+        raise ValueError(f"blockwise_attend: block sizes must be >= 1, got block_q={block_q}, block_k={block_k}")
+    bq, bk = min(block_q, T), min(block_k, S)
+    Tp, Sp = -(-T // bq) * bq, -(-S // bk) * bk
+    q = _pad(q_BTNH.reshape(B, T, K, N // K, H), Tp, 0)
+    k, v = _pad(k_BSKH, Sp, 0), _pad(v_BSKH, Sp, 0)
+    qpos, kpos = _pad(q_pos_BT.astype(jnp.int32), Tp, -1), _pad(k_pos_BS.astype(jnp.int32), Sp, -1)
+    qseg = None if q_seg_BT is None else _pad(q_seg_BT.astype(jnp.int32), Tp, -1)
+    kseg = None if k_seg_BS is None else _pad(k_seg_BS.astype(jnp.int32), Sp, -2)
+    out = _attend(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk)
+    return out[:, :T].reshape(B, T, N, H)

@@ -1,0 +1,136 @@
+"""Blockwise attention equals the dense masked attention (the oracle), forward and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mistral_jax.attention import attend, attention_mask
+from mistral_jax.blockwise import blockwise_attend
+
+TOL = 1e-5
+
+
+def _qkv(rng, B, T, S, N, K, H):
+    f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+    return f(B, T, N, H), f(B, S, K, H), f(B, S, K, H), f(B, T, N, H)
+
+
+def _compare(q, k, v, ct, qpos, kpos, window, qseg=None, kseg=None, bq=8, bk=8):
+    """Max |diff| of outputs and of d(sum(out * ct))/d(q, k, v), over queries that see a key."""
+    mask = attention_mask(qpos, kpos, window, qseg, kseg)
+    seen = jnp.any(mask, axis=-1)[:, :, None, None]  # padding queries: dense gives junk, blockwise zeros
+    ct = jnp.where(seen, ct, 0.0)
+
+    def dense(q, k, v):
+        return attend(q, k, v, mask)
+
+    def block(q, k, v):
+        return blockwise_attend(q, k, v, qpos, kpos, window, qseg, kseg, block_q=bq, block_k=bk)
+
+    od, ob = dense(q, k, v), block(q, k, v)
+    diffs = [float(jnp.max(jnp.where(seen, jnp.abs(od - ob), 0.0)))]
+    gd = jax.grad(lambda *a: jnp.sum(dense(*a) * ct), argnums=(0, 1, 2))(q, k, v)
+    gb = jax.grad(lambda *a: jnp.sum(block(*a) * ct), argnums=(0, 1, 2))(q, k, v)
+    diffs += [float(jnp.max(jnp.abs(a - b))) for a, b in zip(gd, gb)]
+    return diffs
+
+
+@pytest.mark.parametrize("window", [5, 8, 19, None], ids=["W<block", "W=block", "W>2block", "no-window"])
+def test_self_attention_matches_dense(window):
+    rng = np.random.default_rng(0)
+    q, k, v, ct = _qkv(rng, 2, 43, 43, 4, 2, 8)
+    pos = jnp.tile(jnp.arange(43, dtype=jnp.int32), (2, 1))
+    assert max(_compare(q, k, v, ct, pos, pos, window)) <= TOL
+
+
+def test_packed_rows_with_segment_ids():
+    rng = np.random.default_rng(1)
+    T = 48
+    q, k, v, ct = _qkv(rng, 2, T, T, 4, 1, 8)
+    cuts = [(0, 10, 31, T), (0, 25, T, T)]  # row 0: three documents, row 1: two
+    pos, seg = np.zeros((2, T), np.int32), np.zeros((2, T), np.int32)
+    for b, c in enumerate(cuts):
+        for s, (a, e) in enumerate(zip(c[:-1], c[1:]), 1):
+            pos[b, a:e], seg[b, a:e] = np.arange(e - a), s
+    pos, seg = jnp.asarray(pos), jnp.asarray(seg)
+    for window in (6, None):
+        assert max(_compare(q, k, v, ct, pos, pos, window, seg, seg, bq=16, bk=8)) <= TOL
+
+
+def test_ragged_padded_batch():
+    rng = np.random.default_rng(2)
+    T = 37
+    q, k, v, ct = _qkv(rng, 3, T, T, 4, 4, 8)
+    pos = np.tile(np.arange(T, dtype=np.int32), (3, 1))
+    for b, n in enumerate((T, 20, 3)):
+        pos[b, n:] = -1
+    pos = jnp.asarray(pos)
+    assert max(_compare(q, k, v, ct, pos, pos, 9)) <= TOL
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 21])
+def test_chunk_over_rolling_cache(chunk):
+    """A prefill chunk attending to [rolling cache || chunk]: keys out of order, empty slots at -1."""
+    rng = np.random.default_rng(3)
+    W, start, B = 8, 13, 2
+    C = W
+    cache_pos = np.full((B, C), -1, np.int32)
+    for p in range(start):                         # positions 0..start-1 were written at slot p % C
+        cache_pos[:, p % C] = p
+    cache_pos[1] = -1                              # row 1: empty cache (its prompt starts here)
+    chunk_pos = np.tile(np.arange(start, start + chunk, dtype=np.int32), (B, 1))
+    chunk_pos[1] = np.arange(chunk)
+    kpos = jnp.asarray(np.concatenate([cache_pos, chunk_pos], axis=1))
+    q, k, v, ct = _qkv(rng, B, chunk, C + chunk, 4, 2, 8)
+    assert max(_compare(q, k, v, ct, jnp.asarray(chunk_pos), kpos, W, bq=4, bk=4)) <= TOL
+
+
+def test_skips_unreachable_blocks():
+    """With a window, far-away key blocks do no work: garbage (NaN) there does not reach the output."""
+    rng = np.random.default_rng(4)
+    T, W = 64, 8
+    q, k, v, _ = _qkv(rng, 1, T, T, 2, 1, 8)
+    pos = jnp.arange(T, dtype=jnp.int32)[None]
+    ref = blockwise_attend(q, k, v, pos, pos, W, block_q=16, block_k=16)
+    v_bad = v.at[:, :16].set(jnp.nan)              # keys 0..15: visible to queries 0..22 only
+    out = blockwise_attend(q, k, v_bad, pos, pos, W, block_q=16, block_k=16)
+    assert bool(jnp.all(jnp.isfinite(out[:, 32:])))
+    np.testing.assert_array_equal(np.asarray(out[:, 32:]), np.asarray(ref[:, 32:]))
+
+
+def test_bad_arguments():
+    q = jnp.zeros((1, 4, 3, 8))
+    k = jnp.zeros((1, 4, 2, 8))
+    pos = jnp.arange(4)[None]
+    with pytest.raises(ValueError, match="3 query heads not divisible by 2"):
+        blockwise_attend(q, k, k, pos, pos)
+    with pytest.raises(ValueError, match="segment ids"):
+        blockwise_attend(jnp.zeros((1, 4, 2, 8)), k, k, pos, pos, q_seg_BT=pos)
+
+
+def test_model_blockwise_equals_dense_logits_and_grads():
+    """The whole model with blockwise attention: packed rows, window smaller than the sequence."""
+    from mistral_jax import model as model_lib
+    from mistral_jax.config import ModelConfig
+
+    cfg = ModelConfig.preset("tiny").replace(sliding_window=12, vocab_size=512)
+    params = model_lib.init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(5)
+    T = 40
+    tokens = jnp.asarray(rng.integers(3, 512, (2, T)), jnp.int32)
+    pos = jnp.asarray(np.concatenate([np.arange(15), np.arange(T - 15)])[None].repeat(2, 0), jnp.int32)
+    seg = jnp.asarray(np.concatenate([np.full(15, 1), np.full(T - 15, 2)])[None].repeat(2, 0), jnp.int32)
+
+    def loss(params, impl):
+        m = model_lib.Transformer(cfg, attn_impl=impl, attn_block=8)
+        logits, _ = m.apply({"params": params}, tokens, pos, seg)
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 7]), logits
+
+    (ld, logits_d), gd = jax.value_and_grad(loss, has_aux=True)(params, "dense")
+    (lb, logits_b), gb = jax.value_and_grad(loss, has_aux=True)(params, "blockwise")
+    assert float(jnp.max(jnp.abs(logits_d - logits_b))) <= TOL
+    diffs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), gd, gb))
+    assert max(diffs) <= TOL
+    with pytest.raises(ValueError, match="attention implementation must be one of"):
+        model_lib.Transformer(cfg, attn_impl="flash").apply({"params": params}, tokens)
