@@ -9,8 +9,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mistral_jax.blockwise import blockwise_attend
-
 IMPLS = ("dense", "blockwise")
 
 
@@ -63,6 +61,7 @@ def multihead_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
     if impl == "dense":
         return attend(q_BTNH, k_BSKH, v_BSKH, attention_mask(q_pos_BT, k_pos_BS, window, q_seg_BT, k_seg_BS))
     if impl == "blockwise":
+        from mistral_jax.blockwise import blockwise_attend  # blockwise builds on this module's mask
         return blockwise_attend(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window, q_seg_BT, k_seg_BS,
                                 block_q=block, block_k=block)
     raise ValueError(f"attention implementation must be one of {IMPLS}, got {impl!r}")

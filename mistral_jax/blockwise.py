@@ -18,19 +18,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from mistral_jax.attention import attention_mask as _block_mask
+
 _NEG = -1e30  # finite "minus infinity" for masked logits and the running max
-
-
-def _block_mask(qpos_BQ, kpos_BC, window, qseg_BQ, kseg_BC):
-    """(B, Q, C) visibility, the same rule as attention.attention_mask."""
-    q = qpos_BQ[:, :, None]
-    k = kpos_BC[:, None, :]
-    mask = (k >= 0) & (k <= q)
-    if window is not None:
-        mask &= (q - k) < window
-    if qseg_BQ is not None:
-        mask &= qseg_BQ[:, :, None] == kseg_BC[:, None, :]
-    return mask
 
 
 def _reachable(qpos_BQ, kpos_BC, window):

@@ -19,10 +19,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mistral_jax import model as model_lib
 from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
+from mistral_jax.loss import chunked_nll
 
 TrainState = dict[str, Any]  # {'step': int32 scalar, 'params': tree, 'opt_state': optax state}
 Batch = dict[str, jax.Array]
 BATCH_KEYS = ("tokens", "positions", "segment_ids")
+LOSS_CHUNK = 512  # sequence positions per output-head/loss chunk
 # (params, tokens_BT, positions_BT, segment_ids_BT, *, cfg, dtype, remat) -> (summed NLL, token count)
 LossFn = Callable[..., tuple[jax.Array, jax.Array]]
 
@@ -34,7 +36,10 @@ def loss_mask(segment_ids_BT: jax.Array) -> jax.Array:
 
 
 def token_nll(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
-    """Float32 negative log-likelihood of the next token at each position (the last position is junk)."""
+    """Float32 negative log-likelihood of the next token at each position (the last position is junk).
+
+    The unchunked form, from full logits; the training and evaluation losses use `loss.chunked_nll`.
+    """
     targets_BT = jnp.roll(tokens_BT, -1, axis=1)
     logits_BTV = logits_BTV.astype(jnp.float32)
     lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
@@ -46,13 +51,19 @@ def token_nll(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
 
 
 def summed_loss(params: Any, tokens_BT: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
-                cfg: ModelConfig, dtype: Any = jnp.float32, remat: bool = False) -> tuple[jax.Array, jax.Array]:
-    """(sum of masked token NLLs, number of predicted tokens) for one micro-batch."""
+                cfg: ModelConfig, dtype: Any = jnp.float32, remat: bool = False,
+                loss_chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """(sum of masked token NLLs, number of predicted tokens) for one micro-batch.
+
+    The output head and the loss run `loss_chunk` positions at a time (`loss.chunked_nll`), so float32
+    (B, T, V) logits are never held at once.
+    """
     model = model_lib.Transformer(cfg, dtype=dtype, remat=remat)
     with sharding.with_rules():
-        logits_BTV, _ = model.apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT)
+        h_BTD, _ = model.apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT, return_hidden=True)
+    out_DV = params["output"].astype(h_BTD.dtype)
+    nll_BT = chunked_nll(h_BTD, out_DV, jnp.roll(tokens_BT, -1, axis=1), loss_chunk)
     mask_BT = loss_mask(segment_ids_BT)
-    nll_BT = token_nll(logits_BTV, tokens_BT)
     return jnp.sum(jnp.where(mask_BT, nll_BT, 0.0)), jnp.sum(mask_BT).astype(jnp.float32)
 
 

@@ -54,3 +54,31 @@ def test_bad_chunk(inputs):
     h, w, t, _ = inputs
     with pytest.raises(ValueError, match="chunk must be >= 1, got 0"):
         chunked_nll(h, w, t, chunk=0)
+
+
+def test_train_loss_is_the_chunked_loss_of_the_model():
+    """train_step.summed_loss (chunked head + loss) equals full logits + token_nll, values and gradients."""
+    from mistral_jax import model as model_lib
+    from mistral_jax import train_step as ts
+    from mistral_jax.config import ModelConfig
+
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=1024)
+    params = model_lib.init_params(cfg, jax.random.key(1))
+    r = np.random.default_rng(1)
+    T = 37
+    tokens = jnp.asarray(r.integers(3, 1024, (2, T)), jnp.int32)
+    pos = jnp.asarray(np.concatenate([np.arange(20), np.arange(T - 20)])[None].repeat(2, 0), jnp.int32)
+    seg = jnp.asarray(np.concatenate([np.full(20, 1), np.full(T - 20, 2)])[None].repeat(2, 0), jnp.int32)
+
+    def reference(params):
+        logits = model_lib.Transformer(cfg).apply({"params": params}, tokens, pos, seg)[0]
+        mask = ts.loss_mask(seg)
+        return jnp.sum(jnp.where(mask, ts.token_nll(logits, tokens), 0.0))
+
+    def chunked(params):
+        return ts.summed_loss(params, tokens, pos, seg, cfg=cfg, loss_chunk=8)[0]
+
+    (ref, g_ref), (got, g_got) = jax.value_and_grad(reference)(params), jax.value_and_grad(chunked)(params)
+    assert abs(float(ref) - float(got)) <= 1e-5 * abs(float(ref))
+    diffs = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), g_ref, g_got)
+    assert max(jax.tree_util.tree_leaves(diffs)) <= 1e-5
