@@ -2,6 +2,13 @@
 
 One function serves training, chunked prefill and cached decode: keys carry their absolute
 positions (-1 marks an empty cache slot or padding), and the mask falls out of them.
+
+Implementations behind `multihead_attention`: "dense" (the full masked score tensor; the test
+oracle), "blockwise" (pure JAX, key blocks visited by reach; any positions), and, for self-attention
+over rows whose positions count up by one within each segment (training and evaluation rows, packed
+or not), "splash" (Pallas TPU splash attention with a local mask; runs in interpret mode elsewhere)
+and "xla" (`jax.nn.dot_product_attention` with `local_window_size`, cuDNN on GPU when it applies).
+"auto" picks splash on TPU and xla on GPU for such rows, blockwise otherwise.
 """
 
 from __future__ import annotations
@@ -9,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("dense", "blockwise")
+IMPLS = ("auto", "dense", "blockwise", "splash", "xla")
 
 
 def attention_mask(q_pos_BT: jax.Array, k_pos_BS: jax.Array, window: int | None = None,
@@ -49,19 +56,85 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: ja
     return out_BTKGH.reshape(B, T, N, H)
 
 
+def resolve_impl(impl: str, self_attention: bool, has_segments: bool, backend: str | None = None) -> str:
+    """The implementation `impl` ("auto" or a name in IMPLS) stands for on this backend and call."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention implementation must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    backend = backend or jax.default_backend()
+    if self_attention and backend == "tpu":
+        return "splash"
+    if self_attention and backend == "gpu" and not has_segments:
+        return "xla"
+    return "blockwise"
+
+
 def multihead_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_pos_BT: jax.Array,
                         k_pos_BS: jax.Array, window: int | None = None, q_seg_BT: jax.Array | None = None,
-                        k_seg_BS: jax.Array | None = None, impl: str = "dense", block: int = 512) -> jax.Array:
+                        k_seg_BS: jax.Array | None = None, impl: str = "auto", block: int = 512,
+                        self_attention: bool = False) -> jax.Array:
     """Attention output (B, T, N, H) under the position/segment mask, by the chosen implementation.
 
-    "dense" materialises the (B, T, S) mask and float32 scores (the test oracle); "blockwise" visits
-    only the key blocks each query block can see (O(T * W) with a window). Both give the same output
-    for every query that sees at least one key.
+    All implementations agree for every query that sees at least one key. `self_attention` says the
+    keys are the queries' own row (no cache) with positions counting up by one within each segment,
+    which "splash" and "xla" require (their masks are index-based).
     """
+    impl = resolve_impl(impl, self_attention, q_seg_BT is not None)
+    if impl in ("splash", "xla") and not self_attention:
+        raise ValueError(f"attention implementation {impl!r} serves self-attention rows only (no cache)")
     if impl == "dense":
         return attend(q_BTNH, k_BSKH, v_BSKH, attention_mask(q_pos_BT, k_pos_BS, window, q_seg_BT, k_seg_BS))
     if impl == "blockwise":
         from mistral_jax.blockwise import blockwise_attend  # blockwise builds on this module's mask
         return blockwise_attend(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window, q_seg_BT, k_seg_BS,
-                                block_q=block, block_k=block)
-    raise ValueError(f"attention implementation must be one of {IMPLS}, got {impl!r}")
+                                block_q=block, block_k=block, self_attention=self_attention)
+    if impl == "splash":
+        return splash_attend(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, window, q_seg_BT, block=block)
+    if q_seg_BT is not None:
+        raise ValueError("attention implementation 'xla' does not take segment ids; use 'blockwise' or 'splash'")
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True,
+                                        local_window_size=None if window is None else (window - 1, 0))
+
+
+def splash_attend(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, pos_BT: jax.Array,
+                  window: int | None, seg_BT: jax.Array | None = None, block: int = 512,
+                  interpret: bool | None = None) -> jax.Array:
+    """Self-attention (B, T, N, H) through Pallas splash attention with a causal or local mask.
+
+    The mask is by index: a query sees the W keys ending at itself, within its segment; rows are
+    right-padded (padding after every real token, so no real query reaches it). Runs as a TPU kernel
+    on TPU and in interpret mode elsewhere.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    B, T, N, H = q_BTNH.shape
+    K = k_BTKH.shape[2]
+    if N % K:
+        raise ValueError(f"splash_attend: {N} query heads not divisible by {K} kv heads")
+    G = N // K
+    bq = min(block, -(-T // 128) * 128)
+    Tp = -(-T // bq) * bq
+    seg = (jnp.where(pos_BT >= 0, 1, 0) if seg_BT is None else seg_BT).astype(jnp.int32)
+    pad = ((0, 0), (0, Tp - T))
+    seg = jnp.pad(seg, pad, constant_values=-2)
+    q_BKGTH = jnp.pad(q_BTNH, pad + ((0, 0), (0, 0))).reshape(B, Tp, K, G, H).transpose(0, 2, 3, 1, 4)
+    k_BKTH = jnp.pad(k_BTKH, pad + ((0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    v_BKTH = jnp.pad(v_BTKH, pad + ((0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    if window is None:
+        head = sm.CausalMask(shape=(Tp, Tp))
+    else:
+        head = sm.LocalMask(shape=(Tp, Tp), window_size=(window - 1, 0), offset=0)
+    sizes = sk.BlockSizes(block_q=bq, block_kv=bq, block_kv_compute=bq, block_q_dkv=bq, block_kv_dkv=bq,
+                          block_kv_dkv_compute=bq, block_q_dq=bq, block_kv_dq=bq)
+    interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([head] * G), block_sizes=sizes,
+                                              interpret=interpret)
+
+    def one(q_GTH, k_TH, v_TH, seg_T):
+        return kernel(q_GTH * (H ** -0.5), k_TH, v_TH, segment_ids=sk.SegmentIds(q=seg_T, kv=seg_T))
+
+    per_kv = jax.vmap(one, in_axes=(0, 0, 0, None))                  # over kv heads
+    out_BKGTH = jax.vmap(per_kv, in_axes=(0, 0, 0, 0))(q_BKGTH, k_BKTH, v_BKTH, seg)
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, Tp, N, H)[:, :T].astype(q_BTNH.dtype)

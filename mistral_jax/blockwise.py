@@ -61,20 +61,45 @@ def _pad(x, length, value):
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _forward(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, window, bq, bk):
+def _take(blocks, j):
+    """Block j of a stacked (n, B, size, ...) array (None passes through)."""
+    return None if blocks is None else jax.lax.dynamic_index_in_dim(blocks, j, axis=0, keepdims=False)
+
+
+def _band(n_inner: int, outer: int, inner: int, reach: int | None):
+    """(static iteration count, first key block of query block i) for self-attention rows, whose keys
+    are the queries themselves in index order: query block i reaches key blocks [i*Q - (W-1), i*Q + Q),
+    at most ceil((Q + W - 1) / C) + 1 of them; without a window, every block up to the diagonal."""
+    if reach is None:
+        return n_inner, lambda i: jnp.int32(0)
+    n = min(n_inner, -(-(outer + reach - 1) // inner) + 1)
+    return n, lambda i: jnp.maximum(0, (i * outer - (reach - 1)) // inner)
+
+
+def _score_probs(q_BQKGH, k_BCKH, qpos_BQ, kpos_BC, qseg_BQ, kseg_BC, window, lse_BKGQ, scale):
+    """Masked probabilities (B, K, G, Q, C) = exp(scores - lse), zero where the mask is off."""
+    s = jnp.einsum("bqkgh,bckh->bkgqc", q_BQKGH, k_BCKH, preferred_element_type=jnp.float32) * scale
+    mask = _block_mask(qpos_BQ, kpos_BC, window, qseg_BQ, kseg_BC)[:, None, None]
+    return jnp.where(mask, jnp.exp(s - lse_BKGQ[..., None]), 0.0)
+
+
+def _forward(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, window, bq, bk, band):
     """(out (B, T, K, G, H) in q's dtype, lse (B, K, G, T) float32); T % bq == S % bk == 0."""
     B, T, K, G, H = q_BTKGH.shape
     S = k_BSKH.shape[1]
     nq, nk = T // bq, S // bk
     scale = H ** -0.5
-    kb = (_blocks(k_BSKH, nk, bk), _blocks(v_BSKH, nk, bk), _blocks(kpos_BS, nk, bk),
-          None if kseg_BS is None else _blocks(kseg_BS, nk, bk))
+    kb, vb, kposb = _blocks(k_BSKH, nk, bk), _blocks(v_BSKH, nk, bk), _blocks(kpos_BS, nk, bk)
+    ksegb = None if kseg_BS is None else _blocks(kseg_BS, nk, bk)
+    n_iter, first = _band(nk, bq, bk, window) if band else (nk, lambda i: jnp.int32(0))
 
     def q_block(_, xs):
-        q_BQKGH, qpos_BQ, qseg_BQ = xs
+        q_BQKGH, qpos_BQ, qseg_BQ, i = xs
 
-        def k_block(carry, ys):
-            k_BCKH, v_BCKH, kpos_BC, kseg_BC = ys
+        def k_block(carry, t):
+            j = first(i) + t
+            jc = jnp.minimum(j, nk - 1)
+            k_BCKH, v_BCKH, kpos_BC, kseg_BC = _take(kb, jc), _take(vb, jc), _take(kposb, jc), _take(ksegb, jc)
 
             def visit(carry):
                 o_BKGQH, m_BKGQ, l_BKGQ = carry
@@ -90,84 +115,99 @@ def _forward(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, window
                                 preferred_element_type=jnp.float32)
                 return o_BKGQH * alpha[..., None] + pv, m_new, l_new
 
-            return jax.lax.cond(_reachable(qpos_BQ, kpos_BC, window), visit, lambda c: c, carry), None
+            go = (j < nk) & _reachable(qpos_BQ, kpos_BC, window)
+            return jax.lax.cond(go, visit, lambda c: c, carry), None
 
         init = (jnp.zeros((B, K, G, bq, H), jnp.float32), jnp.full((B, K, G, bq), _NEG, jnp.float32),
                 jnp.zeros((B, K, G, bq), jnp.float32))
-        (o, m, l), _ = jax.lax.scan(k_block, init, kb)
+        (o, m, l), _ = jax.lax.scan(k_block, init, jnp.arange(n_iter, dtype=jnp.int32))
         safe_l = jnp.where(l > 0, l, 1.0)
         out_BQKGH = jnp.einsum("bkgqh->bqkgh", o / safe_l[..., None]).astype(q_BTKGH.dtype)
         lse_BKGQ = jnp.where(l > 0, m + jnp.log(safe_l), jnp.inf)  # inf: no key visible, p = 0 everywhere
         return None, (out_BQKGH, lse_BKGQ)
 
-    xs = (_blocks(q_BTKGH, nq, bq), _blocks(qpos_BT, nq, bq), None if qseg_BT is None else _blocks(qseg_BT, nq, bq))
+    xs = (_blocks(q_BTKGH, nq, bq), _blocks(qpos_BT, nq, bq), None if qseg_BT is None else _blocks(qseg_BT, nq, bq),
+          jnp.arange(nq, dtype=jnp.int32))
     _, (out, lse) = jax.lax.scan(q_block, None, xs)
     return _unblocks(out), jnp.moveaxis(lse, 0, 3).reshape(B, K, G, T)
 
 
-def _backward(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, window, bq, bk, out, lse, dout):
+def _backward(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, window, bq, bk, band, out, lse, dout):
+    """(dq, dk, dv) in one pass over query blocks, visiting the key blocks in reach and recomputing
+    probabilities from the saved log-sum-exp; dk and dv accumulate block by block."""
     B, T, K, G, H = q_BTKGH.shape
     S = k_BSKH.shape[1]
     nq, nk = T // bq, S // bk
     scale = H ** -0.5
+    f32 = jnp.float32
     # D_i = sum_h dO * O, the softmax-gradient correction per query row.
-    delta_BKGT = jnp.einsum("btkgh,btkgh->bkgt", dout.astype(jnp.float32), out.astype(jnp.float32))
-    kb = (_blocks(k_BSKH, nk, bk), _blocks(v_BSKH, nk, bk), _blocks(kpos_BS, nk, bk),
-          None if kseg_BS is None else _blocks(kseg_BS, nk, bk), jnp.arange(nk))
-
-    def q_block(carry, xs):
-        dk_BSKH, dv_BSKH = carry
-        q_BQKGH, qpos_BQ, qseg_BQ, do_BQKGH, lse_BKGQ, delta_BKGQ = xs
-
-        def k_block(carry, ys):
-            k_BCKH, v_BCKH, kpos_BC, kseg_BC, j = ys
-
-            def visit(carry):
-                dq_BQKGH, dk_BSKH, dv_BSKH = carry
-                s = jnp.einsum("bqkgh,bckh->bkgqc", q_BQKGH, k_BCKH, preferred_element_type=jnp.float32) * scale
-                mask = _block_mask(qpos_BQ, kpos_BC, window, qseg_BQ, kseg_BC)[:, None, None]
-                p_BKGQC = jnp.where(mask, jnp.exp(s - lse_BKGQ[..., None]), 0.0)
-                dv_BCKH = jnp.einsum("bkgqc,bqkgh->bckh", p_BKGQC, do_BQKGH.astype(jnp.float32))
-                dp = jnp.einsum("bqkgh,bckh->bkgqc", do_BQKGH.astype(jnp.float32), v_BCKH.astype(jnp.float32))
-                ds_BKGQC = p_BKGQC * (dp - delta_BKGQ[..., None]) * scale
-                dq_BQKGH = dq_BQKGH + jnp.einsum("bkgqc,bckh->bqkgh", ds_BKGQC, k_BCKH.astype(jnp.float32))
-                dk_BCKH = jnp.einsum("bkgqc,bqkgh->bckh", ds_BKGQC, q_BQKGH.astype(jnp.float32))
-                start = (0, j * bk, 0, 0)
-                dk_BSKH = jax.lax.dynamic_update_slice(
-                    dk_BSKH, jax.lax.dynamic_slice(dk_BSKH, start, dk_BCKH.shape) + dk_BCKH, start)
-                dv_BSKH = jax.lax.dynamic_update_slice(
-                    dv_BSKH, jax.lax.dynamic_slice(dv_BSKH, start, dv_BCKH.shape) + dv_BCKH, start)
-                return dq_BQKGH, dk_BSKH, dv_BSKH
-
-            return jax.lax.cond(_reachable(qpos_BQ, kpos_BC, window), visit, lambda c: c, carry), None
-
-        init = (jnp.zeros(q_BQKGH.shape, jnp.float32), dk_BSKH, dv_BSKH)
-        (dq, dk_BSKH, dv_BSKH), _ = jax.lax.scan(k_block, init, kb)
-        return (dk_BSKH, dv_BSKH), dq
+    delta_BKGT = jnp.einsum("btkgh,btkgh->bkgt", dout.astype(f32), out.astype(f32))
 
     def lse_blocks(x_BKGT):
         return jnp.moveaxis(x_BKGT.reshape(B, K, G, nq, bq), 3, 0)
 
-    xs = (_blocks(q_BTKGH, nq, bq), _blocks(qpos_BT, nq, bq), None if qseg_BT is None else _blocks(qseg_BT, nq, bq),
-          _blocks(dout, nq, bq), lse_blocks(lse), lse_blocks(delta_BKGT))
-    zeros = jnp.zeros((B, S, K, H), jnp.float32)
-    (dk, dv), dq = jax.lax.scan(q_block, (zeros, zeros), xs)
+    qb, qposb, dob = _blocks(q_BTKGH, nq, bq), _blocks(qpos_BT, nq, bq), _blocks(dout, nq, bq)
+    qsegb = None if qseg_BT is None else _blocks(qseg_BT, nq, bq)
+    lseb, deltab = lse_blocks(lse), lse_blocks(delta_BKGT)
+    kb, vb, kposb = _blocks(k_BSKH, nk, bk), _blocks(v_BSKH, nk, bk), _blocks(kpos_BS, nk, bk)
+    ksegb = None if kseg_BS is None else _blocks(kseg_BS, nk, bk)
+
+    def ds_of(q_BQKGH, do_BQKGH, lse_BKGQ, delta_BKGQ, qpos_BQ, qseg_BQ, k_BCKH, v_BCKH, kpos_BC, kseg_BC):
+        p = _score_probs(q_BQKGH, k_BCKH, qpos_BQ, kpos_BC, qseg_BQ, kseg_BC, window, lse_BKGQ, scale)
+        dp = jnp.einsum("bqkgh,bckh->bkgqc", do_BQKGH.astype(f32), v_BCKH.astype(f32))
+        return p, p * (dp - delta_BKGQ[..., None]) * scale
+
+    n_iter, first = _band(nk, bq, bk, window) if band else (nk, lambda i: jnp.int32(0))
+
+    def q_block(carry, i):
+        q, do, lse_i, delta_i, qpos, qseg = (_take(qb, i), _take(dob, i), _take(lseb, i), _take(deltab, i),
+                                             _take(qposb, i), _take(qsegb, i))
+
+        def step(carry, t):
+            dq_BQKGH, dk_BSKH, dv_BSKH = carry
+            j = first(i) + t
+            jc = jnp.minimum(j, nk - 1)
+            k, v, kpos, kseg = _take(kb, jc), _take(vb, jc), _take(kposb, jc), _take(ksegb, jc)
+
+            def visit(_):
+                p, ds = ds_of(q, do, lse_i, delta_i, qpos, qseg, k, v, kpos, kseg)
+                return (jnp.einsum("bkgqc,bckh->bqkgh", ds, k.astype(f32)),
+                        jnp.einsum("bkgqc,bqkgh->bckh", ds, q.astype(f32)),
+                        jnp.einsum("bkgqc,bqkgh->bckh", p, do.astype(f32)))
+
+            def skip(_):
+                return jnp.zeros(q.shape, f32), jnp.zeros(k.shape, f32), jnp.zeros(k.shape, f32)
+
+            # the branches return block-sized updates only; the full-size dk/dv are updated outside
+            dq_add, dk_j, dv_j = jax.lax.cond((j < nk) & _reachable(qpos, kpos, window), visit, skip, None)
+            at = (0, jc * bk, 0, 0)
+            dk_BSKH = jax.lax.dynamic_update_slice(dk_BSKH, jax.lax.dynamic_slice(dk_BSKH, at, k.shape) + dk_j, at)
+            dv_BSKH = jax.lax.dynamic_update_slice(dv_BSKH, jax.lax.dynamic_slice(dv_BSKH, at, k.shape) + dv_j, at)
+            return (dq_BQKGH + dq_add, dk_BSKH, dv_BSKH), None
+
+        dk_BSKH, dv_BSKH = carry
+        (dq, dk_BSKH, dv_BSKH), _ = jax.lax.scan(step, (jnp.zeros(q.shape, f32), dk_BSKH, dv_BSKH),
+                                                 jnp.arange(n_iter, dtype=jnp.int32))
+        return (dk_BSKH, dv_BSKH), dq
+
+    zeros = jnp.zeros((B, S, K, H), f32)
+    (dk, dv), dq = jax.lax.scan(q_block, (zeros, zeros), jnp.arange(nq, dtype=jnp.int32))
     return _unblocks(dq).astype(q_BTKGH.dtype), dk.astype(k_BSKH.dtype), dv.astype(v_BSKH.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _attend(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk):
-    return _forward(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _attend(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk, band):
+    return _forward(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk, band)[0]
 
 
-def _attend_fwd(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk):
-    out, lse = _forward(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk)
+def _attend_fwd(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk, band):
+    out, lse = _forward(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk, band)
     return out, (q, k, v, qpos, kpos, qseg, kseg, out, lse)
 
 
-def _attend_bwd(window, bq, bk, res, dout):
+def _attend_bwd(window, bq, bk, band, res, dout):
     q, k, v, qpos, kpos, qseg, kseg, out, lse = res
-    dq, dk, dv = _backward(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk, out, lse, dout)
+    dq, dk, dv = _backward(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk, band, out, lse, dout)
     return dq, dk, dv, None, None, None, None
 
 
@@ -176,11 +216,15 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 def blockwise_attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_pos_BT: jax.Array,
                      k_pos_BS: jax.Array, window: int | None = None, q_seg_BT: jax.Array | None = None,
-                     k_seg_BS: jax.Array | None = None, block_q: int = 512, block_k: int = 512) -> jax.Array:
+                     k_seg_BS: jax.Array | None = None, block_q: int = 512, block_k: int = 512,
+                     self_attention: bool = False) -> jax.Array:
     """Attention output (B, T, N, H) under the position/segment mask of `attention.attention_mask`.
 
     Equals `attention.attend(q, k, v, attention_mask(...))` for every query that sees at least one
     key; a query that sees none (padding) gets zeros. Logits, softmax and accumulation are float32.
+    `self_attention`: the keys are the queries' own row, positions counting up by one within each
+    segment (training rows, packed or not); then each block visits only the blocks in index reach of
+    the window, a static count, instead of testing every block.
     """
     B, T, N, H = q_BTNH.shape
     S, K = k_BSKH.shape[1], k_BSKH.shape[2]
@@ -197,5 +241,7 @@ def blockwise_attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_
     qpos, kpos = _pad(q_pos_BT.astype(jnp.int32), Tp, -1), _pad(k_pos_BS.astype(jnp.int32), Sp, -1)
     qseg = None if q_seg_BT is None else _pad(q_seg_BT.astype(jnp.int32), Tp, -1)
     kseg = None if k_seg_BS is None else _pad(k_seg_BS.astype(jnp.int32), Sp, -2)
-    out = _attend(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk)
+    if self_attention and T != S:
+        raise ValueError(f"blockwise_attend: self_attention needs as many keys as queries, got T={T}, S={S}")
+    out = _attend(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk, bool(self_attention))
     return out[:, :T].reshape(B, T, N, H)

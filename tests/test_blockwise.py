@@ -16,7 +16,7 @@ def _qkv(rng, B, T, S, N, K, H):
     return f(B, T, N, H), f(B, S, K, H), f(B, S, K, H), f(B, T, N, H)
 
 
-def _compare(q, k, v, ct, qpos, kpos, window, qseg=None, kseg=None, bq=8, bk=8):
+def _compare(q, k, v, ct, qpos, kpos, window, qseg=None, kseg=None, bq=8, bk=8, self_attention=False):
     """Max |diff| of outputs and of d(sum(out * ct))/d(q, k, v), over queries that see a key."""
     mask = attention_mask(qpos, kpos, window, qseg, kseg)
     seen = jnp.any(mask, axis=-1)[:, :, None, None]  # padding queries: dense gives junk, blockwise zeros
@@ -26,7 +26,8 @@ def _compare(q, k, v, ct, qpos, kpos, window, qseg=None, kseg=None, bq=8, bk=8):
         return attend(q, k, v, mask)
 
     def block(q, k, v):
-        return blockwise_attend(q, k, v, qpos, kpos, window, qseg, kseg, block_q=bq, block_k=bk)
+        return blockwise_attend(q, k, v, qpos, kpos, window, qseg, kseg, block_q=bq, block_k=bk,
+                                self_attention=self_attention)
 
     od, ob = dense(q, k, v), block(q, k, v)
     diffs = [float(jnp.max(jnp.where(seen, jnp.abs(od - ob), 0.0)))]
@@ -36,12 +37,13 @@ def _compare(q, k, v, ct, qpos, kpos, window, qseg=None, kseg=None, bq=8, bk=8):
     return diffs
 
 
+@pytest.mark.parametrize("band", [True, False], ids=["index-band", "all-blocks"])
 @pytest.mark.parametrize("window", [5, 8, 19, None], ids=["W<block", "W=block", "W>2block", "no-window"])
-def test_self_attention_matches_dense(window):
+def test_self_attention_matches_dense(window, band):
     rng = np.random.default_rng(0)
     q, k, v, ct = _qkv(rng, 2, 43, 43, 4, 2, 8)
     pos = jnp.tile(jnp.arange(43, dtype=jnp.int32), (2, 1))
-    assert max(_compare(q, k, v, ct, pos, pos, window)) <= TOL
+    assert max(_compare(q, k, v, ct, pos, pos, window, bq=8, bk=4 if band else 8, self_attention=band)) <= TOL
 
 
 def test_packed_rows_with_segment_ids():
@@ -55,7 +57,7 @@ def test_packed_rows_with_segment_ids():
             pos[b, a:e], seg[b, a:e] = np.arange(e - a), s
     pos, seg = jnp.asarray(pos), jnp.asarray(seg)
     for window in (6, None):
-        assert max(_compare(q, k, v, ct, pos, pos, window, seg, seg, bq=16, bk=8)) <= TOL
+        assert max(_compare(q, k, v, ct, pos, pos, window, seg, seg, bq=16, bk=8, self_attention=True)) <= TOL
 
 
 def test_ragged_padded_batch():
@@ -66,7 +68,7 @@ def test_ragged_padded_batch():
     for b, n in enumerate((T, 20, 3)):
         pos[b, n:] = -1
     pos = jnp.asarray(pos)
-    assert max(_compare(q, k, v, ct, pos, pos, 9)) <= TOL
+    assert max(_compare(q, k, v, ct, pos, pos, 9, bq=4, bk=8, self_attention=True)) <= TOL
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 8, 21])
@@ -92,11 +94,12 @@ def test_skips_unreachable_blocks():
     T, W = 64, 8
     q, k, v, _ = _qkv(rng, 1, T, T, 2, 1, 8)
     pos = jnp.arange(T, dtype=jnp.int32)[None]
-    ref = blockwise_attend(q, k, v, pos, pos, W, block_q=16, block_k=16)
     v_bad = v.at[:, :16].set(jnp.nan)              # keys 0..15: visible to queries 0..22 only
-    out = blockwise_attend(q, k, v_bad, pos, pos, W, block_q=16, block_k=16)
-    assert bool(jnp.all(jnp.isfinite(out[:, 32:])))
-    np.testing.assert_array_equal(np.asarray(out[:, 32:]), np.asarray(ref[:, 32:]))
+    for band in (False, True):
+        ref = blockwise_attend(q, k, v, pos, pos, W, block_q=16, block_k=16, self_attention=band)
+        out = blockwise_attend(q, k, v_bad, pos, pos, W, block_q=16, block_k=16, self_attention=band)
+        assert bool(jnp.all(jnp.isfinite(out[:, 32:])))
+        np.testing.assert_array_equal(np.asarray(out[:, 32:]), np.asarray(ref[:, 32:]))
 
 
 def test_bad_arguments():
@@ -134,3 +137,65 @@ def test_model_blockwise_equals_dense_logits_and_grads():
     assert max(diffs) <= TOL
     with pytest.raises(ValueError, match="attention implementation must be one of"):
         model_lib.Transformer(cfg, attn_impl="flash").apply({"params": params}, tokens)
+
+
+def _rows_with_segments(T, cut, pad_from):
+    """Row 0: two documents (positions restart at `cut`); row 1: one document right-padded from pad_from.
+
+    The padding keeps segment id 1: position -1 alone must keep it out of sight, as in the dense mask.
+    """
+    pos = np.stack([np.concatenate([np.arange(cut), np.arange(T - cut)]), np.arange(T)]).astype(np.int32)
+    seg = np.stack([np.concatenate([np.full(cut, 1), np.full(T - cut, 2)]), np.ones(T)]).astype(np.int32)
+    pos[1, pad_from:] = -1
+    return jnp.asarray(pos), jnp.asarray(seg)
+
+
+@pytest.mark.parametrize("window", [37, None])
+def test_splash_interpret_matches_dense(window):
+    """Pallas splash attention (interpret mode on CPU) on packed and padded self-attention rows."""
+    from mistral_jax.attention import multihead_attention
+
+    rng = np.random.default_rng(6)
+    T = 200                                          # padded to 256 inside: two 128-blocks
+    q, k, v, ct = _qkv(rng, 2, T, T, 4, 2, 16)
+    pos, seg = _rows_with_segments(T, 90, 150)
+    mask = attention_mask(pos, pos, window, seg, seg)
+    seen = jnp.any(mask, axis=-1) & (pos >= 0)
+    ct = jnp.where(seen[:, :, None, None], ct, 0.0)
+
+    def run(impl, q, k, v):
+        return multihead_attention(q, k, v, pos, pos, window, seg, seg, impl=impl, block=128, self_attention=True)
+
+    o_s, o_d = run("splash", q, k, v), run("dense", q, k, v)
+    assert float(jnp.max(jnp.where(seen[:, :, None, None], jnp.abs(o_s - o_d), 0.0))) <= TOL
+    gs = jax.grad(lambda *a: jnp.sum(run("splash", *a) * ct), argnums=(0, 1, 2))(q, k, v)
+    gd = jax.grad(lambda *a: jnp.sum(run("dense", *a) * ct), argnums=(0, 1, 2))(q, k, v)
+    assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(gs, gd)) <= 2e-5
+
+
+def test_xla_dot_product_attention_path_matches_dense():
+    """jax.nn.dot_product_attention with local_window_size (the GPU path; XLA on CPU) on padded rows."""
+    from mistral_jax.attention import multihead_attention, resolve_impl
+
+    rng = np.random.default_rng(7)
+    T, W = 50, 11
+    q, k, v, ct = _qkv(rng, 2, T, T, 4, 2, 8)
+    pos = jnp.asarray(np.stack([np.arange(T), np.where(np.arange(T) < 30, np.arange(T), -1)]), jnp.int32)
+    seen = (pos >= 0)[:, :, None, None]
+    ct = jnp.where(seen, ct, 0.0)
+
+    def run(impl, q, k, v):
+        return multihead_attention(q, k, v, pos, pos, W, impl=impl, self_attention=True)
+
+    assert float(jnp.max(jnp.where(seen, jnp.abs(run("xla", q, k, v) - run("dense", q, k, v)), 0.0))) <= TOL
+    gx = jax.grad(lambda *a: jnp.sum(run("xla", *a) * ct), argnums=(0, 1, 2))(q, k, v)
+    gd = jax.grad(lambda *a: jnp.sum(run("dense", *a) * ct), argnums=(0, 1, 2))(q, k, v)
+    assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(gx, gd)) <= TOL
+    # dispatch: accelerators get their kernels for self-attention rows, everything else blockwise
+    assert resolve_impl("auto", True, True, "tpu") == "splash"
+    assert resolve_impl("auto", True, False, "gpu") == "xla"
+    assert resolve_impl("auto", True, True, "gpu") == "blockwise"
+    assert resolve_impl("auto", False, False, "tpu") == "blockwise"
+    assert resolve_impl("auto", True, False, "cpu") == "blockwise"
+    with pytest.raises(ValueError, match="self-attention rows only"):
+        multihead_attention(q, k, v, pos, pos, W, impl="xla", self_attention=False)
