@@ -1,10 +1,15 @@
 """Training throughput: our sharded jit train step vs HF transformers MistralForCausalLM (PyTorch, CPU).
 
     python bench/bench_train.py [--batch 8 --seq 512 --steps 3 --peak-flops 0]
+    python bench/bench_train.py --compile-layers 8 32 [--remat none]
 
 Same model (the 57M config: dim 512, 8 layers, 8 q / 2 kv heads, head_dim 64, hidden 1536, vocab
 32000), same batch, AdamW with global-norm clipping on both sides. Prints a markdown table of tokens/s,
 seconds per step and MFU (model FLOPs from mistral_jax.flops over a stated or measured peak).
+
+--compile-layers N ... instead times `jit(train_step).lower(...).compile()` (lowering and XLA compile
+separately, no execution) of a small model (dim 256, 4 q / 2 kv heads, hidden 768, vocab 32000) at each
+depth, scanned layers (nn.scan, the default) vs the per-layer Python loop (scan_layers=False).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def time_steps(run_one, steps: int, warmup: int = 1) -> list[float]:
     return out
 
 
-def bench_jax(batch: int, seq: int, steps: int, dtype, remat: bool = False) -> list[float]:
+def bench_jax(batch: int, seq: int, steps: int, dtype, remat: str = "none") -> list[float]:
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     o = OptimSection(lr=1e-4, warmup_steps=0)
     opt = optim.make_optimizer(o, 1000)
@@ -61,6 +66,56 @@ def bench_jax(batch: int, seq: int, steps: int, dtype, remat: bool = False) -> l
         state["s"], m = step(state["s"], b)
         jax.block_until_ready(m["loss"])
     return time_steps(run_one, steps)
+
+
+def compile_config(n_layers: int) -> ModelConfig:
+    """The small model of the compile-time comparison, at `n_layers` layers."""
+    return ModelConfig(dim=256, n_layers=n_layers, n_heads=4, n_kv_heads=2, head_dim=64, hidden_dim=768,
+                       vocab_size=32000, sliding_window=128, max_seq_len=1024)
+
+
+def compile_times(n_layers: int, scan_layers: bool, remat: str, batch: int = 4, seq: int = 256,
+                  repeats: int = 1) -> tuple[float, float]:
+    """(lowering seconds, compile seconds) of the train step, best of `repeats`; nothing is executed."""
+    cfg = compile_config(n_layers)
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    o = OptimSection(lr=1e-4, warmup_steps=0)
+    opt = optim.make_optimizer(o, 1000)
+    state = ts.abstract_state(cfg, opt, mesh, scan_layers=scan_layers)
+    batch_sh = ts.batch_shardings(mesh)
+    abstract_batch = {k: jax.ShapeDtypeStruct((1, batch, seq), jnp.int32, sharding=batch_sh[k]) for k in ts.BATCH_KEYS}
+    best = (float("inf"), float("inf"))
+    for _ in range(repeats):
+        jax.clear_caches()
+        step = ts.make_train_step(cfg, opt, optim.learning_rate_schedule(o, 1000), mesh, remat=remat,
+                                  scan_layers=scan_layers)
+        t0 = time.perf_counter()
+        lowered = step.lower(state, abstract_batch)
+        t1 = time.perf_counter()
+        lowered.compile()
+        t2 = time.perf_counter()
+        best = min(best, (t1 - t0, t2 - t1), key=lambda x: x[0] + x[1])
+    return best
+
+
+def run_compile_bench(layers: list[int], remat: str, repeats: int) -> None:
+    print(f"\nTrain-step compile time (jit(...).lower(...).compile(), CPU backend, best of {repeats}): "
+          f"dim 256, 4q/2kv heads, hidden 768, vocab 32000, batch 4x256, float32, remat {remat!r}.\n")
+    print("| layers | scanned | lower s | compile s | total s |")
+    print("| ---: | --- | ---: | ---: | ---: |")
+    totals: dict[tuple[bool, int], float] = {}
+    for scan in (False, True):
+        for n in layers:
+            lo, co = compile_times(n, scan, remat, repeats=repeats)
+            totals[scan, n] = lo + co
+            kind = "yes" if scan else "no (Python loop)"
+            print(f"| {n} | {kind} | {lo:.2f} | {co:.2f} | {lo + co:.2f} |", flush=True)
+    if len(layers) > 1:
+        a, b = layers[0], layers[-1]
+        for scan in (False, True):
+            print(f"\n{'scanned' if scan else 'unscanned'}: {b} layers / {a} layers = "
+                  f"{totals[scan, b] / totals[scan, a]:.2f}x", end="")
+        print()
 
 
 def bench_torch(batch: int, seq: int, steps: int) -> list[float]:
@@ -110,7 +165,14 @@ def main(argv=None) -> None:
     p.add_argument("--peak-flops", type=float, default=0.0,
                    help="FLOP/s for MFU; 0 takes the best 1024^3 float32 matmul of JAX and PyTorch")
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--compile-layers", type=int, nargs="+", metavar="N",
+                   help="time train-step compilation (scanned vs unscanned) at these depths instead")
+    p.add_argument("--remat", default="none", choices=("none", "full", "dots"), help="for --compile-layers")
+    p.add_argument("--repeats", type=int, default=1, help="for --compile-layers: best of this many compiles")
     args = p.parse_args(argv)
+    if args.compile_layers:
+        run_compile_bench(args.compile_layers, args.remat, args.repeats)
+        return
 
     if args.peak_flops:
         peak, peak_src = args.peak_flops, "given"

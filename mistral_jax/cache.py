@@ -1,8 +1,11 @@
 """Rolling-buffer KV cache: fixed size C per layer, position p stored at slot p mod C.
 
-Each layer's cache is a dict {"k": (B, C, K, H), "v": (B, C, K, H), "pos": (B, C) int32}; "pos"
-holds the absolute position stored in each slot (-1 when empty), so the attention mask is computed
-from positions like everywhere else and the memory never grows with generated length.
+The model's cache is one dict of layer-stacked arrays {"k": (L, B, C, K, H), "v": (L, B, C, K, H),
+"pos": (L, B, C) int32}, scanned alongside the stacked layer params; a layer sees its slice
+{"k": (B, C, K, H), "v": ..., "pos": (B, C)}. "pos" holds the absolute position stored in each slot
+(-1 when empty), so the attention mask is computed from positions like everywhere else and the memory
+never grows with generated length. (Every layer writes the same positions; "pos" is kept per layer so
+a layer's slice is self-contained; it is 1/(2*K*H) of the cache.)
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import jax.numpy as jnp
 
 from mistral_jax.config import ModelConfig
 
-LayerCache = dict[str, jax.Array]
+LayerCache = dict[str, jax.Array]   # one layer: k/v (B, C, K, H), pos (B, C)
+Cache = dict[str, jax.Array]        # all layers stacked: k/v (L, B, C, K, H), pos (L, B, C)
 
 
 def cache_size(cfg: ModelConfig, max_len: int) -> int:
@@ -24,19 +28,19 @@ def cache_size(cfg: ModelConfig, max_len: int) -> int:
     return min(cfg.sliding_window, max_len) if cfg.sliding_window is not None else max_len
 
 
-def init_cache(cfg: ModelConfig, batch: int, size: int, dtype: Any = jnp.float32) -> list[LayerCache]:
-    """An empty cache: one dict per layer."""
-    def layer() -> LayerCache:
-        return {"k": jnp.zeros((batch, size, cfg.n_kv_heads, cfg.head_dim), dtype),
-                "v": jnp.zeros((batch, size, cfg.n_kv_heads, cfg.head_dim), dtype),
-                "pos": jnp.full((batch, size), -1, jnp.int32)}
-    return [layer() for _ in range(cfg.n_layers)]
+def init_cache(cfg: ModelConfig, batch: int, size: int, dtype: Any = jnp.float32) -> Cache:
+    """An empty cache: layer-stacked k/v (L, B, C, K, H) and slot positions (L, B, C), all -1."""
+    L, K, H = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+    return {"k": jnp.zeros((L, batch, size, K, H), dtype),
+            "v": jnp.zeros((L, batch, size, K, H), dtype),
+            "pos": jnp.full((L, batch, size), -1, jnp.int32)}
 
 
 def cache_logical_axes() -> dict[str, tuple[str, ...]]:
-    return {"k": ("batch", "cache_length", "act_kv_heads", "head_dim"),
-            "v": ("batch", "cache_length", "act_kv_heads", "head_dim"),
-            "pos": ("batch", "cache_length")}
+    """Logical axes of the stacked cache's arrays (the layer axis is never sharded)."""
+    return {"k": ("layers", "batch", "cache_length", "act_kv_heads", "head_dim"),
+            "v": ("layers", "batch", "cache_length", "act_kv_heads", "head_dim"),
+            "pos": ("layers", "batch", "cache_length")}
 
 
 def write(cache: LayerCache, k_BTKH: jax.Array, v_BTKH: jax.Array, pos_BT: jax.Array) -> LayerCache:

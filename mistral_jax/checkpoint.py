@@ -1,9 +1,12 @@
 """This library's checkpoint format (config.json + checksums.json + orbax params) and one loader for
 native, HF and mistral-inference folders.
 
-Native format version 2 (FORMAT_VERSION): config.json holds the config fields, the format marker and the
+Native format version 3 (FORMAT_VERSION): config.json holds the config fields, the format marker and the
 param dtype; checksums.json holds a sha256 of every param's bytes (in its stored dtype), verified on
-load. Version-1 folders (no checksums) still load, with a note that they were not verified.
+load; the params are the scanned tree (per-layer params stacked under "layers", leading axis n_layers).
+Versions 1 and 2 stored per-layer params ("layers_0", "layers_1", ...): they still load (version 2's
+checksums verified per stored param), and their layers are stacked on the host, one param at a time.
+Version-1 folders (no checksums) load with a note that they were not verified.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from mistral_jax.model import abstract_params, param_shardings
 from mistral_jax.torch_read import load_tensors, open_source, read_config
 from mistral_jax.weights import WeightError, check_shape
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+SCANNED_SINCE = 3  # versions before this store per-layer ("layers_{i}") params
 CHECKSUMS = "checksums.json"
 log = logging.getLogger(__name__)
 
@@ -42,9 +46,10 @@ def _flat(tree: Any) -> dict[str, Any]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _check_tree(cfg: ModelConfig, got: dict[str, Any], source: str) -> None:
-    """Raises WeightError naming the first param whose presence or shape differs from the config's."""
-    want = {k: tuple(v.shape) for k, v in _flat(nn.unbox(abstract_params(cfg))).items()}
+def _check_tree(cfg: ModelConfig, got: dict[str, Any], source: str, scan_layers: bool = True) -> None:
+    """Raises WeightError naming the first param whose presence or shape differs from the config's
+    (scanned tree, or the per-layer tree of format versions 1-2 when not scan_layers)."""
+    want = {k: tuple(v.shape) for k, v in _flat(nn.unbox(abstract_params(cfg, scan_layers=scan_layers))).items()}
     missing = sorted(set(want) - set(got))
     unexpected = sorted(set(got) - set(want))
     if missing:
@@ -65,6 +70,14 @@ def _cast(x: jax.Array, dtype: np.dtype) -> jax.Array:
 def _host(leaf: Any) -> np.ndarray:
     """One param as a host numpy array (gathered from its devices if sharded)."""
     return np.asarray(jax.device_get(leaf))
+
+
+def _host_device() -> jax.Device:
+    """The CPU device (host memory) when the CPU backend is available, else the default device."""
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:
+        return jax.devices()[0]
 
 
 def _wait_for_threads(before: set[threading.Thread], limit_s: float = 60.0) -> None:
@@ -158,10 +171,36 @@ def _read_checksums(path: Path, names: list[str]) -> dict[str, str]:
     return digests
 
 
+def _stack_legacy(cfg: ModelConfig, params: dict, shardings: Any) -> dict:
+    """A per-layer tree (format versions 1-2, restored in host memory) -> the scanned tree in `shardings`
+    (None: the default device). Each stacked param is assembled on the host, placed, and its per-layer arrays freed
+    before the next one."""
+    layers = [params.pop(f"layers_{i}") for i in range(cfg.n_layers)]
+    out = {k: jax.device_put(v, jax.devices()[0] if shardings is None else shardings[k]) for k, v in params.items()}
+    flat0, treedef = jax.tree_util.tree_flatten_with_path(layers[0])
+    per_layer = [jax.tree_util.tree_leaves(layer) for layer in layers]
+    stacked = []
+    for j, (kpath, _) in enumerate(flat0):
+        x = np.stack([_host(leaves[j]) for leaves in per_layer])
+        for leaves in per_layer:
+            leaves[j].delete()
+        sh = None
+        if shardings is not None:
+            sh = shardings["layers"]
+            for k in kpath:
+                sh = sh[k.key]
+        stacked.append(jax.device_put(x, sh))
+        stacked[-1].block_until_ready()
+        del x
+    out["layers"] = jax.tree_util.tree_unflatten(treedef, stacked)
+    return out
+
+
 def _load_native(path: Path, shardings: Any, dtype: Any, rope_theta: float | None, verify: bool = True,
                  allow_nonfinite: bool = False) -> tuple[ModelConfig, Any, list[str]]:
     """Restores a native folder; with `verify`, checks each param's checksum and values in its stored dtype
-    (restored in that dtype, then cast param by param to `dtype`)."""
+    (restored in that dtype, then cast param by param to `dtype`). Folders of format versions 1-2
+    (per-layer params) are restored, checked per stored param, then stacked into the scanned tree."""
     import orbax.checkpoint as ocp
 
     cfg, stored, version = _read_native_meta(path)
@@ -176,18 +215,20 @@ def _load_native(path: Path, shardings: Any, dtype: Any, rope_theta: float | Non
         notes.append(f"{path}: native format version {version} has no checksums; params not verified "
                      "(save it again to add them)")
     check = verify and version >= 2
+    scanned = version >= SCANNED_SINCE
+    target_shardings = shardings
     ckptr = ocp.StandardCheckpointer(restore_concurrent_gb=1)
     try:
         try:
             stored_tree = ckptr.metadata(params_dir).item_metadata.tree
         except Exception as e:  # orbax raises various types for unreadable metadata
             raise CheckpointError(f"{params_dir}: unreadable orbax metadata ({type(e).__name__}: {e})") from None
-        _check_tree(cfg, _flat(stored_tree), str(params_dir))
-        abstract = nn.unbox(abstract_params(cfg))
+        _check_tree(cfg, _flat(stored_tree), str(params_dir), scan_layers=scanned)
+        abstract = nn.unbox(abstract_params(cfg, scan_layers=scanned))
         if check:
             digests = _read_checksums(path, list(_flat(abstract)))
-        if shardings is None:
-            dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        if shardings is None or not scanned:  # a per-layer tree is restored on the host, then stacked
+            dev = jax.sharding.SingleDeviceSharding(jax.devices()[0] if scanned else _host_device())
             shardings = jax.tree_util.tree_map(lambda _: dev, abstract)
         restore_dt = stored_dt if (check or not allow_nonfinite) else want_dt
         target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, restore_dt, sharding=s),
@@ -199,28 +240,31 @@ def _load_native(path: Path, shardings: Any, dtype: Any, rope_theta: float | Non
                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None
     finally:
         ckptr.close()
-    if restore_dt == want_dt and not check and allow_nonfinite:
-        return cfg, params, notes
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    del params
-    out = []
-    for i, (kpath, leaf) in enumerate(leaves):
-        name = "/".join(str(getattr(k, "key", k)) for k in kpath)
-        x = _host(leaf)
-        if digests is not None and tensor_digest(x) != digests[name]:
-            raise CheckpointError(f"{params_dir}: param '{name}' does not match its {ALGORITHM} checksum in "
-                                  f"{CHECKSUMS}: the params files are corrupt")
-        check_values(x, name, str(params_dir), allow_nonfinite)
-        if want_dt != stored_dt:
-            cast = _cast(leaf, want_dt)
-            if want_dt.itemsize < stored_dt.itemsize:  # narrowing can overflow to inf
-                check_values(_host(cast), name, f"{params_dir} (cast to {want_dt.name})", allow_nonfinite, before=x)
-            leaf.delete()
-            leaf = cast
-        out.append(leaf)
-        leaves[i] = None
-        del x
-    return cfg, jax.tree_util.tree_unflatten(treedef, out), notes
+    if not (restore_dt == want_dt and not check and allow_nonfinite):
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+        del params
+        out = []
+        for i, (kpath, leaf) in enumerate(leaves):
+            name = "/".join(str(getattr(k, "key", k)) for k in kpath)
+            x = _host(leaf)
+            if digests is not None and tensor_digest(x) != digests[name]:
+                raise CheckpointError(f"{params_dir}: param '{name}' does not match its {ALGORITHM} checksum in "
+                                      f"{CHECKSUMS}: the params files are corrupt")
+            check_values(x, name, str(params_dir), allow_nonfinite)
+            if want_dt != stored_dt:
+                cast = _cast(leaf, want_dt)
+                if want_dt.itemsize < stored_dt.itemsize:  # narrowing can overflow to inf
+                    check_values(_host(cast), name, f"{params_dir} (cast to {want_dt.name})", allow_nonfinite,
+                                 before=x)
+                leaf.delete()
+                leaf = cast
+            out.append(leaf)
+            leaves[i] = None
+            del x
+        params = jax.tree_util.tree_unflatten(treedef, out)
+    if not scanned:
+        params = _stack_legacy(cfg, params, target_shardings)
+    return cfg, params, notes
 
 
 def load_params_with_notes(path: str | Path, mesh: Mesh | None = None, dtype: Any = jnp.float32,

@@ -85,10 +85,9 @@ def _apply(params, cfg: ModelConfig, dtype: Dtype, tokens_BT, pos_BT, cache, log
         {"params": params}, tokens_BT, pos_BT, cache=cache, logit_index_B=logit_index_B)
 
 
-def _new_cache(cfg: ModelConfig, batch: int, size: int, dtype: Dtype) -> list[kv_cache.LayerCache]:
+def _new_cache(cfg: ModelConfig, batch: int, size: int, dtype: Dtype) -> kv_cache.Cache:
     axes = kv_cache.cache_logical_axes()
-    return [{k: nn.with_logical_constraint(v, axes[k]) for k, v in layer.items()}
-            for layer in kv_cache.init_cache(cfg, batch, size, dtype)]
+    return {k: nn.with_logical_constraint(v, axes[k]) for k, v in kv_cache.init_cache(cfg, batch, size, dtype).items()}
 
 
 def _prefill(params, cfg: ModelConfig, dtype: Dtype, tokens_BL, lengths_B, cache, chunk: int,

@@ -7,7 +7,7 @@ H head dim, F feed-forward hidden, V vocab.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -70,7 +70,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attn_impl: str = "dense"
+    attn_impl: str = "auto"
     attn_block: int = 512
 
     @nn.compact
@@ -103,7 +103,7 @@ class Attention(nn.Module):
             kseg_BS = None
             new_cache = kv_cache.write(cache, k_BTKH, v_BTKH, pos_BT)
         out_BTNH = multihead_attention(q_BTNH, k_BSKH, v_BSKH, pos_BT, kpos_BS, c.sliding_window, seg_BT, kseg_BS,
-                                       impl=self.attn_impl, block=self.attn_block)
+                                       impl=self.attn_impl, block=self.attn_block, self_attention=cache is None)
         return jnp.einsum("btnh,nhd->btd", out_BTNH, wo_NHD), new_cache
 
 
@@ -112,7 +112,7 @@ class Block(nn.Module):
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attn_impl: str = "dense"
+    attn_impl: str = "auto"
     attn_block: int = 512
 
     @nn.compact
@@ -127,42 +127,80 @@ class Block(nn.Module):
         return _constrain(h_BTD, ("batch", "length", "act_embed")), new_cache
 
 
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def remat_policy(name: str) -> Any:
+    """The jax.checkpoint policy of a remat name: "full" saves nothing (None), "dots" saves the matmul
+    outputs without batch dimensions (projections and FFN, not attention scores)."""
+    if name not in REMAT_POLICIES or name == "none":
+        raise ValueError(f"remat_policy: remat must be one of {REMAT_POLICIES[1:]} here, got {name!r}")
+    return None if name == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+
+
+def _layer_slice(cache: kv_cache.Cache, i: int) -> kv_cache.LayerCache:
+    return {k: v[i] for k, v in cache.items()}
+
+
 class Transformer(nn.Module):
-    """Token ids -> float32 logits. Optional positions, segment ids (packing) and a per-layer KV cache."""
+    """Token ids -> float32 logits. Optional positions, segment ids (packing) and a stacked KV cache.
+
+    With scan_layers (the default) the blocks are one `nn.scan` over a leading layer axis: params live
+    under "layers" with shape (n_layers, ...) and logical axis "layers". scan_layers=False is the plain
+    Python loop with params "layers_{i}" (same maths; kept as the reference for the scanned model).
+    remat: "none", "full" (recompute each block in the backward pass) or "dots" (keep matmul outputs).
+    """
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
-    attn_impl: str = "dense"   # "dense" (mask + full scores) or "blockwise" (key blocks by reach)
+    remat: str = "none"
+    scan_layers: bool = True
+    attn_impl: str = "auto"    # attention.IMPLS: "auto" = splash on TPU, xla on GPU, blockwise otherwise
     attn_block: int = 512      # query/key block size of the blockwise path
+
+    def _block_cls(self) -> Any:
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"Transformer: remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.remat == "none":
+            return Block
+        # Under scan, the loop itself keeps XLA from merging recomputation into the forward pass.
+        return nn.remat(Block, prevent_cse=not self.scan_layers, policy=remat_policy(self.remat))
 
     @nn.compact
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
                  segment_ids_BT: jax.Array | None = None,
-                 cache: list[kv_cache.LayerCache] | None = None,
+                 cache: kv_cache.Cache | None = None,
                  logit_index_B: jax.Array | None = None,
                  return_hidden: bool = False,
-                 ) -> tuple[jax.Array, list[kv_cache.LayerCache] | None]:
+                 ) -> tuple[jax.Array, kv_cache.Cache | None]:
         """Returns (logits_BTV, updated cache). With logit_index_B, only the logits at that index of
         each row are computed: (B, 1, V). With return_hidden, returns the final normed hidden states
         (B, T, D) instead of logits (for a chunked loss against params['output'])."""
         c = self.cfg
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
-        if cache is not None and len(cache) != c.n_layers:
-            raise ValueError(f"Transformer: cache has {len(cache)} layers, model has {c.n_layers}")
+        if cache is not None and cache["k"].shape[0] != c.n_layers:
+            raise ValueError(f"Transformer: cache has {cache['k'].shape[0]} layers, model has {c.n_layers}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        block_kw = dict(attn_impl=self.attn_impl, attn_block=self.attn_block, **kw)
         emb_VD = _param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"))
         h_BTD = jnp.take(emb_VD, tokens_BT, axis=0).astype(self.dtype)
         h_BTD = _constrain(h_BTD, ("batch", "length", "act_embed"))
-        block_cls = nn.remat(Block, prevent_cse=True) if self.remat else Block
-        new_cache = [] if cache is not None else None
-        for i in range(c.n_layers):
-            h_BTD, layer_cache = block_cls(c, name=f"layers_{i}", attn_impl=self.attn_impl,
-                                           attn_block=self.attn_block, **kw)(
-                h_BTD, positions_BT, segment_ids_BT, None if cache is None else cache[i])
-            if cache is not None:
-                new_cache.append(layer_cache)
+        block_cls = self._block_cls()
+        if self.scan_layers:
+            # carry h; positions and segment ids are the same for every layer; the cache is sliced per layer
+            blocks = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(nn.broadcast, nn.broadcast, 0), length=c.n_layers,
+                             metadata_params={nn.PARTITION_NAME: "layers"})
+            h_BTD, new_cache = blocks(c, name="layers", **block_kw)(h_BTD, positions_BT, segment_ids_BT, cache)
+        else:
+            layer_caches = []
+            for i in range(c.n_layers):
+                h_BTD, layer_cache = block_cls(c, name=f"layers_{i}", **block_kw)(
+                    h_BTD, positions_BT, segment_ids_BT, None if cache is None else _layer_slice(cache, i))
+                layer_caches.append(layer_cache)
+            new_cache = None if cache is None else {
+                k: jnp.stack([lc[k] for lc in layer_caches]) for k in cache}
         if logit_index_B is not None:
             h_BTD = jnp.take_along_axis(h_BTD, logit_index_B[:, None, None].astype(jnp.int32), axis=1)
         h_BTD = RMSNorm(c.norm_eps, name="norm", **kw)(h_BTD)
@@ -173,15 +211,32 @@ class Transformer(nn.Module):
         return _constrain(logits_BTV, ("batch", "length", "act_vocab")), new_cache
 
 
+# ----- scanned <-> per-layer param trees -----
+
+def unstack_layers(params: Mapping[str, Any], n_layers: int) -> dict[str, Any]:
+    """Scanned tree ("layers" with a leading layer axis) -> per-layer tree ("layers_0", ...)."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(n_layers):
+        out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], params["layers"])
+    return out
+
+
+def stack_layers(params: Mapping[str, Any], n_layers: int) -> dict[str, Any]:
+    """Per-layer tree ("layers_0", ...) -> scanned tree ("layers" with a leading layer axis)."""
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    out["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(n_layers)])
+    return out
+
+
 # ----- params: abstract shapes, shardings, sharded init -----
 
 def _dummy_tokens() -> jax.Array:
     return jnp.zeros((1, 1), jnp.int32)
 
 
-def abstract_params(cfg: ModelConfig, param_dtype: Dtype = jnp.float32) -> Any:
+def abstract_params(cfg: ModelConfig, param_dtype: Dtype = jnp.float32, scan_layers: bool = True) -> Any:
     """Boxed (LogicallyPartitioned) ShapeDtypeStructs of the params, without allocating anything."""
-    model = Transformer(cfg, param_dtype=param_dtype)
+    model = Transformer(cfg, param_dtype=param_dtype, scan_layers=scan_layers)
     return jax.eval_shape(lambda r: model.init(r, _dummy_tokens()), jax.random.key(0))["params"]
 
 
@@ -194,9 +249,10 @@ def param_logical_specs(cfg: ModelConfig) -> Any:
     return nn.get_partition_spec(abstract_params(cfg))
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh, param_dtype: Dtype = jnp.float32) -> Any:
+def param_shardings(cfg: ModelConfig, mesh: Mesh, param_dtype: Dtype = jnp.float32,
+                    scan_layers: bool = True) -> Any:
     """Tree of NamedShardings for the (unboxed) params on `mesh`."""
-    abstract = abstract_params(cfg, param_dtype)
+    abstract = abstract_params(cfg, param_dtype, scan_layers)
     return sharding.logical_shardings(nn.get_partition_spec(abstract), mesh, nn.unbox(abstract))
 
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,6 +33,18 @@ def _mesh_axis(v: int) -> int:
 MeshAxis = Annotated[int, AfterValidator(_mesh_axis)]
 
 
+def _remat_name(v: Any) -> Any:
+    """Configs (and checkpoint metadata) written before remat policies had a boolean: true is "full",
+    false is "none"."""
+    if isinstance(v, bool):
+        return "full" if v else "none"
+    return v
+
+
+# "none": keep activations; "full": recompute each block in the backward pass; "dots": keep matmul outputs
+RematName = Annotated[Literal["none", "full", "dots"], BeforeValidator(_remat_name)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -43,7 +55,7 @@ class ModelSection(_Section):
     overrides: dict[str, Any] = Field(default_factory=dict)  # ModelConfig fields
     dtype: DtypeName = "bfloat16"  # compute dtype
     param_dtype: DtypeName = "float32"  # master params
-    remat: bool = False
+    remat: RematName = "none"
 
 
 class DataSection(_Section):

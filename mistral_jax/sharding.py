@@ -14,6 +14,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Logical axis name -> mesh axis (or axes). Params use embed/vocab/mlp/*_heads; activations use act_*.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
+    ("layers", None),          # the stacked (scanned) layer axis: every device holds all layers' slices
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),

@@ -23,7 +23,8 @@ from mistral_jax.config import ModelConfig
 from mistral_jax.dtypes import parse_dtype
 from mistral_jax.formats import CheckpointError
 from mistral_jax.integrity import check_values
-from mistral_jax.weights import WeightError, check_keys, check_shape, get_path, set_path, tensor_specs
+from mistral_jax.weights import (TensorSpec, WeightError, assemble, check_keys, check_shape, get_path, group_specs,
+                                 set_path, tensor_specs)
 
 ST_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -277,9 +278,10 @@ def load_tensors(source: TensorSource, cfg: ModelConfig, layout: str, dtype: Any
     """Reads every tensor into our params tree of jax arrays, one tensor at a time.
 
     All keys and shapes are checked before any data is read. Each tensor is converted to our layout and
-    `dtype` (None: the checkpoint's own float dtype), checked for NaN/inf (and for overflow of the cast;
-    refused unless `allow_nonfinite`) and put onto its sharding (from `shardings`, a tree matching the
-    params) or the default device.
+    `dtype` (None: the checkpoint's own float dtype) and checked for NaN/inf (and for overflow of the cast;
+    refused unless `allow_nonfinite`). Per-layer tensors are stacked on the host one param at a time (e.g.
+    all n_layers wq's into one (L, D, N, H) buffer), and each param is put onto its sharding (from
+    `shardings`, a tree matching the params) or the default device before the next is read.
     """
     specs = tensor_specs(cfg, layout)
     check_keys(source.keys(), specs, source.name)
@@ -293,14 +295,21 @@ def load_tensors(source: TensorSource, cfg: ModelConfig, layout: str, dtype: Any
         dtype = np.float32 if dtype == np.float64 else dtype
     dtype = parse_dtype(dtype, "dtype")
     params: dict = {}
-    for spec in tqdm(specs, desc=f"reading {Path(source.name).name}", unit="tensor", disable=not progress):
-        raw = source.read(spec.key)
-        with np.errstate(over="ignore"):  # overflow is reported by check_values, naming the tensor
-            x = spec.to_ours(raw).astype(dtype, copy=False)
-        check_values(x, spec.key, str(source.file_of(spec.key)), allow_nonfinite, before=raw)
-        sharding = get_path(shardings, spec.path) if shardings is not None else None
-        arr = jax.device_put(x, sharding)
-        arr.block_until_ready()  # bounds host memory: at most one tensor in flight
-        set_path(params, spec.path, arr)
-        del x, raw
+    with tqdm(total=len(specs), desc=f"reading {Path(source.name).name}", unit="tensor",
+              disable=not progress) as bar:
+        def read(spec: TensorSpec) -> np.ndarray:
+            raw = source.read(spec.key)
+            with np.errstate(over="ignore"):  # overflow is reported by check_values, naming the tensor
+                x = spec.to_ours(raw).astype(dtype, copy=False)
+            check_values(x, spec.key, str(source.file_of(spec.key)), allow_nonfinite, before=raw)
+            bar.update()
+            return x
+
+        for group in group_specs(specs):
+            path = group[0].path
+            x = assemble(group, read)
+            arr = jax.device_put(x, get_path(shardings, path) if shardings is not None else None)
+            arr.block_until_ready()  # bounds host memory: at most one (stacked) param in flight
+            set_path(params, path, arr)
+            del x
     return params

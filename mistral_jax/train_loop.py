@@ -36,6 +36,9 @@ class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN/inf; the message names the step and the last good checkpoint."""
 
 
+PARAM_LAYOUT = "scanned"  # train-state params: layers stacked under "layers" (checkpoints before had none)
+
+
 class RunError(ValueError):
     """A run cannot start as asked (mesh, tokenizer, --init-from, an incompatible checkpoint); one line."""
 
@@ -167,6 +170,11 @@ def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, 
                 f"--resume: the checkpoint (step {latest} in {ckpt.directory}) was written with a different "
                 f"config: {'; '.join(changes)}. Only {', '.join(rc_lib.RESUMABLE_CHANGES)} may change on "
                 "resume; use another --run-dir (with --init-from an exported checkpoint to keep the params)")
+        if saved_meta.get("param_layout") != PARAM_LAYOUT:
+            raise RunError(
+                f"--resume: the checkpoint (step {latest} in {ckpt.directory}) holds per-layer params from before "
+                "scanned layers and cannot be resumed; use another --run-dir with --init-from its exported "
+                "native checkpoint (native checkpoints of every version load)")
         try:
             train_stream.restore(data_state)
         except ValueError as e:
@@ -199,7 +207,8 @@ def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, 
         peak, peak_source = float(saved_meta["peak_flops"]), saved_meta["peak_source"] + ", at the run's start"
     else:
         peak, peak_source = measure_peak(mesh, dtype)
-    meta = {"model": cfg.to_dict(), "run_config": rc.to_dict(), "schedule_steps": schedule_steps,
+    meta = {"model": cfg.to_dict(), "run_config": rc.to_dict(), "param_layout": PARAM_LAYOUT,
+            "schedule_steps": schedule_steps,
             "peak_flops": peak, "peak_source": peak_source}
     (run_dir / "config.json").write_text(json.dumps(rc.to_dict(), indent=1))
 

@@ -51,14 +51,15 @@ def token_nll(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
 
 
 def summed_loss(params: Any, tokens_BT: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
-                cfg: ModelConfig, dtype: Any = jnp.float32, remat: bool = False,
-                loss_chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+                cfg: ModelConfig, dtype: Any = jnp.float32, remat: str = "none",
+                loss_chunk: int = LOSS_CHUNK, scan_layers: bool = True) -> tuple[jax.Array, jax.Array]:
     """(sum of masked token NLLs, number of predicted tokens) for one micro-batch.
 
     The output head and the loss run `loss_chunk` positions at a time (`loss.chunked_nll`), so float32
-    (B, T, V) logits are never held at once.
+    (B, T, V) logits are never held at once. remat: "none" | "full" | "dots" (see model.Transformer);
+    scan_layers=False runs the per-layer (unscanned) model on a per-layer params tree.
     """
-    model = model_lib.Transformer(cfg, dtype=dtype, remat=remat)
+    model = model_lib.Transformer(cfg, dtype=dtype, remat=remat, scan_layers=scan_layers)
     with sharding.with_rules():
         h_BTD, _ = model.apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT, return_hidden=True)
     out_DV = params["output"].astype(h_BTD.dtype)
@@ -70,25 +71,25 @@ def summed_loss(params: Any, tokens_BT: jax.Array, positions_BT: jax.Array, segm
 # ----- state and shardings -----
 
 def state_shardings(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    param_dtype: Any = jnp.float32) -> TrainState:
+                    param_dtype: Any = jnp.float32, scan_layers: bool = True) -> TrainState:
     """NamedShardings of the train state: params by the logical rules; optimizer moments follow their params."""
-    param_sh = model_lib.param_shardings(cfg, mesh, param_dtype)
-    abstract_opt = jax.eval_shape(optimizer.init, _unboxed_abstract(cfg, param_dtype))
+    param_sh = model_lib.param_shardings(cfg, mesh, param_dtype, scan_layers)
+    abstract_opt = jax.eval_shape(optimizer.init, _unboxed_abstract(cfg, param_dtype, scan_layers))
     rep = sharding.replicated(mesh)
     opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, abstract_opt, param_sh,
                                    transform_non_params=lambda _: rep)
     return {"step": rep, "params": param_sh, "opt_state": opt_sh}
 
 
-def _unboxed_abstract(cfg: ModelConfig, param_dtype: Any) -> Any:
-    return nn.unbox(model_lib.abstract_params(cfg, param_dtype))
+def _unboxed_abstract(cfg: ModelConfig, param_dtype: Any, scan_layers: bool = True) -> Any:
+    return nn.unbox(model_lib.abstract_params(cfg, param_dtype, scan_layers))
 
 
 def abstract_state(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
-                   param_dtype: Any = jnp.float32) -> TrainState:
+                   param_dtype: Any = jnp.float32, scan_layers: bool = True) -> TrainState:
     """ShapeDtypeStructs (with shardings) of the train state, e.g. as an orbax restore target."""
-    shardings = state_shardings(cfg, optimizer, mesh, param_dtype)
-    params = _unboxed_abstract(cfg, param_dtype)
+    shardings = state_shardings(cfg, optimizer, mesh, param_dtype, scan_layers)
+    params = _unboxed_abstract(cfg, param_dtype, scan_layers)
     shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
               "opt_state": jax.eval_shape(optimizer.init, params)}
     return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -129,16 +130,18 @@ def check_batch_shape(mesh: Mesh, grad_accum: int, batch_size: int) -> None:
 
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     mesh: Mesh, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                    remat: bool = False, loss_fn: LossFn | None = None
+                    remat: str = "none", loss_fn: LossFn | None = None, scan_layers: bool = True
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns jit(step)(state, batch) -> (state, metrics), state donated, explicit in/out shardings.
 
     Gradients of the summed token loss are accumulated over the A micro-batches and divided by the
     total token count, so A micro-batches equal one step on the A-times batch. A non-finite loss or
     gradient norm leaves the state unchanged and reports finite=False. `loss_fn` (default
-    `summed_loss`) has summed_loss's signature and returns (summed NLL, token count).
+    `summed_loss`) has summed_loss's signature and returns (summed NLL, token count). scan_layers=False
+    steps the per-layer (unscanned) model and params tree (kept for comparisons such as compile time).
     """
-    loss_fn = summed_loss if loss_fn is None else loss_fn
+    if loss_fn is None:
+        loss_fn = functools.partial(summed_loss, scan_layers=scan_layers)
     loss_grad = jax.value_and_grad(functools.partial(loss_fn, cfg=cfg, dtype=dtype, remat=remat), has_aux=True)
 
     def micro(params, mb: Batch):
@@ -170,7 +173,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, s
                    "tokens": count, "finite": finite}
         return new_state, metrics
 
-    state_sh = state_shardings(cfg, optimizer, mesh, param_dtype)
+    state_sh = state_shardings(cfg, optimizer, mesh, param_dtype, scan_layers)
     rep = sharding.replicated(mesh)
     metric_sh = {k: rep for k in ("loss", "grad_norm", "lr", "tokens", "finite")}
     return jax.jit(step, in_shardings=(state_sh, batch_shardings(mesh)), out_shardings=(state_sh, metric_sh),

@@ -4,6 +4,10 @@ Two foreign layouts: Hugging Face (`model.layers.N.self_attn.q_proj.weight`, rot
 the same rotary layout as ours) and mistral-inference (`layers.N.attention.wq.weight`, interleaved
 q/k rows). Both store Linear weights as (out, in). Functions here work on numpy arrays, one tensor
 at a time, so callers can stream.
+
+Our params stack the layers (scanned model): the foreign tensor `layers.N.attention.wq.weight` is slice
+N of our ("layers", "attention", "wq") array of shape (n_layers, D, N, H). A TensorSpec names that
+path and its layer index; `to_ours`/`from_ours` convert one layer's slice.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ class WeightError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-    """One foreign tensor: its key, its (out, in) shape, our param path and the two conversions."""
+    """One foreign tensor: its key, its (out, in) shape, our param path (+ layer index into its leading
+    axis, for per-layer tensors) and the two conversions of that one slice."""
     key: str
     shape: tuple[int, ...]
     path: tuple[str, ...]
     to_ours: Callable[[np.ndarray], np.ndarray]
     from_ours: Callable[[np.ndarray], np.ndarray]
+    layer: int | None = None
 
 
 def interleaved_to_half(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -86,20 +92,20 @@ def tensor_specs(cfg: ModelConfig, layout: str) -> list[TensorSpec]:
     specs = [TensorSpec(g["emb"], (V, D), ("tok_embeddings",), ident, ident)]
     for i in range(cfg.n_layers):
         n = _names(layout, i)
-        L = f"layers_{i}"
         q, k, v = proj_in(N, True), proj_in(K, True), proj_in(K, False)
-        specs += [
-            TensorSpec(n["attention_norm"], (D,), (L, "attention_norm", "scale"), ident, ident),
-            TensorSpec(n["wq"], (N * H, D), (L, "attention", "wq"), *q),
-            TensorSpec(n["wk"], (K * H, D), (L, "attention", "wk"), *k),
-            TensorSpec(n["wv"], (K * H, D), (L, "attention", "wv"), *v),
-            TensorSpec(n["wo"], (D, N * H), (L, "attention", "wo"),
-                       lambda w: w.T.reshape(N, H, D), lambda w: w.reshape(N * H, D).T),
-            TensorSpec(n["ffn_norm"], (D,), (L, "ffn_norm", "scale"), ident, ident),
-            TensorSpec(n["w1"], (F, D), (L, "feed_forward", "w1"), lambda w: w.T, lambda w: w.T),
-            TensorSpec(n["w2"], (D, F), (L, "feed_forward", "w2"), lambda w: w.T, lambda w: w.T),
-            TensorSpec(n["w3"], (F, D), (L, "feed_forward", "w3"), lambda w: w.T, lambda w: w.T),
+        layer = [
+            (n["attention_norm"], (D,), ("attention_norm", "scale"), ident, ident),
+            (n["wq"], (N * H, D), ("attention", "wq"), *q),
+            (n["wk"], (K * H, D), ("attention", "wk"), *k),
+            (n["wv"], (K * H, D), ("attention", "wv"), *v),
+            (n["wo"], (D, N * H), ("attention", "wo"), lambda w: w.T.reshape(N, H, D), lambda w: w.reshape(N * H, D).T),
+            (n["ffn_norm"], (D,), ("ffn_norm", "scale"), ident, ident),
+            (n["w1"], (F, D), ("feed_forward", "w1"), lambda w: w.T, lambda w: w.T),
+            (n["w2"], (D, F), ("feed_forward", "w2"), lambda w: w.T, lambda w: w.T),
+            (n["w3"], (F, D), ("feed_forward", "w3"), lambda w: w.T, lambda w: w.T),
         ]
+        specs += [TensorSpec(key, shape, ("layers", *path), to, back, layer=i)
+                  for key, shape, path, to, back in layer]
     specs += [TensorSpec(g["norm"], (D,), ("norm", "scale"), ident, ident),
               TensorSpec(g["out"], (V, D), ("output",), lambda w: w.T, lambda w: w.T)]
     return specs
@@ -144,21 +150,52 @@ def get_path(tree: Mapping, path: tuple[str, ...]) -> Any:
     return tree
 
 
+def group_specs(specs: list[TensorSpec]) -> list[list[TensorSpec]]:
+    """Specs grouped by our param path (first-appearance order); a per-layer group is sorted by layer,
+    so group[i] fills slice i of the stacked array."""
+    groups: dict[tuple[str, ...], list[TensorSpec]] = {}
+    for s in specs:
+        groups.setdefault(s.path, []).append(s)
+    return [sorted(g, key=lambda s: -1 if s.layer is None else s.layer) for g in groups.values()]
+
+
+def assemble(group: list[TensorSpec], read: Callable[[TensorSpec], np.ndarray]) -> np.ndarray:
+    """One param from its group of specs: the single tensor, or the per-layer slices stacked on a leading
+    axis (filled one slice at a time into one host buffer). `read(spec)` returns the slice in our layout."""
+    if group[0].layer is None:
+        return np.ascontiguousarray(read(group[0]))
+    buf: np.ndarray | None = None
+    for spec in group:
+        x = read(spec)
+        if buf is None:
+            buf = np.empty((len(group), *x.shape), x.dtype)
+        buf[spec.layer] = x
+        del x
+    return buf
+
+
+def param_slice(params: Mapping, spec: TensorSpec) -> Any:
+    """Our array for one foreign tensor: the param at spec.path, indexed by spec.layer when per-layer."""
+    w = get_path(params, spec.path)
+    return w if spec.layer is None else w[spec.layer]
+
+
 def state_dict_to_params(state: Mapping[str, Any], cfg: ModelConfig, layout: str,
                          dtype: Any = np.float32, source: str = "checkpoint") -> dict:
     """Converts a whole state dict (numpy-convertible tensors) into our nested params of numpy arrays."""
     specs = tensor_specs(cfg, layout)
     check_keys(set(state), specs, source)
-    params: dict = {}
     for spec in specs:
-        w = np.asarray(state[spec.key])
-        check_shape(source, spec.key, w.shape, spec.shape)
-        set_path(params, spec.path, np.ascontiguousarray(spec.to_ours(w.astype(dtype, copy=False))))
+        check_shape(source, spec.key, np.shape(state[spec.key]), spec.shape)
+    params: dict = {}
+    for group in group_specs(specs):
+        set_path(params, group[0].path,
+                 assemble(group, lambda s: s.to_ours(np.asarray(state[s.key]).astype(dtype, copy=False))))
     return params
 
 
 def params_to_state_dict(params: Mapping, cfg: ModelConfig, layout: str) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (key, numpy tensor in torch layout) one tensor at a time."""
     for spec in tensor_specs(cfg, layout):
-        w = np.asarray(get_path(params, spec.path))
+        w = np.asarray(param_slice(params, spec))
         yield spec.key, np.ascontiguousarray(spec.from_ours(w))

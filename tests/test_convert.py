@@ -53,8 +53,8 @@ def _mistral_state_dict(hf: hf_ref.HFRef, cfg: ModelConfig) -> dict:
     """The HF reference's weights in the mistral-inference layout, mapped through weights.tensor_specs."""
     import torch
     sd = hf.state_dict()
-    ours = {s.path: s.to_ours(sd[s.key]) for s in tensor_specs(cfg, "hf")}
-    return {s.key: torch.from_numpy(np.ascontiguousarray(s.from_ours(ours[s.path])))
+    ours = {(s.path, s.layer): s.to_ours(sd[s.key]) for s in tensor_specs(cfg, "hf")}
+    return {s.key: torch.from_numpy(np.ascontiguousarray(s.from_ours(ours[s.path, s.layer])))
             for s in tensor_specs(cfg, "mistral")}
 
 
@@ -417,14 +417,14 @@ def test_native_checksum_catches_corruption(native_ckpt, tmp_path, value, capsys
     src = tmp_path / "n"
     shutil.copytree(native_ckpt, src)
     cfg, params = checkpoint.load_params(src, progress=False)
-    param = "layers_0/feed_forward/w3"
+    param = "layers/feed_forward/w3"
     _corrupt_value(src, param, cfg, params, value)
     with pytest.raises(CheckpointError, match=f"param '{param}' does not match its sha256 checksum"):
         checkpoint.load_params(src, progress=False)
     # orbax/tensorstore do not notice: without our checksums the changed value loads
     if value == value:
         _, got = checkpoint.load_params(src, progress=False, verify=False)
-        assert float(np.asarray(got["layers_0"]["feed_forward"]["w3"]).reshape(-1)[0]) == pytest.approx(value)
+        assert float(np.asarray(got["layers"]["feed_forward"]["w3"]).reshape(-1)[0]) == pytest.approx(value)
     else:
         with pytest.raises(CheckpointError, match=f"tensor '{param}' holds 1 non-finite"):
             checkpoint.load_params(src, progress=False, verify=False)
@@ -433,20 +433,65 @@ def test_native_checksum_catches_corruption(native_ckpt, tmp_path, value, capsys
     assert param in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+def _write_legacy(dst: Path, cfg: ModelConfig, params, version: int) -> None:
+    """A native folder as format versions 1-2 wrote it: per-layer params ("layers_0", ...); version 2 adds
+    checksums.json keyed by those per-layer paths."""
+    import orbax.checkpoint as ocp
+
+    from mistral_jax.integrity import ALGORITHM, tensor_digest
+    from mistral_jax.model import unstack_layers
+    old = jax.tree_util.tree_map(np.asarray, unstack_layers(params, cfg.n_layers))
+    dst.mkdir()
+    meta = {"mistral_jax_format": version, "param_dtype": "float32", **cfg.to_dict()}
+    (dst / "config.json").write_text(json.dumps(meta))
+    if version >= 2:
+        digests = {k: tensor_digest(v) for k, v in checkpoint._flat(old).items()}
+        (dst / "checksums.json").write_text(json.dumps({"algorithm": ALGORITHM, "tensors": digests}))
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
+        ckptr.save((dst / "params").absolute(), args=ocp.args.PyTreeSave(old))
+
+
 def test_version_1_checkpoint_loads_unverified(native_ckpt, tmp_path):
+    """Version 1: per-layer params, no checksums; loads (stacked) with a note."""
+    cfg, ref = checkpoint.load_params(native_ckpt, progress=False)
     old = tmp_path / "v1"
-    shutil.copytree(native_ckpt, old)
-    (old / "checksums.json").unlink()
-    meta = json.loads((old / "config.json").read_text())
-    (old / "config.json").write_text(json.dumps(meta | {"mistral_jax_format": 1}))
-    cfg, params, notes = checkpoint.load_params_with_notes(old, progress=False)
-    assert any("version 1 has no checksums" in n for n in notes)
-    _, ref = checkpoint.load_params(native_ckpt, progress=False)
+    _write_legacy(old, cfg, ref, 1)
+    got_cfg, params, notes = checkpoint.load_params_with_notes(old, progress=False)
+    assert got_cfg == cfg and any("version 1 has no checksums" in n for n in notes)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(ref)
     for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    meta = json.loads((old / "config.json").read_text())
     (old / "config.json").write_text(json.dumps(meta | {"mistral_jax_format": 7}))
     with pytest.raises(CheckpointError, match="'mistral_jax_format' is 7"):
         checkpoint.load_params(old, progress=False)
+
+
+def test_version_2_checkpoint_verified_per_layer_then_stacked(native_ckpt, tmp_path):
+    """Version 2: per-layer params with per-layer checksums; loads verified and stacked onto a mesh, and a
+    corrupt per-layer param is named by its stored path. A scanned tree labelled version 2 is refused."""
+    cfg, ref = checkpoint.load_params(native_ckpt, progress=False)
+    old = tmp_path / "v2"
+    _write_legacy(old, cfg, ref, 2)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    _, params, notes = checkpoint.load_params_with_notes(old, mesh=mesh, progress=False)
+    assert notes == []
+    expected = param_shardings(cfg, mesh)
+    for a, b, sh in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(params),
+                        jax.tree_util.tree_leaves(expected)):
+        assert b.sharding.is_equivalent_to(sh, b.ndim)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    from mistral_jax.model import unstack_layers
+    old_params = unstack_layers(ref, cfg.n_layers)
+    _corrupt_value(old, "layers_1/attention/wq", cfg, old_params, 0.5)
+    with pytest.raises(CheckpointError, match="param 'layers_1/attention/wq' does not match its sha256"):
+        checkpoint.load_params(old, progress=False)
+    mislabelled = tmp_path / "m"
+    shutil.copytree(native_ckpt, mislabelled)
+    meta = json.loads((mislabelled / "config.json").read_text())
+    (mislabelled / "config.json").write_text(json.dumps(meta | {"mistral_jax_format": 2}))
+    with pytest.raises(checkpoint.WeightError, match="missing param.*layers_0"):
+        checkpoint.load_params(mislabelled, progress=False)
 
 
 def test_nonfinite_source_refused_unless_allowed(hf_gqa, tmp_path, capsys):
@@ -465,19 +510,20 @@ def test_nonfinite_source_refused_unless_allowed(hf_gqa, tmp_path, capsys):
     assert not (tmp_path / "dst").exists()
     assert cli.main([str(src), str(tmp_path / "dst"), "--quiet", "--allow-nonfinite"]) == 0
     _, params = checkpoint.load_params(tmp_path / "dst", progress=False, allow_nonfinite=True)
-    assert np.isinf(np.asarray(params["layers_1"]["feed_forward"]["w2"])).sum() == 1
+    w2 = np.asarray(params["layers"]["feed_forward"]["w2"])
+    assert np.isinf(w2).sum() == 1 and np.isinf(w2[1, 5, 3])   # layer 1's (out=3, in=5), transposed
 
 
 def test_float16_overflow_refused(native_ckpt, tmp_path, capsys):
     cfg, params = checkpoint.load_params(native_ckpt, progress=False)
-    params["layers_0"]["attention"]["wv"] = params["layers_0"]["attention"]["wv"].at[0, 0, 0].set(1e5)
+    params["layers"]["attention"]["wv"] = params["layers"]["attention"]["wv"].at[0, 0, 0, 0].set(1e5)
     big = tmp_path / "big"
     checkpoint.save_params(big, cfg, params)
     for to in ("hf", "mistral", "native"):
         assert cli.main(["--to", to, str(big), str(tmp_path / to), "--dtype", "float16", "--quiet"]) == 1
         err = capsys.readouterr().err
         assert "max |value| 100000" in err and "float16" in err and not (tmp_path / to).exists(), err
-        assert "layers_0/attention/wv" in err
+        assert "layers/attention/wv" in err
     for write, key in ((torch_write.write_hf, "model.layers.0.self_attn.v_proj.weight"),
                        (torch_write.write_mistral, "layers.0.attention.wv.weight")):
         with pytest.raises(CheckpointError, match=rf"tensor '{key}' has max \|value\| 100000.*float16"):

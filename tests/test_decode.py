@@ -50,7 +50,7 @@ def test_chunked_prefill_equals_one_shot(ref, seq, full_logits, chunk):
 
 def test_cache_write_keeps_last_slots_and_positions():
     cfg = ModelConfig.preset("tiny").replace(sliding_window=4, n_layers=1)
-    c = kv_cache.init_cache(cfg, 2, 4)[0]
+    c = {k: v[0] for k, v in kv_cache.init_cache(cfg, 2, 4).items()}   # the one layer's slice
     pos = jnp.array([[0, 1, 2, 3, 4, 5], [0, 1, 2, -1, -1, -1]])
     k = jnp.broadcast_to(pos[:, :, None, None].astype(jnp.float32), (2, 6, cfg.n_kv_heads, cfg.head_dim))
     c = kv_cache.write(c, k, k, pos)
@@ -199,6 +199,7 @@ def test_decode_cache_is_sharded_over_the_mesh(ref):
     _, cache = decode._generate(p, toks, lens, decode.row_keys(0, jnp.arange(4)), cfg=cfg, dtype=jnp.float32, chunk=8,
                                 cache_len=W, max_new=4, sampling=decode.SamplingConfig(), eos_id=-1)
     spec = jax.sharding.PartitionSpec
-    assert cache[0]["k"].sharding.spec == spec(("data", "fsdp"), None, "tensor")
-    assert cache[0]["pos"].sharding.spec == spec(("data", "fsdp"))
-    assert cache[0]["k"].addressable_shards[0].data.shape == (1, W, cfg.n_kv_heads // 2, cfg.head_dim)
+    assert cache["k"].shape == (cfg.n_layers, 4, W, cfg.n_kv_heads, cfg.head_dim)   # layers stacked, unsplit
+    assert cache["k"].sharding.spec == spec(None, ("data", "fsdp"), None, "tensor")
+    assert cache["pos"].sharding.spec == spec(None, ("data", "fsdp"))
+    assert cache["k"].addressable_shards[0].data.shape == (cfg.n_layers, 1, W, cfg.n_kv_heads // 2, cfg.head_dim)

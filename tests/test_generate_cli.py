@@ -46,7 +46,10 @@ def _save(tmp_path_factory, cfg, params, name):
 
 
 def _random_params(cfg, seed):
-    """Random float32 params as numpy arrays (no compilation): weights N(0, 0.08), norm scales near 1."""
+    """Random float32 params as numpy arrays (no compilation): weights N(0, 0.08), norm scales near 1.
+
+    Drawn param by param in the per-layer tree's order, then stacked into the scanned tree, so the values
+    (and the greedy continuations the tests below rely on) do not depend on how the layers are stored."""
     import flax.linen as nn
 
     rs = np.random.RandomState(seed)
@@ -54,7 +57,11 @@ def _random_params(cfg, seed):
     def init(path, x):
         scale = 1.0 if "norm" in jax.tree_util.keystr(path) else 0.0
         return (scale + rs.randn(*x.shape) * (0.1 if scale else 0.08)).astype(np.float32)
-    return jax.tree_util.tree_map_with_path(init, nn.unbox(model.abstract_params(cfg)))
+    per_layer = jax.tree_util.tree_map_with_path(init, nn.unbox(model.abstract_params(cfg, scan_layers=False)))
+    out = {k: v for k, v in per_layer.items() if not k.startswith("layers_")}
+    out["layers"] = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[per_layer[f"layers_{i}"]
+                                                                       for i in range(cfg.n_layers)])
+    return out
 
 
 def _planted(tmp_path_factory, name, cfg, seed, prompt, step, new_id):

@@ -96,7 +96,8 @@ def test_boundary_key_does_not_reach_query_in_one_layer(gqa):
     """In a one-layer model, the token W back cannot change the logits at p; the token W-1 back does."""
     _, cfg, params = gqa
     cfg1 = cfg.replace(n_layers=1)
-    p1 = {k: v for k, v in params.items() if k in ("tok_embeddings", "layers_0", "norm", "output")}
+    p1 = {k: v for k, v in params.items() if k != "layers"}
+    p1["layers"] = jax.tree_util.tree_map(lambda x: x[:1], params["layers"])   # the first layer only
     W, p = cfg.sliding_window, 40
     base = np.random.RandomState(2).randint(0, cfg.vocab_size, (1, 48))
     def logits_at_p(t):
@@ -115,10 +116,21 @@ def test_sharded_forward_equals_single_device(gqa):
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     shardings = model.param_shardings(cfg, mesh)
     sharded = jax.device_put(params, shardings)
-    wq = sharded["layers_0"]["attention"]["wq"]
-    assert wq.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+    P = jax.sharding.PartitionSpec
+    # stacked (L, ...) params: the layer axis is unsharded, the rest follows the logical rules
+    wq = sharded["layers"]["attention"]["wq"]
+    assert wq.shape == (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.head_dim)
+    assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
     assert len({str(s.index) for s in wq.addressable_shards}) == 4   # really split, not replicated
-    assert wq.addressable_shards[0].data.shape == (cfg.dim // 2, cfg.n_heads // 2, cfg.head_dim)
+    assert wq.addressable_shards[0].data.shape == (cfg.n_layers, cfg.dim // 2, cfg.n_heads // 2, cfg.head_dim)
+    layer_specs = {"attention_norm": {"scale": P(None, None)}, "ffn_norm": {"scale": P(None, None)},
+                   "attention": {"wq": P(None, "fsdp", "tensor", None), "wk": P(None, "fsdp", "tensor", None),
+                                 "wv": P(None, "fsdp", "tensor", None), "wo": P(None, "tensor", None, "fsdp")},
+                   "feed_forward": {"w1": P(None, "fsdp", "tensor"), "w3": P(None, "fsdp", "tensor"),
+                                    "w2": P(None, "tensor", "fsdp")}}
+    got_specs = jax.tree_util.tree_map(lambda x: x.sharding.spec, sharded["layers"])
+    assert got_specs == layer_specs
+    assert model.param_logical_specs(cfg)["layers"]["attention"]["wo"] == P("layers", "q_heads", "head_dim", "embed")
     tokens = np.random.RandomState(3).randint(0, cfg.vocab_size, (4, 40))
     tok_sharded = jax.device_put(jnp.asarray(tokens), sharding.batch_sharding(mesh))
     out = model.forward(sharded, tok_sharded, cfg)

@@ -87,6 +87,25 @@ def test_resume_refuses_changed_fields_before_restoring(first_run, tmp_path, cap
     assert "train.*" in errors[0]  # says what may change
 
 
+def test_resume_refuses_a_checkpoint_with_per_layer_params(first_run, tmp_path, capsys):
+    """A train checkpoint written before scanned layers (no 'param_layout' in its metadata) is refused in
+    one line that points to --init-from, before any restore."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(first_run[0], run_dir)
+    edited = 0
+    for f in run_dir.rglob("*"):
+        if f.is_file() and f.parent.name == "meta" and b'"run_config"' in f.read_bytes():  # the run metadata
+            meta = json.loads(f.read_text())
+            assert meta.pop("param_layout") == "scanned"
+            f.write_text(json.dumps(meta))
+            edited += 1
+    assert edited >= 1
+    assert pretrain.main(_argv(run_dir, *_sets(**{"train.steps": 6}), resume=True)) == 1
+    errors = _errors(capsys)
+    assert len(errors) == 1 and "per-layer params from before scanned layers" in errors[0], errors
+    assert "--init-from" in errors[0]
+
+
 def test_resume_with_more_steps_keeps_schedule_peak_and_tolerates_torn_metrics(first_run, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     shutil.copytree(first_run[0], run_dir)

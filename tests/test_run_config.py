@@ -111,6 +111,20 @@ def test_resume_changes_names_fixed_fields_only():
     assert rc_lib.resume_changes(saved_run, saved_model, rc.replace(data={"tokenizer": "x.model"})) == []
 
 
+def test_remat_policy_names_and_old_booleans():
+    """remat is "none" | "full" | "dots"; old TOML files and checkpoint metadata wrote a boolean."""
+    assert rc_lib.load(TINY_TOML).model.remat == "none"
+    assert rc_lib.load(DEFAULT_TOML).model.remat == "none"
+    for raw, want in (("true", "full"), ("false", "none"), ("'dots'", "dots"), ("'full'", "full")):
+        assert rc_lib.load(TINY_TOML, [f"model.remat={raw}"]).model.remat == want
+    old = rc_lib.load(TINY_TOML).to_dict()
+    old["model"]["remat"] = True                       # a run config saved by an older version
+    assert rc_lib.from_dict(old, source="ckpt/config.json").model.remat == "full"
+    err = _err(["model.remat='dot'"])
+    assert "[model] field 'remat'" in err and "'none', 'full' or 'dots'" in err and "'dot'" in err
+    assert "[model] field 'remat'" in _err(["model.remat=1"])
+
+
 def test_make_mesh_uses_auto_axes_and_infers_minus_one():
     mesh = sharding.make_mesh(2, -1, 2, devices=jax.devices()[:8])
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}

@@ -82,15 +82,15 @@ def test_sharded_step_equals_single_device(cfg):
     for a, b in zip(jax.tree_util.tree_leaves(s1["params"]), jax.tree_util.tree_leaves(s8["params"])):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
     # placement follows the logical rules: params and their Adam moments are split over fsdp x tensor.
-    wq = s8["params"]["layers_0"]["attention"]["wq"]
-    assert wq.sharding.spec == P("fsdp", "tensor", None) and not wq.sharding.is_fully_replicated
+    wq = s8["params"]["layers"]["attention"]["wq"]      # (L, D, N, H): the layer axis is never split
+    assert wq.sharding.spec == P(None, "fsdp", "tensor", None) and not wq.sharding.is_fully_replicated
     assert s8["params"]["tok_embeddings"].sharding.spec == P("tensor", "fsdp")
     moments = [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(s8["opt_state"])
-               if "'wq'" in jax.tree_util.keystr(p) and "layers_0" in jax.tree_util.keystr(p)]
+               if "'wq'" in jax.tree_util.keystr(p) and "'layers'" in jax.tree_util.keystr(p)]
     assert len(moments) == 2  # mu and nu
     for _, x in moments:
-        assert x.sharding.spec == P("fsdp", "tensor", None)
-        assert x.addressable_shards[0].data.shape == (cfg.dim // 2, cfg.n_heads // 2, cfg.head_dim)
+        assert x.sharding.spec == P(None, "fsdp", "tensor", None)
+        assert x.addressable_shards[0].data.shape == (cfg.n_layers, cfg.dim // 2, cfg.n_heads // 2, cfg.head_dim)
 
 
 def test_gradient_accumulation_equals_big_batch(cfg):
