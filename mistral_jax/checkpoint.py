@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -93,6 +94,14 @@ def _wait_for_threads(before: set[threading.Thread], limit_s: float = 60.0) -> N
             t.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
+def _in_flight_gb(leaves: Any, itemsize: int | None = None) -> int:
+    """Orbax's in-flight byte budget (GB): 1, or enough for the largest single tensor (orbax refuses to
+    move a tensor larger than its budget; a stacked 7B w1 in bfloat16 is 3.8 GB)."""
+    largest = max((math.prod(x.shape) * (itemsize or np.dtype(x.dtype).itemsize)
+                   for x in jax.tree_util.tree_leaves(leaves)), default=0)
+    return max(1, math.ceil(largest / 1e9))
+
+
 def save_params(dst: str | Path, cfg: ModelConfig, params: Any, force: bool = False) -> Path:
     """Writes DST/config.json (config fields + format marker + param dtype), DST/checksums.json (sha256 of
     each param) and an orbax checkpoint DST/params.
@@ -118,9 +127,10 @@ def save_params(dst: str | Path, cfg: ModelConfig, params: Any, force: bool = Fa
     with atomic_dir(dst, force) as tmp:
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / CHECKSUMS).write_text(json.dumps({"algorithm": ALGORITHM, "tensors": digests}, indent=2) + "\n")
-        # Synchronous, uncompressed, at most ~1 GB in flight: compression doubled the save time and added
-        # about half a model copy of host memory on a 7B-shaped model (see bench/bench_convert.py).
-        handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, save_device_host_concurrent_gb=1,
+        # Synchronous, uncompressed, about one tensor in flight: compression doubled the save time and
+        # added about half a model copy of host memory on a 7B-shaped model (see bench/bench_convert.py).
+        gb = _in_flight_gb(params)
+        handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=gb, save_device_host_concurrent_gb=gb,
                                               use_compression=False)
         threads_before = set(threading.enumerate())
         try:
@@ -217,7 +227,8 @@ def _load_native(path: Path, shardings: Any, dtype: Any, rope_theta: float | Non
     check = verify and version >= 2
     scanned = version >= SCANNED_SINCE
     target_shardings = shardings
-    ckptr = ocp.StandardCheckpointer(restore_concurrent_gb=1)
+    abstract_stored = nn.unbox(abstract_params(cfg, scan_layers=scanned))
+    ckptr = ocp.StandardCheckpointer(restore_concurrent_gb=_in_flight_gb(abstract_stored, itemsize=4))
     try:
         try:
             stored_tree = ckptr.metadata(params_dir).item_metadata.tree

@@ -593,3 +593,15 @@ def test_infer_convert_alias(hf_gqa, tmp_path):
                           cwd=root, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert checkpoint.read_native_config(tmp_path / "n")[0].vocab_size == 256
+
+
+def test_orbax_in_flight_budget_fits_the_largest_stacked_tensor():
+    """Orbax refuses to move a tensor larger than its byte budget; a stacked 7B w1 is 3.76 GB in bf16."""
+    import jax
+    import ml_dtypes
+
+    w1 = jax.ShapeDtypeStruct((32, 4096, 14336), ml_dtypes.bfloat16)
+    small = jax.ShapeDtypeStruct((64, 64), np.float32)
+    assert checkpoint._in_flight_gb({"w1": w1, "n": small}) == 4
+    assert checkpoint._in_flight_gb({"w1": w1}, itemsize=4) == 8
+    assert checkpoint._in_flight_gb({"n": small}) == 1
