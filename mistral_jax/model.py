@@ -97,11 +97,18 @@ class Attention(nn.Module):
         else:
             if seg_BT is not None:
                 raise ValueError("Attention: segment ids are for packed training rows, not cached decoding")
-            k_BSKH = jnp.concatenate([cache["k"].astype(self.dtype), k_BTKH], axis=1)
-            v_BSKH = jnp.concatenate([cache["v"].astype(self.dtype), v_BTKH], axis=1)
-            kpos_BS = jnp.concatenate([cache["pos"], pos_BT.astype(jnp.int32)], axis=1)
-            kseg_BS = None
+            T, C = x_BTD.shape[1], cache["pos"].shape[1]
             new_cache = kv_cache.write(cache, k_BTKH, v_BTKH, pos_BT)
+            kseg_BS = None
+            if T == 1 or c.sliding_window is None or C >= c.sliding_window + T - 1:
+                # nothing a query still needs is overwritten by the chunk: attend over the updated
+                # buffer itself (a decode step reads the cache once and writes one slot)
+                k_BSKH, v_BSKH = new_cache["k"].astype(self.dtype), new_cache["v"].astype(self.dtype)
+                kpos_BS = new_cache["pos"]
+            else:  # a chunk that wraps the buffer: its early queries need keys the chunk overwrites
+                k_BSKH = jnp.concatenate([cache["k"].astype(self.dtype), k_BTKH], axis=1)
+                v_BSKH = jnp.concatenate([cache["v"].astype(self.dtype), v_BTKH], axis=1)
+                kpos_BS = jnp.concatenate([cache["pos"], pos_BT.astype(jnp.int32)], axis=1)
         out_BTNH = multihead_attention(q_BTNH, k_BSKH, v_BSKH, pos_BT, kpos_BS, c.sliding_window, seg_BT, kseg_BS,
                                        impl=self.attn_impl, block=self.attn_block, self_attention=cache is None)
         return jnp.einsum("btnh,nhd->btd", out_BTNH, wo_NHD), new_cache
