@@ -37,6 +37,7 @@ from typing import IO, Any, Callable
 
 from mistral_jax import decode, sharding
 from mistral_jax.dtypes import parse_dtype
+from mistral_jax.errors import first_line
 from mistral_jax.tokenizer import Tokenizer
 
 
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.chat:
             tok.chat_tokenizer()
     except (OSError, ValueError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
 
     runnable: list[tuple[int, list[int]]] = []          # (index into rows, prompt ids)

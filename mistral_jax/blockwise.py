@@ -66,11 +66,14 @@ def _take(blocks, j):
     return None if blocks is None else jax.lax.dynamic_index_in_dim(blocks, j, axis=0, keepdims=False)
 
 
-def _band(n_inner: int, outer: int, inner: int, reach: int | None):
-    """(static iteration count, first key block of query block i) for self-attention rows, whose keys
-    are the queries themselves in index order: query block i reaches key blocks [i*Q - (W-1), i*Q + Q),
-    at most ceil((Q + W - 1) / C) + 1 of them; without a window, every block up to the diagonal."""
-    if reach is None:
+def _band(n_inner: int, outer: int, inner: int, reach: int | None, band: bool):
+    """(static iteration count, first key block of query block i).
+
+    With `band` (self-attention rows, whose keys are the queries themselves in index order) query block
+    i reaches key blocks [i*Q - (W-1), i*Q + Q), at most ceil((Q + W - 1) / C) + 1 of them; without a
+    window, or without `band`, every key block is visited (unreachable ones skipped by position).
+    """
+    if not band or reach is None:
         return n_inner, lambda i: jnp.int32(0)
     n = min(n_inner, -(-(outer + reach - 1) // inner) + 1)
     return n, lambda i: jnp.maximum(0, (i * outer - (reach - 1)) // inner)
@@ -91,7 +94,7 @@ def _forward(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, window
     scale = H ** -0.5
     kb, vb, kposb = _blocks(k_BSKH, nk, bk), _blocks(v_BSKH, nk, bk), _blocks(kpos_BS, nk, bk)
     ksegb = None if kseg_BS is None else _blocks(kseg_BS, nk, bk)
-    n_iter, first = _band(nk, bq, bk, window) if band else (nk, lambda i: jnp.int32(0))
+    n_iter, first = _band(nk, bq, bk, window, band)
 
     def q_block(_, xs):
         q_BQKGH, qpos_BQ, qseg_BQ, i = xs
@@ -157,7 +160,7 @@ def _backward(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, windo
         dp = jnp.einsum("bqkgh,bckh->bkgqc", do_BQKGH.astype(f32), v_BCKH.astype(f32))
         return p, p * (dp - delta_BKGQ[..., None]) * scale
 
-    n_iter, first = _band(nk, bq, bk, window) if band else (nk, lambda i: jnp.int32(0))
+    n_iter, first = _band(nk, bq, bk, window, band)
 
     def q_block(carry, i):
         q, do, lse_i, delta_i, qpos, qseg = (_take(qb, i), _take(dob, i), _take(lseb, i), _take(deltab, i),

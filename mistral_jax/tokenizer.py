@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 import sentencepiece as spm
 
+from mistral_jax.errors import first_line
+
 # Model vocab size -> mistral-common package data file of the matching tokenizer.
 DEFAULT_FILES = {32000: "tokenizer.model.v1", 32768: "mistral_instruct_tokenizer_240323.model.v3"}
 CHAT_ROLES = ("system", "user", "assistant")
@@ -51,8 +53,7 @@ class Tokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (RuntimeError, OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TokenizerError(f"tokenizer {self.path}: not a readable SentencePiece model ({first})") from None
+            raise TokenizerError(f"tokenizer {self.path}: not a readable SentencePiece model ({first_line(e)})") from None
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
         self.vocab_size = self.sp.get_piece_size()
@@ -90,7 +91,7 @@ class Tokenizer:
             except Exception as e:  # noqa: BLE001 - mistral-common raises several types for unknown files
                 raise TokenizerError(f"tokenizer {self.path}: chat encoding needs a Mistral instruct tokenizer file "
                                      f"(e.g. tokenizer.model.v1 or *.model.v3); mistral-common could not load it "
-                                     f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+                                     f"({first_line(e)})") from None
             n = mt.instruct_tokenizer.tokenizer.n_words
             if n != self.vocab_size:
                 raise TokenizerError(f"tokenizer {self.path}: mistral-common reads {n} pieces, SentencePiece "
@@ -144,7 +145,7 @@ class Tokenizer:
         except (MistralCommonException, ValueError) as e:
             if isinstance(e, TokenizerError):
                 raise
-            raise ValueError(f"invalid dialogue: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise ValueError(f"invalid dialogue: {first_line(e)}") from None
 
 
 def _check_text(text: Any, what: str) -> None:

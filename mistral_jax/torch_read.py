@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from mistral_jax.config import ModelConfig
 from mistral_jax.dtypes import parse_dtype
+from mistral_jax.errors import first_line
 from mistral_jax.formats import CheckpointError
 from mistral_jax.integrity import check_values
 from mistral_jax.weights import (TensorSpec, WeightError, assemble, check_keys, check_shape, get_path, group_specs,
@@ -31,11 +32,6 @@ ST_DTYPES: dict[str, np.dtype] = {
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _diagnose_safetensors(path: Path) -> str:
@@ -85,7 +81,7 @@ class SafetensorsFile:
                 yield f
         except SafetensorError as e:
             raise CheckpointError(f"{self.path}: {_diagnose_safetensors(self.path)} "
-                                  f"(safetensors: {_first_line(e)})") from None
+                                  f"(safetensors: {first_line(e)})") from None
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -101,7 +97,7 @@ class SafetensorsFile:
             try:
                 return f.get_tensor(key)
             except (OSError, ValueError, TypeError) as e:
-                raise CheckpointError(f"{self.path}: tensor '{key}' cannot be read ({_first_line(e)})") from None
+                raise CheckpointError(f"{self.path}: tensor '{key}' cannot be read ({first_line(e)})") from None
 
     def close(self) -> None:
         """Nothing to release: the file is opened per read."""
@@ -125,10 +121,10 @@ class TorchFile:
         except pickle.UnpicklingError as e:
             raise CheckpointError(
                 f"{self.path}: refused to load: the pickle holds objects other than tensors and may run code; "
-                f"it was not executed ({_first_line(e)})") from None
+                f"it was not executed ({first_line(e)})") from None
         except (RuntimeError, EOFError, OSError, ValueError) as e:
             raise CheckpointError(f"{self.path}: cannot read PyTorch file (truncated or corrupt?): "
-                                  f"{_first_line(e)}") from None
+                                  f"{first_line(e)}") from None
         if not isinstance(sd, Mapping):
             raise CheckpointError(f"{self.path}: expected a dict of tensors, got {type(sd).__name__}")
         for key, value in sd.items():

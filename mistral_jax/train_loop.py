@@ -27,6 +27,7 @@ from mistral_jax.checkpoint import load_params, save_params
 from mistral_jax.config import ModelConfig
 from mistral_jax.decode import generate
 from mistral_jax.dtypes import parse_dtype
+from mistral_jax.errors import first_line
 from mistral_jax.metrics import MetricsLog, log_record, plot_loss_curve, read_metrics
 from mistral_jax.tokenizer import DEFAULT_FILES, Tokenizer
 from mistral_jax.train_checkpoint import TrainCheckpointer
@@ -41,10 +42,6 @@ PARAM_LAYOUT = "scanned"  # train-state params: layers stacked under "layers" (c
 
 class RunError(ValueError):
     """A run cannot start as asked (mesh, tokenizer, --init-from, an incompatible checkpoint); one line."""
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [""])[0]
 
 
 def make_run_mesh(mesh_cfg: rc_lib.MeshSection) -> Mesh:
@@ -69,7 +66,7 @@ def load_tokenizer(path: str, vocab_size: int) -> Tokenizer:
         else:
             tokenizer = Tokenizer.for_vocab(vocab_size) if vocab_size in DEFAULT_FILES else Tokenizer()
     except (OSError, RuntimeError, ValueError) as e:
-        raise RunError(f"[data] field 'tokenizer' {path!r}: {_first_line(e)}") from None
+        raise RunError(f"[data] field 'tokenizer' {path!r}: {first_line(e)}") from None
     if tokenizer.vocab_size > vocab_size:
         raise RunError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but model vocab_size "
                        f"is {vocab_size}")
@@ -90,7 +87,7 @@ def load_init_params(path: str, cfg: ModelConfig, mesh: Mesh, param_dtype: Any) 
     try:
         loaded_cfg, params = load_params(path, mesh=mesh, dtype=param_dtype)
     except (OSError, ValueError) as e:  # CheckpointError, ConfigError, WeightError are ValueErrors
-        raise RunError(f"--init-from {path}: {_first_line(e)}") from None
+        raise RunError(f"--init-from {path}: {first_line(e)}") from None
     if loaded_cfg != cfg:
         diff = [f"{k} {v!r} (run: {getattr(cfg, k)!r})" for k, v in loaded_cfg.to_dict().items()
                 if getattr(cfg, k) != v]
@@ -163,7 +160,7 @@ def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, 
             data_state, saved_meta = ckpt.read_meta(latest)
         except Exception as e:  # orbax raises assorted types for unreadable checkpoints
             raise RunError(f"--resume: cannot read checkpoint step {latest} in {ckpt.directory} "
-                           f"({type(e).__name__}: {_first_line(e)})") from None
+                           f"({type(e).__name__}: {first_line(e)})") from None
         changes = rc_lib.resume_changes(saved_meta.get("run_config", {}), saved_meta.get("model", {}), rc)
         if changes:
             raise RunError(
@@ -196,7 +193,7 @@ def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, 
             state, _, _ = ckpt.restore(ts.abstract_state(cfg, optimizer, mesh, param_dtype), latest)
         except Exception as e:  # orbax raises assorted types for unreadable or mismatched arrays
             raise RunError(f"--resume: cannot restore the train state of step {latest} in {ckpt.directory} "
-                           f"({type(e).__name__}: {_first_line(e)})") from None
+                           f"({type(e).__name__}: {first_line(e)})") from None
         log(f"resumed from step {int(state['step'])} ({ckpt.directory})")
     else:
         state = ts.init_state(cfg, optimizer, jax.random.key(rc.train.seed), mesh, param_dtype, init_params)

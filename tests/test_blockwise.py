@@ -7,6 +7,7 @@ import pytest
 
 from mistral_jax.attention import attend, attention_mask
 from mistral_jax.blockwise import blockwise_attend
+from tests.packed import two_documents
 
 TOL = 1e-5
 
@@ -119,11 +120,8 @@ def test_model_blockwise_equals_dense_logits_and_grads():
 
     cfg = ModelConfig.preset("tiny").replace(sliding_window=12, vocab_size=512)
     params = model_lib.init_params(cfg, jax.random.key(0))
-    rng = np.random.default_rng(5)
-    T = 40
-    tokens = jnp.asarray(rng.integers(3, 512, (2, T)), jnp.int32)
-    pos = jnp.asarray(np.concatenate([np.arange(15), np.arange(T - 15)])[None].repeat(2, 0), jnp.int32)
-    seg = jnp.asarray(np.concatenate([np.full(15, 1), np.full(T - 15, 2)])[None].repeat(2, 0), jnp.int32)
+    tokens, pos, seg = (jnp.asarray(two_documents(2, 40, 15, 512, seed=5)[k])
+                        for k in ("tokens", "positions", "segment_ids"))
 
     def loss(params, impl):
         m = model_lib.Transformer(cfg, attn_impl=impl, attn_block=8)

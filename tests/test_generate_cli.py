@@ -58,10 +58,7 @@ def _random_params(cfg, seed):
         scale = 1.0 if "norm" in jax.tree_util.keystr(path) else 0.0
         return (scale + rs.randn(*x.shape) * (0.1 if scale else 0.08)).astype(np.float32)
     per_layer = jax.tree_util.tree_map_with_path(init, nn.unbox(model.abstract_params(cfg, scan_layers=False)))
-    out = {k: v for k, v in per_layer.items() if not k.startswith("layers_")}
-    out["layers"] = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[per_layer[f"layers_{i}"]
-                                                                       for i in range(cfg.n_layers)])
-    return out
+    return jax.tree_util.tree_map(np.asarray, model.stack_layers(per_layer, cfg.n_layers))
 
 
 def _planted(tmp_path_factory, name, cfg, seed, prompt, step, new_id):

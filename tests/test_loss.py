@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mistral_jax.loss import chunked_nll
+from tests.packed import two_documents
 
 
 def _unchunked_nll(h_BTD, w_DV, targets_BT):
@@ -64,11 +65,8 @@ def test_train_loss_is_the_chunked_loss_of_the_model():
 
     cfg = ModelConfig.preset("tiny").replace(vocab_size=1024)
     params = model_lib.init_params(cfg, jax.random.key(1))
-    r = np.random.default_rng(1)
-    T = 37
-    tokens = jnp.asarray(r.integers(3, 1024, (2, T)), jnp.int32)
-    pos = jnp.asarray(np.concatenate([np.arange(20), np.arange(T - 20)])[None].repeat(2, 0), jnp.int32)
-    seg = jnp.asarray(np.concatenate([np.full(20, 1), np.full(T - 20, 2)])[None].repeat(2, 0), jnp.int32)
+    tokens, pos, seg = (jnp.asarray(two_documents(2, 37, 20, 1024, seed=1)[k])
+                        for k in ("tokens", "positions", "segment_ids"))
 
     def reference(params):
         logits = model_lib.Transformer(cfg).apply({"params": params}, tokens, pos, seg)[0]

@@ -20,6 +20,7 @@ from mistral_jax import train_step as ts
 from mistral_jax.config import ModelConfig
 from mistral_jax.metrics import read_metrics
 from mistral_jax.train_checkpoint import TrainCheckpointer
+from tests.packed import two_documents
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_TOML = REPO / "configs" / "pretrain-tiny.toml"
@@ -32,12 +33,7 @@ def cfg() -> ModelConfig:
 
 def _batch(rows: int, T: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random tokens packed as two documents per row (second starts at T // 3)."""
-    rng = np.random.default_rng(seed)
-    cut = T // 3
-    pos = np.concatenate([np.arange(cut), np.arange(T - cut)]).astype(np.int32)
-    seg = np.concatenate([np.full(cut, 1), np.full(T - cut, 2)]).astype(np.int32)
-    return {"tokens": rng.integers(3, 32000, (rows, T)).astype(np.int32),
-            "positions": np.tile(pos, (rows, 1)), "segment_ids": np.tile(seg, (rows, 1))}
+    return two_documents(rows, T, T // 3, 32000, seed)
 
 
 def _mesh(data: int, fsdp: int, tensor: int):
