@@ -7,6 +7,12 @@ Same model (the 57M config: dim 512, 8 layers, 8 q / 2 kv heads, head_dim 64, hi
 32000), same batch, AdamW with global-norm clipping on both sides. Prints a markdown table of tokens/s,
 seconds per step and MFU (model FLOPs from mistral_jax.flops over a stated or measured peak).
 
+--memory-seq T instead compiles (without running) the train step of one T-token sequence on a small model
+(dim 256, 4 layers, 4 q / 2 kv heads, hidden 768, vocab 32000, window 4096) and prints XLA's peak temp
+memory (compiled.memory_analysis()) for the code before the performance work (dense masked attention,
+full float32 logits + one-hot loss, per-layer Python loop) and after it (blockwise attention, chunked
+loss, scanned layers), each with remat none and full.
+
 --compile-layers N ... instead times `jit(train_step).lower(...).compile()` (lowering and XLA compile
 separately, no execution) of a small model (dim 256, 4 q / 2 kv heads, hidden 768, vocab 32000) at each
 depth, scanned layers (nn.scan, the default) vs the per-layer Python loop (scan_layers=False).
@@ -118,6 +124,49 @@ def run_compile_bench(layers: list[int], remat: str, repeats: int) -> None:
         print()
 
 
+def _before_loss(params, tokens_BT, positions_BT, segment_ids_BT, *, cfg, dtype, remat, target_mask_BT=None):
+    """The loss as computed before the performance work: dense attention, full (B, T, V) float32 logits."""
+    from mistral_jax import model as model_lib
+    model = model_lib.Transformer(cfg, dtype=dtype, remat=remat, scan_layers=False, attn_impl="dense")
+    with sharding.with_rules():
+        logits_BTV, _ = model.apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT)
+    mask_BT = ts.loss_mask(segment_ids_BT, target_mask_BT)
+    nll_BT = ts.token_nll(logits_BTV, tokens_BT)
+    return jnp.sum(jnp.where(mask_BT, nll_BT, 0.0)), jnp.sum(mask_BT).astype(jnp.float32)
+
+
+def step_memory(seq: int, before: bool, remat: str) -> tuple[float, float]:
+    """(peak temp GiB from memory_analysis, compile seconds) of the train step on one `seq`-token row."""
+    cfg = ModelConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, hidden_dim=768,
+                      vocab_size=32000, sliding_window=4096, max_seq_len=seq)
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    o = OptimSection(lr=1e-4, warmup_steps=0)
+    opt = optim.make_optimizer(o, 1000)
+    scan = not before
+    state = ts.abstract_state(cfg, opt, mesh, scan_layers=scan)
+    sh = ts.batch_shardings(mesh)
+    batch = {k: jax.ShapeDtypeStruct((1, 1, seq), jnp.int32, sharding=sh[k]) for k in ts.BATCH_KEYS}
+    step = ts.make_train_step(cfg, opt, optim.learning_rate_schedule(o, 1000), mesh, remat=remat, scan_layers=scan,
+                              loss_fn=_before_loss if before else None)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    secs = time.perf_counter() - t0
+    return compiled.memory_analysis().temp_size_in_bytes / 2**30, secs
+
+
+def run_memory_bench(seq: int) -> None:
+    print(f"\nTrain step on one {seq}-token sequence, dim 256, 4 layers, 4q/2kv heads, hidden 768, vocab 32000, "
+          "window 4096, float32: XLA temp memory from compiled.memory_analysis() (compiled, not run).\n")
+    print("| code | remat | temp GiB | compile s |")
+    print("| --- | --- | ---: | ---: |")
+    for before in (True, False):
+        for remat in ("none", "full"):
+            gib, secs = step_memory(seq, before, remat)
+            name = ("before: dense attention, full logits, layer loop" if before
+                    else "after: blockwise attention, chunked loss, scanned layers")
+            print(f"| {name} | {remat} | {gib:.2f} | {secs:.1f} |", flush=True)
+
+
 def bench_torch(batch: int, seq: int, steps: int) -> list[float]:
     import torch
     from transformers import MistralConfig, MistralForCausalLM
@@ -168,10 +217,15 @@ def main(argv=None) -> None:
     p.add_argument("--compile-layers", type=int, nargs="+", metavar="N",
                    help="time train-step compilation (scanned vs unscanned) at these depths instead")
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"), help="for --compile-layers")
+    p.add_argument("--memory-seq", type=int, default=0, metavar="T",
+                   help="report the train step's peak temp memory at one T-token sequence, before/after")
     p.add_argument("--repeats", type=int, default=1, help="for --compile-layers: best of this many compiles")
     args = p.parse_args(argv)
     if args.compile_layers:
         run_compile_bench(args.compile_layers, args.remat, args.repeats)
+        return
+    if args.memory_seq:
+        run_memory_bench(args.memory_seq)
         return
 
     if args.peak_flops:

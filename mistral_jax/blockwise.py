@@ -88,6 +88,11 @@ def _score_probs(q_BQKGH, k_BCKH, qpos_BQ, kpos_BC, qseg_BQ, kseg_BC, window, ls
 
 def _forward(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, window, bq, bk, band):
     """(out (B, T, K, G, H) in q's dtype, lse (B, K, G, T) float32); T % bq == S % bk == 0."""
+    # Tie the positions and segment ids to q in the dataflow: inside a differentiated outer loop (the
+    # scanned layers), values computed from loop-invariant inputs alone are hoisted out of the loop by
+    # JAX's partial evaluation, which would materialise every block's mask at once (O(T * W) memory).
+    q_BTKGH, qpos_BT, kpos_BS, qseg_BT, kseg_BS = jax.lax.optimization_barrier(
+        (q_BTKGH, qpos_BT, kpos_BS, qseg_BT, kseg_BS))
     B, T, K, G, H = q_BTKGH.shape
     S = k_BSKH.shape[1]
     nq, nk = T // bq, S // bk

@@ -132,3 +132,38 @@ def plot_loss_curve(records: Sequence[Record], path: str | Path, title: str = "t
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+class ScalarSinks:
+    """TensorBoard event files (tensorboardX) in `tb_dir` and, when `wandb_project` is given, a Weights &
+    Biases run; each log record's numeric fields become scalars at its step. Either may be off."""
+
+    def __init__(self, tb_dir: str | Path | None, wandb_project: str = "", run_name: str = "",
+                 config: dict[str, Any] | None = None, wandb_dir: str | Path | None = None):
+        self._tb = self._wandb = None
+        if tb_dir is not None:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(logdir=str(tb_dir), flush_secs=10)
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError("train.wandb_project is set but the 'wandb' package is not installed "
+                                  "(pip install wandb), or leave train.wandb_project empty") from None
+            self._wandb = wandb.init(project=wandb_project, name=run_name or None, config=config or {},
+                                     dir=str(wandb_dir) if wandb_dir else None, resume="allow")
+
+    def write(self, record: Record, prefix: str = "train/") -> None:
+        scalars = {k: float(v) for k, v in record.items()
+                   if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(prefix + k, v, record["step"])
+        if self._wandb is not None:
+            self._wandb.log({prefix + k: v for k, v in scalars.items()}, step=record["step"])
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -58,10 +58,19 @@ class ModelSection(_Section):
     remat: RematName = "none"
 
 
+TEXT_SOURCES = ("stdlib", "files")        # pretraining: documents packed into rows
+CHAT_SOURCES = ("chat", "chat-examples")  # fine-tuning: conversations, loss on the answers
+
+
 class DataSection(_Section):
     """Where text comes from and how rows are packed."""
-    source: Literal["stdlib", "files"] = "stdlib"  # Python's own library sources, or the `paths` globs
-    paths: StrTuple = ()  # globs, for source = "files"
+    # "stdlib": Python's own library sources; "files": the `paths` globs; "chat": JSONL conversations at `paths` (held out: `val_paths`); "chat-examples": the
+    # built-in instruction set (mistral_jax.chat_examples), written into the run directory
+    source: Literal["stdlib", "files", "chat", "chat-examples"] = "stdlib"
+    paths: StrTuple = ()  # globs, for source = "files" or "chat"
+    val_paths: StrTuple = ()  # held-out conversation files for source = "chat" (else val_percent of the lines)
+    on_error: Literal["skip", "stop"] = "skip"  # bad conversation lines: skip and count, or stop the run
+    examples: int = Field(4000, ge=1)  # conversations written for source = "chat-examples" (held out: val_percent)
     pattern: str = "**/*.py"  # glob under the stdlib directory, for source = "stdlib"
     # skip files with one of these names among their path parts below the corpus root
     exclude: StrTuple = ("site-packages", "test", "tests", "__pycache__")
@@ -104,6 +113,21 @@ class TrainSection(_Section):
     log_every: int = Field(10, ge=1)
     peak_flops: float = Field(0.0, ge=0)  # FLOP/s of the device set for MFU; 0: measure once per run
     progress: bool = True
+    tensorboard: bool = True  # TensorBoard event files in <run dir>/tensorboard
+    wandb_project: str = ""  # also log to Weights & Biases (needs `pip install wandb`)
+    profile_steps: str = ""  # "A:B": a jax.profiler trace of steps A..B (0-based) in <run dir>/profile
+    prefetch: int = Field(2, ge=1)  # batches read and placed ahead of the running step
+
+
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+class LoraSection(_Section):
+    """Low-rank adapters: rank 0 trains every weight; rank r > 0 freezes them and trains only adapters
+    y = x W + (alpha / r) x A B on the `targets` projections."""
+    rank: int = Field(0, ge=0)
+    alpha: float = Field(16.0, gt=0)
+    targets: StrTuple = LORA_TARGETS
 
 
 class CheckpointSection(_Section):
@@ -119,6 +143,8 @@ class EvalSection(_Section):
     sample_temperature: float = Field(0.0, ge=0)  # 0: greedy
     sample_top_k: int = Field(0, ge=0)
     export: bool = True  # write final params with mistral_jax.checkpoint.save_params
+    answers: int = Field(0, ge=0)  # fine-tuning: held-out conversations answered greedily for exact match
+    before: bool = False  # also evaluate before the first step (a fresh run), for a before/after comparison
 
 
 class RunConfig(_Section):
@@ -129,6 +155,7 @@ class RunConfig(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
 
     def model_cfg(self) -> ModelConfig:
         """The ModelConfig: preset with overrides applied."""
@@ -152,7 +179,7 @@ SECTIONS: dict[str, type[_Section]] = {name: f.annotation for name, f in RunConf
 # model, the data and the optimizer's hyperparameters) would make the restored state or data position
 # meaningless. The mesh may change: orbax reshards the restored arrays to the new mesh.
 RESUMABLE_CHANGES = ("model.remat", "optim.grad_accum", "optim.schedule_steps", "mesh.*", "train.*",
-                     "checkpoint.*", "eval.*")
+                     "checkpoint.*", "eval.*", "data.on_error")
 
 
 def _model_cfg(model: ModelSection, source: str) -> ModelConfig:
@@ -189,8 +216,17 @@ def _cross_check(rc: RunConfig, source: str) -> None:
     """Constraints between fields; raises RunConfigError naming the fields."""
     errors = []
     d, o, m = rc.data, rc.optim, rc.mesh
-    if d.source == "files" and not d.paths:
-        errors.append(f"{source}: [data] field 'paths': must list files/globs when data.source = 'files'")
+    if d.source in ("files", "chat") and not d.paths:
+        errors.append(f"{source}: [data] field 'paths': must list files/globs when data.source = '{d.source}'")
+    bad_targets = [t for t in rc.lora.targets if t not in LORA_TARGETS]
+    if bad_targets or not rc.lora.targets:
+        errors.append(f"{source}: [lora] field 'targets': {list(rc.lora.targets)} must be a non-empty subset of "
+                      f"{list(LORA_TARGETS)}")
+    if rc.train.profile_steps:
+        try:
+            profile_range(rc.train.profile_steps)
+        except ValueError as e:
+            errors.append(f"{source}: [train] field 'profile_steps': {e}")
     if d.batch_size % o.grad_accum:
         errors.append(f"{source}: [optim] field 'grad_accum': {o.grad_accum} must divide "
                       f"data.batch_size={d.batch_size}")
@@ -203,6 +239,18 @@ def _cross_check(rc: RunConfig, source: str) -> None:
                       "lower data.seq_len or raise model.overrides.max_seq_len")
     if errors:
         raise RunConfigError("\n".join(errors))
+
+
+def profile_range(text: str) -> tuple[int, int]:
+    """(first, last) 0-based steps of an "A:B" profile range; ValueError naming the text otherwise."""
+    parts = text.split(":")
+    try:
+        a, b = (int(x) for x in parts)
+    except ValueError:
+        raise ValueError(f"expected A:B with integers 0 <= A <= B (steps to trace), got {text!r}") from None
+    if not 0 <= a <= b:
+        raise ValueError(f"expected A:B with 0 <= A <= B, got {text!r}")
+    return a, b
 
 
 def from_dict(d: Mapping[str, Any], source: str = "config") -> RunConfig:

@@ -22,13 +22,15 @@ from jax.sharding import Mesh
 from mistral_jax import data as data_lib
 from mistral_jax import flops, optim, sharding
 from mistral_jax import run_config as rc_lib
+from mistral_jax.data_source import DataSource, make_data
+from mistral_jax.prefetch import Prefetcher
 from mistral_jax import train_step as ts
 from mistral_jax.checkpoint import load_params, save_params
 from mistral_jax.config import ModelConfig
 from mistral_jax.decode import generate
 from mistral_jax.dtypes import parse_dtype
 from mistral_jax.errors import first_line
-from mistral_jax.metrics import MetricsLog, log_record, plot_loss_curve, read_metrics
+from mistral_jax.metrics import MetricsLog, ScalarSinks, log_record, plot_loss_curve, read_metrics
 from mistral_jax.tokenizer import DEFAULT_FILES, Tokenizer
 from mistral_jax.train_checkpoint import TrainCheckpointer
 
@@ -82,16 +84,27 @@ def measure_peak(mesh: Mesh, dtype: Any) -> tuple[float, str]:
     return one * n, f"measured 1024^3 {np.dtype(dtype).name} matmul x {n} devices"
 
 
-def load_init_params(path: str, cfg: ModelConfig, mesh: Mesh, param_dtype: Any) -> Any:
-    """Params of a saved checkpoint for `cfg`, placed on `mesh`; RunError naming the path otherwise."""
+# ModelConfig fields that decide the weights' meaning; the others (max_seq_len) may differ from a checkpoint's
+NON_ARCH_FIELDS = ("max_seq_len",)
+
+
+def load_init_params(path: str, cfg: ModelConfig, mesh: Mesh, param_dtype: Any,
+                     log: Callable[[str], None] = print) -> Any:
+    """Params of a saved checkpoint for `cfg`, placed on `mesh`; RunError naming the path otherwise.
+
+    The checkpoint's architecture must equal the run's; fields outside it (max_seq_len) may differ, with
+    a note: the run's value applies.
+    """
     try:
         loaded_cfg, params = load_params(path, mesh=mesh, dtype=param_dtype)
     except (OSError, ValueError) as e:  # CheckpointError, ConfigError, WeightError are ValueErrors
         raise RunError(f"--init-from {path}: {first_line(e)}") from None
-    if loaded_cfg != cfg:
-        diff = [f"{k} {v!r} (run: {getattr(cfg, k)!r})" for k, v in loaded_cfg.to_dict().items()
-                if getattr(cfg, k) != v]
-        raise RunError(f"--init-from {path}: its model config differs from the run's: {', '.join(diff)}")
+    diff = {k: v for k, v in loaded_cfg.to_dict().items() if getattr(cfg, k) != v}
+    arch = [f"{k} {v!r} (run: {getattr(cfg, k)!r})" for k, v in diff.items() if k not in NON_ARCH_FIELDS]
+    if arch:
+        raise RunError(f"--init-from {path}: its model architecture differs from the run's: {', '.join(arch)}")
+    for k, v in diff.items():
+        log(f"--init-from {path}: checkpoint {k} is {v!r}, the run uses {getattr(cfg, k)!r}")
     return params
 
 
@@ -115,14 +128,30 @@ def _schedule_steps(rc: rc_lib.RunConfig, saved_meta: dict[str, Any] | None) -> 
     return saved, notes
 
 
+def lora_config(rc: rc_lib.RunConfig) -> Any:
+    """The run's lora.LoraConfig, or None for full training (lora.rank = 0)."""
+    if rc.lora.rank == 0:
+        return None
+    from mistral_jax import lora as lora_lib
+    return lora_lib.LoraConfig(rank=rc.lora.rank, alpha=rc.lora.alpha, targets=tuple(rc.lora.targets))
+
+
 def run(rc: rc_lib.RunConfig, run_dir: str | Path, resume: bool = False, init_from: str | None = None,
-        log: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict[str, Any]:
+        log: Callable[[str], None] = lambda s: print(s, flush=True),
+        profile_steps: str | None = None) -> dict[str, Any]:
     """Trains per `rc` in `run_dir`; returns the summary dict.
 
     Raises RunConfigError / RunError / DataError / FileExistsError before any compilation for bad input
-    or an incompatible checkpoint, and TrainingDiverged on a NaN/inf loss or gradient.
+    or an incompatible checkpoint, and TrainingDiverged on a NaN/inf loss or gradient. profile_steps
+    ("A:B") overrides train.profile_steps.
     """
     t_start = time.time()
+    if profile_steps is not None:
+        try:
+            rc_lib.profile_range(profile_steps)
+        except ValueError as e:
+            raise RunError(f"--profile-steps: {e}") from None
+        rc = rc.replace(train={"profile_steps": profile_steps})
     run_dir = Path(run_dir)
     cfg = rc.model_cfg()
     dtype = parse_dtype(rc.model.dtype, "[model] field 'dtype'")
@@ -133,21 +162,22 @@ def run(rc: rc_lib.RunConfig, run_dir: str | Path, resume: bool = False, init_fr
     except ValueError as e:
         raise RunError(f"[data] batch_size / [mesh]: {e}") from None
     tokenizer = load_tokenizer(rc.data.tokenizer, cfg.vocab_size)
-    train_stream, val_stream, corpus = data_lib.make_streams(rc.data, tokenizer)
-    log(corpus.describe(rc.data.max_bytes)
-        + f"; {len(train_stream.files)} train, {len(val_stream.files) if val_stream else 0} held out")
-
     run_dir.mkdir(parents=True, exist_ok=True)
+    data = make_data(rc, tokenizer, run_dir)
+    log(data.description)
+
     ckpt = TrainCheckpointer(run_dir / "checkpoints", keep=rc.checkpoint.keep, async_save=rc.checkpoint.async_save)
     try:
         return _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, mesh, tokenizer,
-                    train_stream, val_stream, ckpt)
+                    data, ckpt)
     finally:
         ckpt.close()
 
 
-def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, mesh, tokenizer, train_stream,
-         val_stream, ckpt: TrainCheckpointer) -> dict[str, Any]:
+def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, mesh, tokenizer,
+         data: DataSource, ckpt: TrainCheckpointer) -> dict[str, Any]:
+    train_stream = data.train
+    lora = lora_config(rc)
     latest = ckpt.latest_step()
     if latest is not None and not resume:
         raise FileExistsError(f"{ckpt.directory} already has checkpoints (latest step {latest}); "
@@ -185,18 +215,28 @@ def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, 
     rc = rc.replace(optim={"schedule_steps": schedule_steps})
     optimizer = optim.make_optimizer(rc.optim, schedule_steps)
     schedule = optim.learning_rate_schedule(rc.optim, schedule_steps)
-    init_params = load_init_params(init_from, cfg, mesh, param_dtype) if init_from and saved_meta is None else None
+    init_params = (load_init_params(init_from, cfg, mesh, param_dtype, log)
+                   if init_from and saved_meta is None else None)
+    if lora is not None and init_params is None and saved_meta is None:
+        log("note: LoRA (lora.rank > 0) without --init-from trains adapters on random base weights")
     first = next(train_stream)  # fails here, before compiling anything, for a corpus without text
 
     if saved_meta is not None:
         try:
-            state, _, _ = ckpt.restore(ts.abstract_state(cfg, optimizer, mesh, param_dtype), latest)
+            state, _, _ = ckpt.restore(ts.abstract_state(cfg, optimizer, mesh, param_dtype, lora=lora), latest)
         except Exception as e:  # orbax raises assorted types for unreadable or mismatched arrays
             raise RunError(f"--resume: cannot restore the train state of step {latest} in {ckpt.directory} "
                            f"({type(e).__name__}: {first_line(e)})") from None
         log(f"resumed from step {int(state['step'])} ({ckpt.directory})")
     else:
-        state = ts.init_state(cfg, optimizer, jax.random.key(rc.train.seed), mesh, param_dtype, init_params)
+        state = ts.init_state(cfg, optimizer, jax.random.key(rc.train.seed), mesh, param_dtype, init_params,
+                              lora=lora)
+    if lora is not None:
+        from mistral_jax import lora as lora_lib
+        n_train = sum(x.size for x in jax.tree_util.tree_leaves(ts.trainable(state["params"], lora)))
+        n_all = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
+        log(f"LoRA rank {lora.rank}, alpha {lora.alpha} on {', '.join(lora.targets)}: {n_train:,} trained of "
+            f"{n_all:,} params; optimizer state {lora_lib.count_bytes(state['opt_state']) / 2**20:.1f} MiB")
 
     if rc.train.peak_flops > 0:
         peak, peak_source = rc.train.peak_flops, "train.peak_flops"
@@ -210,7 +250,7 @@ def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, 
     (run_dir / "config.json").write_text(json.dumps(rc.to_dict(), indent=1))
 
     step_fn = ts.make_train_step(cfg, optimizer, schedule, mesh, dtype=dtype, param_dtype=param_dtype,
-                                 remat=rc.model.remat)
+                                 remat=rc.model.remat, lora=lora)
     flops_per_token = flops.train_flops_per_token(cfg, rc.data.seq_len)
     log(f"model {cfg.dim}d x {cfg.n_layers} layers, mesh {dict(mesh.shape)}, {flops_per_token / 1e6:.1f} "
         f"MFLOP/token, peak {peak / 1e9:.1f} GFLOP/s ({peak_source})")
@@ -221,21 +261,44 @@ def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, 
         metrics_log, notes = MetricsLog.fresh(run_dir / "metrics.jsonl")
     for note in notes:
         log(note)
+    try:
+        sinks = ScalarSinks(run_dir / "tensorboard" if rc.train.tensorboard else None, rc.train.wandb_project,
+                            run_name=run_dir.name, config=rc.to_dict(), wandb_dir=run_dir)
+    except ImportError as e:
+        metrics_log.close()
+        raise RunError(str(e)) from None
+    baseline: dict[str, Any] = {}
+    if rc.eval.before and saved_meta is None:
+        baseline = evaluate(rc, cfg, state["params"], mesh, tokenizer, data, run_dir, dtype, param_dtype, log,
+                            lora, sinks, step=0, tag="before")
+        if data.val is not None:
+            data.val.restore(data.val_start)
     stop = {"sigterm": False}
     old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+    batches = Prefetcher(itertools.chain([first], train_stream),
+                         lambda b: ts.put_batch(b, mesh, rc.optim.grad_accum), train_stream.state,
+                         depth=rc.train.prefetch)
     try:
-        state = train(rc, state, step_fn, itertools.chain([first], train_stream), train_stream.state, mesh, ckpt,
-                      meta, metrics_log, stop, flops_per_token, peak, log)
+        state = train(rc, state, step_fn, batches, mesh, ckpt, meta, metrics_log, stop, flops_per_token, peak,
+                      log, sinks=sinks, profile_dir=run_dir / "profile")
     finally:
+        batches.close()
         signal.signal(signal.SIGTERM, old_handler)
         metrics_log.close()
     if stop["sigterm"]:
+        sinks.close()
         return {"stopped_by": "SIGTERM", "step": int(state["step"])}
 
-    summary = evaluate_and_export(rc, cfg, state["params"], mesh, tokenizer, val_stream, run_dir, dtype,
-                                  param_dtype, log)
+    try:
+        summary = evaluate_and_export(rc, cfg, state["params"], mesh, tokenizer, data, run_dir, dtype,
+                                      param_dtype, log, lora=lora, sinks=sinks, step=int(state["step"]))
+    finally:
+        sinks.close()
     summary.update(steps=int(state["step"]), wall_s=round(time.time() - t_start, 1), schedule_steps=schedule_steps,
                    peak_flops=peak, peak_source=peak_source, flops_per_token=flops_per_token)
+    summary.update(baseline)
+    if data.report:
+        summary["data"] = data.report
     records = read_metrics(run_dir / "metrics.jsonl")
     if records:
         summary["final_train_loss"] = records[-1]["loss"]
@@ -247,27 +310,38 @@ def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, 
     return summary
 
 
-def train(rc: rc_lib.RunConfig, state: ts.TrainState, step_fn: Callable, batches: Iterator[dict[str, np.ndarray]],
-          data_state: Callable[[], dict[str, Any]], mesh: Mesh, ckpt: TrainCheckpointer, meta: dict[str, Any],
-          metrics_log: MetricsLog, stop: dict[str, bool], flops_per_token: float, peak: float,
-          log: Callable[[str], None]) -> ts.TrainState:
-    """Steps from state['step'] to rc.train.steps: a metrics record every log_every steps, a checkpoint
-    (state, `data_state()`, meta) every checkpoint.every steps, at the end and on SIGTERM (`stop`)."""
+def train(rc: rc_lib.RunConfig, state: ts.TrainState, step_fn: Callable,
+          batches: Iterator[tuple[ts.Batch, dict[str, Any]]], mesh: Mesh, ckpt: TrainCheckpointer,
+          meta: dict[str, Any], metrics_log: MetricsLog, stop: dict[str, bool], flops_per_token: float,
+          peak: float, log: Callable[[str], None], sinks: ScalarSinks | None = None,
+          profile_dir: Path | None = None) -> ts.TrainState:
+    """Steps from state['step'] to rc.train.steps over (placed batch, data state after it) pairs: a metrics
+    record every log_every steps, a checkpoint (state, data state, meta) every checkpoint.every steps, at
+    the end and on SIGTERM (`stop`).
+
+    Step k's metrics are fetched from the device after step k+1 has been dispatched, so the host never
+    waits on the device between steps; a non-finite step (whose update the step itself discards) is still
+    caught before any later checkpoint is written.
+    """
     from tqdm import tqdm
 
     start, steps = int(state["step"]), rc.train.steps
     log_every, every = rc.train.log_every, rc.checkpoint.every
+    profile = rc_lib.profile_range(rc.train.profile_steps) if rc.train.profile_steps else None
     bar = tqdm(total=steps, initial=start, desc="train", disable=not rc.train.progress, dynamic_ncols=True)
     since_log: list[dict[str, Any]] = []
-    first_call = True
+    pending: list[tuple[int, dict[str, Any]]] = []   # (step, device metrics) not yet fetched
+    clock = {"last": time.perf_counter(), "first": True}
+    tracing = False
     last_saved = start
-    try:
-        for step in range(start, steps):
-            batch = ts.put_batch(next(batches), mesh, rc.optim.grad_accum)
-            t0 = time.perf_counter()
-            state, m = step_fn(state, batch)
+
+    def drain() -> None:
+        """Fetches the pending steps' metrics (in order): divergence check, log records, progress bar."""
+        while pending:
+            step, m = pending.pop(0)
             m = jax.device_get(m)
-            dt = time.perf_counter() - t0
+            now = time.perf_counter()
+            dt, clock["last"] = now - clock["last"], now
             if not bool(m["finite"]):
                 ckpt.wait()
                 raise TrainingDiverged(
@@ -276,33 +350,60 @@ def train(rc: rc_lib.RunConfig, state: ts.TrainState, step_fn: Callable, batches
                     f"checkpoint: step {ckpt.latest_step()} in {ckpt.directory}. Lower optim.lr or raise "
                     "optim.warmup_steps, then resume with --resume.")
             since_log.append({"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
-                              "tokens": float(m["tokens"]), "dt": dt, "timed": not first_call})
-            first_call = False
+                              "tokens": float(m["tokens"]), "dt": dt, "timed": not clock["first"]})
+            clock["first"] = False
             done = step + 1
             bar.update(1)
             if done % log_every == 0 or done == steps:
                 rec = log_record(done, since_log, rc.data.batch_size, rc.data.seq_len, flops_per_token, peak)
                 metrics_log.write(rec)
+                if sinks is not None:
+                    sinks.write(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s'] or 0:.0f}")
                 if not rc.train.progress:
                     log(json.dumps(rec))
-                since_log = []
+                since_log.clear()
+
+    try:
+        for step in range(start, steps):
+            if profile is not None and step == profile[0] and not tracing:
+                drain()
+                jax.profiler.start_trace(str(profile_dir))
+                tracing = True
+            batch, data_state = next(batches)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, m = step_fn(state, batch)
+            drain()   # the previous step's metrics: this step is already queued behind it
+            pending.append((step, m))
+            done = step + 1
+            if tracing and (step == profile[1] or done == steps):
+                drain()
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                tracing = False
+                log(f"profile of steps {profile[0]}..{step} written to {profile_dir} (open with TensorBoard's "
+                    "profile plugin or XProf)")
             if (done % every == 0 or done == steps or stop["sigterm"]) and done != last_saved:
-                ckpt.save(done, state, data_state(), meta)
+                drain()   # never checkpoint past a diverged step
+                ckpt.save(done, state, data_state, meta)
                 last_saved = done
             if stop["sigterm"]:
+                drain()
                 ckpt.wait()
                 log(f"SIGTERM: saved checkpoint at step {done} in {ckpt.directory}; exiting")
                 break
+        drain()
     finally:
+        if tracing:
+            jax.profiler.stop_trace()
         bar.close()
     return state
 
 
 def heldout_loss(params: Any, cfg: ModelConfig, mesh: Mesh, val_stream: Iterator, n_batches: int, dtype: Any,
-                 param_dtype: Any) -> tuple[float, int]:
-    """(mean NLL per predicted token, token count) over the first n_batches held-out batches."""
-    eval_fn = ts.make_eval_step(cfg, mesh, dtype=dtype, param_dtype=param_dtype)
+                 param_dtype: Any, lora: Any = None) -> tuple[float, int]:
+    """(mean NLL per target token, target count) over the first n_batches held-out batches."""
+    eval_fn = ts.make_eval_step(cfg, mesh, dtype=dtype, param_dtype=param_dtype, lora=lora)
     total, count = 0.0, 0.0
     for _ in range(n_batches):
         try:
@@ -316,21 +417,77 @@ def heldout_loss(params: Any, cfg: ModelConfig, mesh: Mesh, val_stream: Iterator
     return total / count, int(count)
 
 
+def answer_exact_match(params: Any, cfg: ModelConfig, mesh: Mesh, tokenizer: Tokenizer,
+                       answers: list[tuple[list[int], str]], seed: int, batch_size: int = 16,
+                       max_new_tokens: int = 64) -> tuple[float, list[dict[str, Any]]]:
+    """(share of prompts whose greedy answer equals the reference after stripping spaces, rows)."""
+    rows = []
+    for i in range(0, len(answers), batch_size):
+        chunk = answers[i:i + batch_size]
+        outs = generate(params, cfg, [p for p, _ in chunk], max_new_tokens, seed=seed, mesh=mesh)
+        for (_, ref), out in zip(chunk, outs):
+            got = tokenizer.decode(out)
+            rows.append({"reference": ref, "answer": got, "match": got.strip() == ref.strip()})
+    return (sum(r["match"] for r in rows) / len(rows) if rows else 0.0), rows
+
+
+def evaluate(rc: rc_lib.RunConfig, cfg: ModelConfig, params: Any, mesh: Mesh, tokenizer: Tokenizer,
+             data: DataSource, run_dir: Path, dtype: Any, param_dtype: Any, log: Callable[[str], None],
+             lora: Any = None, sinks: ScalarSinks | None = None, step: int = 0, tag: str = "") -> dict[str, Any]:
+    """Held-out loss (on the answers for fine-tuning) and greedy answers' exact match, per rc.eval.
+
+    tag "" is the final evaluation; another tag (e.g. "before") prefixes the summary fields and files.
+    """
+    out: dict[str, Any] = {}
+    plain = params
+    if lora is not None:
+        from mistral_jax import lora as lora_lib
+        plain = lora_lib.merge(params, lora)
+    what = "answer loss" if rc.data.source in rc_lib.CHAT_SOURCES else "loss"
+    pre = f"{tag}_" if tag else ""
+    label = f"held-out ({tag})" if tag else "held-out"
+    if rc.eval.batches and data.val is not None:
+        val_loss, n = heldout_loss(params, cfg, mesh, data.val, rc.eval.batches, dtype, param_dtype, lora)
+        out.update({f"{pre}heldout_loss": val_loss, f"{pre}heldout_perplexity": math.exp(val_loss),
+                    f"{pre}heldout_tokens": n})
+        log(f"{label}: {what} {val_loss:.4f} nats/token, perplexity {math.exp(val_loss):.2f} over {n} tokens")
+        if sinks is not None:
+            sinks.write({"step": step, "loss": val_loss}, prefix="heldout/")
+    if rc.eval.answers and data.answers:
+        score, rows = answer_exact_match(plain, cfg, mesh, tokenizer, data.answers[:rc.eval.answers],
+                                         rc.train.seed)
+        out.update({f"{pre}heldout_exact_match": score, f"{pre}heldout_answers": len(rows)})
+        with open(run_dir / f"{pre}answers.jsonl", "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        log(f"{label} greedy answers: exact match {score:.3f} over {len(rows)} conversations "
+            f"({pre}answers.jsonl)")
+        if sinks is not None:
+            sinks.write({"step": step, "exact_match": score}, prefix="heldout/")
+    return out
+
+
 def evaluate_and_export(rc: rc_lib.RunConfig, cfg: ModelConfig, params: Any, mesh: Mesh, tokenizer: Tokenizer,
-                        val_stream: Iterator | None, run_dir: Path, dtype: Any, param_dtype: Any,
-                        log: Callable[[str], None]) -> dict[str, Any]:
-    """Per rc.eval: export the params, held-out loss/perplexity, a sample; returns their summary fields."""
+                        data: DataSource, run_dir: Path, dtype: Any, param_dtype: Any,
+                        log: Callable[[str], None], lora: Any = None, sinks: ScalarSinks | None = None,
+                        step: int = 0) -> dict[str, Any]:
+    """Per rc.eval: export the params (LoRA merged into the weights), `evaluate`, a sample; returns their
+    summary fields."""
     summary: dict[str, Any] = {}
+    plain = params
+    if lora is not None:
+        from mistral_jax import lora as lora_lib
+        plain = lora_lib.merge(params, lora)
     if rc.eval.export:
-        save_params(run_dir / "export", cfg, params, force=True)
+        save_params(run_dir / "export", cfg, plain, force=True)
         summary["export"] = str(run_dir / "export")
-    if rc.eval.batches and val_stream is not None:
-        val_loss, n = heldout_loss(params, cfg, mesh, val_stream, rc.eval.batches, dtype, param_dtype)
-        summary.update(heldout_loss=val_loss, heldout_perplexity=math.exp(val_loss), heldout_tokens=n)
-        log(f"held-out: loss {val_loss:.4f} nats/token, perplexity {math.exp(val_loss):.2f} over {n} tokens")
+        if lora is not None:
+            summary["export_note"] = "LoRA adapters merged into the weights (W + alpha/rank * A B)"
+    summary.update(evaluate(rc, cfg, params, mesh, tokenizer, data, run_dir, dtype, param_dtype, log, lora,
+                            sinks, step))
     if rc.eval.sample_tokens:
         prompt_ids = tokenizer.encode(rc.eval.sample_prompt, bos=True)
-        out = generate(params, cfg, [prompt_ids], rc.eval.sample_tokens, temperature=rc.eval.sample_temperature,
+        out = generate(plain, cfg, [prompt_ids], rc.eval.sample_tokens, temperature=rc.eval.sample_temperature,
                        top_k=rc.eval.sample_top_k, seed=rc.train.seed, mesh=mesh)
         text = tokenizer.decode(out[0])
         summary.update(sample_prompt=rc.eval.sample_prompt, sample=text)

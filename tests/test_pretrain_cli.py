@@ -50,7 +50,7 @@ def first_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("first") / "run"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 100, "loss": 0.5}) + "\n")
-    rc = rc_lib.load(TINY_TOML, _sets(**{"train.steps": 4, "train.peak_flops": 0}))
+    rc = rc_lib.load(TINY_TOML, _sets(**{"train.steps": 4, "train.peak_flops": 0, "train.profile_steps": "1:2"}))
     lines: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(flops, "measure_peak_flops", lambda *a, **k: MEASURED_PEAK)
@@ -67,6 +67,47 @@ def test_fresh_run_starts_a_new_metrics_file(first_run):
     assert json.loads((run_dir / "metrics.old-1.jsonl").read_text())["step"] == 100
     assert any("moved metrics.jsonl" in line for line in lines)
     assert summary["peak_flops"] == MEASURED_PEAK and summary["schedule_steps"] == 4
+
+
+def _tb_scalars(folder: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from the TensorBoard event files in `folder` (TFRecord framing, Event protos)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+    out: dict[str, dict[int, float]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            ev = Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in ev.summary.value:
+                out.setdefault(v.tag, {})[ev.step] = v.simple_value
+    return out
+
+
+def test_tensorboard_events_match_the_metrics_file(first_run):
+    run_dir, _, _ = first_run
+    scalars = _tb_scalars(run_dir / "tensorboard")
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert sorted(scalars["train/loss"]) == [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert scalars["train/loss"][r["step"]] == pytest.approx(r["loss"], rel=1e-6)
+        assert scalars["train/lr"][r["step"]] == pytest.approx(r["lr"], rel=1e-6)
+
+
+def test_profile_steps_write_a_trace(first_run):
+    run_dir, lines, _ = first_run
+    traces = list((run_dir / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0, list((run_dir / "profile").rglob("*"))
+    assert any("profile of steps 1..2 written" in line for line in lines), lines
+
+
+def test_profile_steps_flag_is_checked_before_anything_runs(tmp_path, capsys):
+    assert pretrain.main(_argv(tmp_path / "run") + ["--profile-steps", "5"]) == 1
+    assert _errors(capsys) == ["error: --profile-steps: expected A:B with integers 0 <= A <= B (steps to trace), "
+                               "got '5'"]
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("sets, named", [

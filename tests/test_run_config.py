@@ -50,7 +50,7 @@ def test_overrides_bare_keys_and_types():
     ("data.seq_len=4096", "[model] max_seq_len=1024 is below data.seq_len=4096"),
     ("data.val_percent=100", "[data] field 'val_percent': Input should be less than 100"),
     ("data.seed=-1", "[data] field 'seed'"),
-    ("data.source=web", "[data] field 'source': Input should be 'stdlib' or 'files' (got 'web')"),
+    ("data.source=web", "[data] field 'source': Input should be 'stdlib', 'files', 'chat' or 'chat-examples' (got 'web')"),
     ("data.source=files", "[data] field 'paths': must list files/globs"),
     ("train.steps=0", "[train] field 'steps': Input should be greater than or equal to 1 (got 0)"),
     ("train.peak_flops=-1", "[train] field 'peak_flops'"),

@@ -1,0 +1,64 @@
+"""The command line shared by `python -m train.pretrain` and `python -m train.finetune`: the two differ
+only in the data they train on (documents vs conversations), which the run config's data.source says."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from mistral_jax import run_config as rc_lib
+from mistral_jax.data import DataError
+from mistral_jax.train_loop import RunError, TrainingDiverged, run
+
+# Failures reported as `error: ...` lines (exit status 1) rather than tracebacks: bad input, an incompatible
+# checkpoint, a diverged run.
+USER_ERRORS = (rc_lib.RunConfigError, RunError, DataError, TrainingDiverged, FileExistsError)
+
+
+def parse_args(argv: Sequence[str] | None, prog: str, description: str, example: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", required=True, help=f"TOML run config (e.g. {example})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.steps=200 (repeatable; bare keys allowed "
+                        "when unambiguous, e.g. --set steps=200)")
+    p.add_argument("--run-dir", default=None, help="output directory (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in the run dir (a fresh start if there is none)")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start from the params of a checkpoint folder (native, Hugging Face or mistral-inference; "
+                        "fresh optimizer)")
+    p.add_argument("--profile-steps", default=None, metavar="A:B",
+                   help="record a jax.profiler trace of steps A..B (0-based) into <run dir>/profile")
+    return p.parse_args(argv)
+
+
+def _error(e: BaseException) -> None:
+    for line in str(e).splitlines() or [type(e).__name__]:
+        print(f"error: {line}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None, prog: str, description: str, example: str, sources: Sequence[str]) -> int:
+    """Runs one training program; exit status 0 done, 1 run failed, 2 bad config, 143 stopped by SIGTERM."""
+    args = parse_args(argv, prog, description, example)
+    try:
+        rc = rc_lib.load(args.config, args.set)
+    except rc_lib.RunConfigError as e:
+        _error(e)
+        return 2
+    if rc.data.source not in sources:
+        _error(ValueError(f"{args.config}: [data] field 'source' is {rc.data.source!r}; {prog} trains on "
+                          f"{' or '.join(repr(s) for s in sources)}"))
+        return 2
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
+    try:
+        summary = run(rc, run_dir, resume=args.resume, init_from=args.init_from, profile_steps=args.profile_steps)
+    except USER_ERRORS as e:
+        _error(e)
+        return 1
+    if summary.get("stopped_by") == "SIGTERM":
+        return 143
+    print(json.dumps({k: v for k, v in summary.items() if k != "sample"}, indent=1), flush=True)
+    return 0
