@@ -14,7 +14,7 @@ import os
 import sysconfig
 import zlib
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -117,9 +117,35 @@ def split_files(files: Sequence[Path], val_percent: float) -> tuple[list[Path], 
     return train, val
 
 
+def _jsonl_texts(path: Path) -> list[str]:
+    """The "text" field of each line of a JSONL file (blank lines skipped); DataError naming file:line."""
+    import json
+    out = []
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise DataError(f"{path}:{i}: not a JSON line ({type(e).__name__}: {e})") from None
+            text = rec.get("text") if isinstance(rec, dict) else None
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{i}: expected an object with a string \"text\" field, got "
+                                f"{type(text).__name__ if isinstance(rec, dict) else type(rec).__name__}")
+            out.append(text)
+    return out
+
+
 def read_documents(files: Sequence[Path], tokenizer: TextEncoder) -> list[list[int]]:
-    """Each file is one document: BOS + tokens + EOS (empty files are skipped)."""
-    texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
+    """Each file is one document (a .jsonl file: each line's "text" is one): BOS + tokens + EOS; empty
+    documents are skipped."""
+    texts: list[str] = []
+    for f in files:
+        if Path(f).suffix == ".jsonl":
+            texts += _jsonl_texts(Path(f))
+        else:
+            texts.append(Path(f).read_text(encoding="utf-8", errors="replace"))
     texts = [t for t in texts if t.strip()]
     return [[tokenizer.bos_id] + ids + [tokenizer.eos_id] for ids in tokenizer.encode_batch(texts)]
 
@@ -251,11 +277,29 @@ class PackedStream:
         return stack_rows(rows)
 
 
-def make_streams(data: DataSection, tokenizer: TextEncoder) -> tuple[PackedStream, PackedStream | None, Corpus]:
-    """(train stream, held-out stream or None, the corpus listing) for a run's data section."""
+def make_streams(data: DataSection, tokenizer: TextEncoder, process_index: int = 0, process_count: int = 1
+                 ) -> tuple[Any, Any | None, Corpus]:
+    """(train stream, held-out stream or None, the corpus listing) for a run's data section.
+
+    The train and held-out files are dealt into `data.shards` disjoint shards; this process reads only
+    its own shards (see data_shards). The held-out stream pads finished shards with empty rows.
+    """
+    from mistral_jax import data_shards as ds
     corpus = list_files(data)
     train_files, val_files = split_files(corpus.files, data.val_percent)
-    train = PackedStream(train_files, tokenizer, data.seq_len, data.batch_size, data.seed, data.shuffle_files)
-    val = (PackedStream(val_files, tokenizer, data.seq_len, data.batch_size, data.seed, data.shuffle_files,
-                        shuffle=False) if val_files else None)
+    n = data.shards
+    mine = ds.owned_shards(n, process_index, process_count)
+    per = data.batch_size // n
+    tr, va = ds.assign(train_files, n), ds.assign(val_files, n)
+    empty = [s for s in range(n) if not tr[s]]
+    if empty:
+        raise DataError(f"data.shards={n} but only {len(train_files)} training files: shard(s) {empty} would "
+                        "have none")
+    train = ds.ShardedStream(n, mine, lambda s: PackedStream(tr[s], tokenizer, data.seq_len, per, data.seed,
+                                                             data.shuffle_files))
+    val = None
+    if val_files:
+        val = ds.ShardedStream(n, mine, lambda s: (
+            PackedStream(va[s], tokenizer, data.seq_len, per, data.seed, data.shuffle_files, shuffle=False)
+            if va[s] else ds.Exhausted(per, data.seq_len)), endless_padding=True)
     return train, val, corpus

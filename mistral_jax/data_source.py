@@ -50,7 +50,8 @@ def make_data(rc: RunConfig, tokenizer: Tokenizer, run_dir: Path) -> DataSource:
     if is_chat(rc):
         from mistral_jax import chat_source
         return chat_source.make_chat_data(rc, tokenizer, run_dir)
-    train, val, corpus = data_lib.make_streams(rc.data, tokenizer)
+    import jax
+    train, val, corpus = data_lib.make_streams(rc.data, tokenizer, jax.process_index(), jax.process_count())
     desc = (corpus.describe(rc.data.max_bytes)
             + f"; {len(train.files)} train, {len(val.files) if val else 0} held out")
     return DataSource(train, val, desc)

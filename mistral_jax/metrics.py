@@ -44,9 +44,14 @@ def read_metrics(path: str | Path) -> list[Record]:
 class MetricsLog:
     """Appends one JSON record per line to a run's metrics.jsonl; `fresh` and `resume` prepare the file."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
         self.path = path
-        self._file = open(path, "a")
+        self._file = open(path, "a") if path is not None else None
+
+    @classmethod
+    def null(cls) -> "MetricsLog":
+        """A log that writes nothing (processes other than process 0)."""
+        return cls(None)
 
     @classmethod
     def fresh(cls, path: str | Path) -> tuple["MetricsLog", list[str]]:
@@ -86,11 +91,13 @@ class MetricsLog:
         return cls(path), notes
 
     def write(self, record: Record) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def log_record(step: int, since_log: Sequence[dict[str, Any]], rows_per_step: int, seq_len: int,

@@ -7,7 +7,7 @@ H head dim, F feed-forward hidden, V vocab.
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -20,8 +20,14 @@ from mistral_jax.attention import multihead_attention
 from mistral_jax.config import ModelConfig
 from mistral_jax.rope import apply_rope
 
+if TYPE_CHECKING:
+    from mistral_jax.lora import LoraConfig
+
 Dtype = Any
 _init = nn.initializers.normal(stddev=0.02)
+# LoRA adapter params sit beside their weight in the same module: "<weight>_lora_a", "<weight>_lora_b".
+LORA_A_SUFFIX = "_lora_a"
+LORA_B_SUFFIX = "_lora_b"
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
@@ -31,6 +37,36 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
 
 def _constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     return nn.with_logical_constraint(x, axes)
+
+
+def lora_a_init(n_in: int, n_batch: int = 0) -> Any:
+    """Initializer of a LoRA `A` of shape (batch..., in..., rank): uniform within +-1/sqrt(fan_in), fan_in
+    the product of the n_in input dims (the usual LoRA init); `B` starts at zero."""
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
+                                            in_axis=tuple(range(n_batch, n_batch + n_in)), out_axis=-1,
+                                            batch_axis=tuple(range(n_batch)))
+
+
+def _lora_delta(module: nn.Module, name: str, x: jax.Array, in_axes: tuple[str, ...],
+                out_shape: tuple[int, ...], out_axes: tuple[str, ...]) -> jax.Array | None:
+    """The low-rank update (alpha / rank) * (x A) B of projection `name`, or None when the module's LoRA
+    config does not target it. x's trailing len(in_axes) dims are the projection's inputs.
+
+    Params "<name>_lora_a" (in..., rank) and "<name>_lora_b" (rank, out...); the rank axis is unsharded
+    (logical name None). The update stays unmerged (x A first), so W + A B is never formed.
+    """
+    lcfg = module.lora
+    if lcfg is None or name not in lcfg.targets:
+        return None
+    n_in, r = len(in_axes), lcfg.rank
+    a = _param(module, name + LORA_A_SUFFIX, (*x.shape[-n_in:], r), (*in_axes, None), lora_a_init(n_in))
+    b = _param(module, name + LORA_B_SUFFIX, (r, *out_shape), (None, *out_axes), nn.initializers.zeros)
+    xa = jnp.tensordot(x, a.astype(module.dtype), axes=n_in) * lcfg.scale   # (..., rank)
+    return jnp.tensordot(xa, b.astype(module.dtype), axes=1)                # (..., out...)
+
+
+def _plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
+    return y if delta is None else y + delta
 
 
 class RMSNorm(nn.Module):
@@ -48,10 +84,11 @@ class RMSNorm(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x); with `lora`, targeted projections add their low-rank update."""
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: "LoraConfig | None" = None
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
@@ -59,19 +96,24 @@ class FeedForward(nn.Module):
         w1_DF = _param(self, "w1", (D, F), ("embed", "mlp")).astype(self.dtype)
         w3_DF = _param(self, "w3", (D, F), ("embed", "mlp")).astype(self.dtype)
         w2_FD = _param(self, "w2", (F, D), ("mlp", "embed")).astype(self.dtype)
-        gate_BTF = jnp.einsum("btd,df->btf", x_BTD, w1_DF)
-        up_BTF = jnp.einsum("btd,df->btf", x_BTD, w3_DF)
+        gate_BTF = _plus(jnp.einsum("btd,df->btf", x_BTD, w1_DF),
+                         _lora_delta(self, "w1", x_BTD, ("embed",), (F,), ("mlp",)))
+        up_BTF = _plus(jnp.einsum("btd,df->btf", x_BTD, w3_DF),
+                       _lora_delta(self, "w3", x_BTD, ("embed",), (F,), ("mlp",)))
         h_BTF = _constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "length", "act_mlp"))
-        return jnp.einsum("btf,fd->btd", h_BTF, w2_FD)
+        return _plus(jnp.einsum("btf,fd->btd", h_BTF, w2_FD),
+                     _lora_delta(self, "w2", h_BTF, ("mlp",), (D,), ("embed",)))
 
 
 class Attention(nn.Module):
-    """GQA self-attention; with a layer cache, attends to cached keys plus the chunk and updates the cache."""
+    """GQA self-attention; with a layer cache, attends to cached keys plus the chunk and updates the cache.
+    With `lora`, targeted projections add their low-rank update."""
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attn_impl: str = "auto"
     attn_block: int = 512
+    lora: "LoraConfig | None" = None
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, seg_BT: jax.Array | None = None,
@@ -84,9 +126,14 @@ class Attention(nn.Module):
         wv_DKH = _param(self, "wv", (D, K, H), ("embed", "kv_heads", "head_dim")).astype(self.dtype)
         wo_NHD = _param(self, "wo", (N, H, D), ("q_heads", "head_dim", "embed")).astype(self.dtype)
 
-        q_BTNH = apply_rope(jnp.einsum("btd,dnh->btnh", x_BTD, wq_DNH), pos_BT, c.rope_theta)
-        k_BTKH = apply_rope(jnp.einsum("btd,dkh->btkh", x_BTD, wk_DKH), pos_BT, c.rope_theta)
-        v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, wv_DKH)
+        q_BTNH = _plus(jnp.einsum("btd,dnh->btnh", x_BTD, wq_DNH),
+                       _lora_delta(self, "wq", x_BTD, ("embed",), (N, H), ("q_heads", "head_dim")))
+        k_BTKH = _plus(jnp.einsum("btd,dkh->btkh", x_BTD, wk_DKH),
+                       _lora_delta(self, "wk", x_BTD, ("embed",), (K, H), ("kv_heads", "head_dim")))
+        v_BTKH = _plus(jnp.einsum("btd,dkh->btkh", x_BTD, wv_DKH),
+                       _lora_delta(self, "wv", x_BTD, ("embed",), (K, H), ("kv_heads", "head_dim")))
+        q_BTNH = apply_rope(q_BTNH, pos_BT, c.rope_theta)
+        k_BTKH = apply_rope(k_BTKH, pos_BT, c.rope_theta)
         q_BTNH = _constrain(q_BTNH, ("batch", "length", "act_heads", "head_dim"))
         k_BTKH = _constrain(k_BTKH, ("batch", "length", "act_kv_heads", "head_dim"))
         v_BTKH = _constrain(v_BTKH, ("batch", "length", "act_kv_heads", "head_dim"))
@@ -111,7 +158,8 @@ class Attention(nn.Module):
                 kpos_BS = jnp.concatenate([cache["pos"], pos_BT.astype(jnp.int32)], axis=1)
         out_BTNH = multihead_attention(q_BTNH, k_BSKH, v_BSKH, pos_BT, kpos_BS, c.sliding_window, seg_BT, kseg_BS,
                                        impl=self.attn_impl, block=self.attn_block, self_attention=cache is None)
-        return jnp.einsum("btnh,nhd->btd", out_BTNH, wo_NHD), new_cache
+        return _plus(jnp.einsum("btnh,nhd->btd", out_BTNH, wo_NHD),
+                     _lora_delta(self, "wo", out_BTNH, ("q_heads", "head_dim"), (D,), ("embed",))), new_cache
 
 
 class Block(nn.Module):
@@ -121,15 +169,16 @@ class Block(nn.Module):
     param_dtype: Dtype = jnp.float32
     attn_impl: str = "auto"
     attn_block: int = 512
+    lora: "LoraConfig | None" = None
 
     @nn.compact
     def __call__(self, h_BTD, pos_BT, seg_BT=None, cache=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         a_BTD, new_cache = Attention(self.cfg, name="attention", attn_impl=self.attn_impl,
-                                     attn_block=self.attn_block, **kw)(
+                                     attn_block=self.attn_block, lora=self.lora, **kw)(
             RMSNorm(self.cfg.norm_eps, name="attention_norm", **kw)(h_BTD), pos_BT, seg_BT, cache)
         h_BTD = h_BTD + a_BTD
-        h_BTD = h_BTD + FeedForward(self.cfg, name="feed_forward", **kw)(
+        h_BTD = h_BTD + FeedForward(self.cfg, name="feed_forward", lora=self.lora, **kw)(
             RMSNorm(self.cfg.norm_eps, name="ffn_norm", **kw)(h_BTD))
         return _constrain(h_BTD, ("batch", "length", "act_embed")), new_cache
 
@@ -156,6 +205,8 @@ class Transformer(nn.Module):
     under "layers" with shape (n_layers, ...) and logical axis "layers". scan_layers=False is the plain
     Python loop with params "layers_{i}" (same maths; kept as the reference for the scanned model).
     remat: "none", "full" (recompute each block in the backward pass) or "dots" (keep matmul outputs).
+    lora (a lora.LoraConfig): each targeted projection also holds "<w>_lora_a"/"<w>_lora_b" adapter params
+    and computes x W + (alpha / rank) (x A) B; None (the default) is the plain model.
     """
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
@@ -164,6 +215,7 @@ class Transformer(nn.Module):
     scan_layers: bool = True
     attn_impl: str = "auto"    # attention.IMPLS: "auto" = splash on TPU, xla on GPU, blockwise otherwise
     attn_block: int = 512      # query/key block size of the blockwise path
+    lora: "LoraConfig | None" = None
 
     def _block_cls(self) -> Any:
         if self.remat not in REMAT_POLICIES:
@@ -189,7 +241,7 @@ class Transformer(nn.Module):
         if cache is not None and cache["k"].shape[0] != c.n_layers:
             raise ValueError(f"Transformer: cache has {cache['k'].shape[0]} layers, model has {c.n_layers}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        block_kw = dict(attn_impl=self.attn_impl, attn_block=self.attn_block, **kw)
+        block_kw = dict(attn_impl=self.attn_impl, attn_block=self.attn_block, lora=self.lora, **kw)
         emb_VD = _param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"))
         h_BTD = jnp.take(emb_VD, tokens_BT, axis=0).astype(self.dtype)
         h_BTD = _constrain(h_BTD, ("batch", "length", "act_embed"))
@@ -241,9 +293,11 @@ def _dummy_tokens() -> jax.Array:
     return jnp.zeros((1, 1), jnp.int32)
 
 
-def abstract_params(cfg: ModelConfig, param_dtype: Dtype = jnp.float32, scan_layers: bool = True) -> Any:
-    """Boxed (LogicallyPartitioned) ShapeDtypeStructs of the params, without allocating anything."""
-    model = Transformer(cfg, param_dtype=param_dtype, scan_layers=scan_layers)
+def abstract_params(cfg: ModelConfig, param_dtype: Dtype = jnp.float32, scan_layers: bool = True,
+                    lora: "LoraConfig | None" = None) -> Any:
+    """Boxed (LogicallyPartitioned) ShapeDtypeStructs of the params (with `lora`, adapters included),
+    without allocating anything."""
+    model = Transformer(cfg, param_dtype=param_dtype, scan_layers=scan_layers, lora=lora)
     return jax.eval_shape(lambda r: model.init(r, _dummy_tokens()), jax.random.key(0))["params"]
 
 
@@ -251,36 +305,42 @@ def count_params(cfg: ModelConfig) -> int:
     return sum(x.size for x in jax.tree_util.tree_leaves(nn.unbox(abstract_params(cfg))))
 
 
-def param_logical_specs(cfg: ModelConfig) -> Any:
-    """Tree of PartitionSpecs in logical axis names, matching the unboxed params tree."""
-    return nn.get_partition_spec(abstract_params(cfg))
+def param_logical_specs(cfg: ModelConfig, lora: "LoraConfig | None" = None) -> Any:
+    """Tree of PartitionSpecs in logical axis names, matching the unboxed params tree (with `lora`,
+    adapters included)."""
+    return nn.get_partition_spec(abstract_params(cfg, lora=lora))
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, param_dtype: Dtype = jnp.float32,
-                    scan_layers: bool = True) -> Any:
-    """Tree of NamedShardings for the (unboxed) params on `mesh`."""
-    abstract = abstract_params(cfg, param_dtype, scan_layers)
+                    scan_layers: bool = True, lora: "LoraConfig | None" = None) -> Any:
+    """Tree of NamedShardings for the (unboxed) params on `mesh` (with `lora`, adapters included)."""
+    abstract = abstract_params(cfg, param_dtype, scan_layers, lora)
     return sharding.logical_shardings(nn.get_partition_spec(abstract), mesh, nn.unbox(abstract))
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, mesh: Mesh | None = None,
-                param_dtype: Dtype = jnp.float32) -> Any:
-    """Random params (unboxed), created directly in their shardings when a mesh is given."""
-    model = Transformer(cfg, param_dtype=param_dtype)
+                param_dtype: Dtype = jnp.float32, lora: "LoraConfig | None" = None) -> Any:
+    """Random params (unboxed), created directly in their shardings when a mesh is given. With `lora`,
+    adapters too (B = 0); with scanned layers the base weights then differ from those drawn without it for
+    the same rng (flax's scan shares rng counters between traces): to adapt given weights use
+    `lora.add_adapters`."""
+    model = Transformer(cfg, param_dtype=param_dtype, lora=lora)
 
     def init(r):
         return nn.unbox(model.init(r, _dummy_tokens())["params"])
 
     if mesh is None:
         return jax.jit(init)(rng)
-    return jax.jit(init, out_shardings=param_shardings(cfg, mesh, param_dtype))(rng)
+    return jax.jit(init, out_shardings=param_shardings(cfg, mesh, param_dtype, lora=lora))(rng)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "lora"))
 def forward(params: Any, tokens_BT: jax.Array, cfg: ModelConfig, dtype: Dtype = jnp.float32,
-            positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None) -> jax.Array:
-    """Jitted full-sequence forward pass returning float32 logits (B, T, V)."""
+            positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
+            lora: "LoraConfig | None" = None) -> jax.Array:
+    """Jitted full-sequence forward pass returning float32 logits (B, T, V) (with `lora`, params hold
+    the adapters too)."""
     with sharding.with_rules():
-        logits, _ = Transformer(cfg, dtype=dtype).apply({"params": params}, tokens_BT, positions_BT,
-                                                         segment_ids_BT)
+        logits, _ = Transformer(cfg, dtype=dtype, lora=lora).apply({"params": params}, tokens_BT, positions_BT,
+                                                                   segment_ids_BT)
     return logits

@@ -66,7 +66,7 @@ class DataSection(_Section):
     """Where text comes from and how rows are packed."""
     # "stdlib": Python's own library sources; "files": the `paths` globs; "chat": JSONL conversations at `paths` (held out: `val_paths`); "chat-examples": the
     # built-in instruction set (mistral_jax.chat_examples), written into the run directory
-    source: Literal["stdlib", "files", "chat", "chat-examples"] = "stdlib"
+    source: Literal["stdlib", "files", "chat", "chat-examples"] = "stdlib"   # files: .jsonl files give their lines' "text"
     paths: StrTuple = ()  # globs, for source = "files" or "chat"
     val_paths: StrTuple = ()  # held-out conversation files for source = "chat" (else val_percent of the lines)
     on_error: Literal["skip", "stop"] = "skip"  # bad conversation lines: skip and count, or stop the run
@@ -81,6 +81,9 @@ class DataSection(_Section):
     seed: int = Field(0, ge=0, le=2**32 - 1)  # a jax.random key seed
     shuffle_files: int = Field(64, ge=1)  # files tokenised and row-shuffled together (bounded memory)
     tokenizer: str = ""  # SentencePiece model file; "" = Mistral's own for the model vocab (v3 for 32768, else v1)
+    # independent reader streams over disjoint parts of the corpus, each supplying batch_size / shards rows
+    # of every batch; processes split the shards, so it must be a multiple of the process count
+    shards: int = Field(1, ge=1)
 
 
 class OptimSection(_Section):
@@ -230,6 +233,9 @@ def _cross_check(rc: RunConfig, source: str) -> None:
     if d.batch_size % o.grad_accum:
         errors.append(f"{source}: [optim] field 'grad_accum': {o.grad_accum} must divide "
                       f"data.batch_size={d.batch_size}")
+    elif d.batch_size % (o.grad_accum * d.shards):
+        errors.append(f"{source}: [data] field 'batch_size': {d.batch_size} must be a multiple of optim.grad_accum "
+                      f"({o.grad_accum}) x data.shards ({d.shards})")
     if [m.data, m.fsdp, m.tensor].count(-1) > 1:
         errors.append(f"{source}: [mesh]: at most one of data, fsdp, tensor may be -1, got data={m.data} "
                       f"fsdp={m.fsdp} tensor={m.tensor}")

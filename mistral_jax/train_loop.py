@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from mistral_jax import data as data_lib
-from mistral_jax import flops, optim, sharding
+from mistral_jax import data_shards, distributed, flops, optim, sharding
 from mistral_jax import run_config as rc_lib
 from mistral_jax.data_source import DataSource, make_data
 from mistral_jax.prefetch import Prefetcher
@@ -146,6 +146,8 @@ def run(rc: rc_lib.RunConfig, run_dir: str | Path, resume: bool = False, init_fr
     ("A:B") overrides train.profile_steps.
     """
     t_start = time.time()
+    if not distributed.is_main():   # every process runs the same program; process 0 speaks for them
+        log = lambda s: None  # noqa: E731
     if profile_steps is not None:
         try:
             rc_lib.profile_range(profile_steps)
@@ -162,6 +164,10 @@ def run(rc: rc_lib.RunConfig, run_dir: str | Path, resume: bool = False, init_fr
     except ValueError as e:
         raise RunError(f"[data] batch_size / [mesh]: {e}") from None
     tokenizer = load_tokenizer(rc.data.tokenizer, cfg.vocab_size)
+    try:
+        data_shards.check_shards(rc.data.shards, rc.data.batch_size, rc.optim.grad_accum, jax.process_count())
+    except data_lib.DataError as e:
+        raise RunError(f"[data]: {e}") from None
     run_dir.mkdir(parents=True, exist_ok=True)
     data = make_data(rc, tokenizer, run_dir)
     log(data.description)
@@ -204,7 +210,7 @@ def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, 
                 "native checkpoint (native checkpoints of every version load)")
         try:
             train_stream.restore(data_state)
-        except ValueError as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise RunError(f"--resume: checkpoint step {latest}: {e}") from None
         if init_from:
             log(f"--init-from {init_from} ignored: resuming from checkpoint step {latest}")
@@ -247,7 +253,9 @@ def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, 
     meta = {"model": cfg.to_dict(), "run_config": rc.to_dict(), "param_layout": PARAM_LAYOUT,
             "schedule_steps": schedule_steps,
             "peak_flops": peak, "peak_source": peak_source}
-    (run_dir / "config.json").write_text(json.dumps(rc.to_dict(), indent=1))
+    main = distributed.is_main()
+    if main:
+        (run_dir / "config.json").write_text(json.dumps(rc.to_dict(), indent=1))
 
     step_fn = ts.make_train_step(cfg, optimizer, schedule, mesh, dtype=dtype, param_dtype=param_dtype,
                                  remat=rc.model.remat, lora=lora)
@@ -255,15 +263,18 @@ def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, 
     log(f"model {cfg.dim}d x {cfg.n_layers} layers, mesh {dict(mesh.shape)}, {flops_per_token / 1e6:.1f} "
         f"MFLOP/token, peak {peak / 1e9:.1f} GFLOP/s ({peak_source})")
 
-    if saved_meta is not None:
+    if not main:
+        metrics_log, notes = MetricsLog.null(), []
+    elif saved_meta is not None:
         metrics_log, notes = MetricsLog.resume(run_dir / "metrics.jsonl", latest)
     else:
         metrics_log, notes = MetricsLog.fresh(run_dir / "metrics.jsonl")
     for note in notes:
         log(note)
     try:
-        sinks = ScalarSinks(run_dir / "tensorboard" if rc.train.tensorboard else None, rc.train.wandb_project,
-                            run_name=run_dir.name, config=rc.to_dict(), wandb_dir=run_dir)
+        sinks = (ScalarSinks(run_dir / "tensorboard" if rc.train.tensorboard else None, rc.train.wandb_project,
+                             run_name=run_dir.name, config=rc.to_dict(), wandb_dir=run_dir)
+                 if main else ScalarSinks(None))
     except ImportError as e:
         metrics_log.close()
         raise RunError(str(e)) from None
@@ -275,8 +286,9 @@ def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, 
             data.val.restore(data.val_start)
     stop = {"sigterm": False}
     old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+    n_local = len(getattr(train_stream, "shards", [0]))
     batches = Prefetcher(itertools.chain([first], train_stream),
-                         lambda b: ts.put_batch(b, mesh, rc.optim.grad_accum), train_stream.state,
+                         lambda b: ts.put_batch(b, mesh, rc.optim.grad_accum, n_local), train_stream.state,
                          depth=rc.train.prefetch)
     try:
         state = train(rc, state, step_fn, batches, mesh, ckpt, meta, metrics_log, stop, flops_per_token, peak,
@@ -299,14 +311,15 @@ def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, 
     summary.update(baseline)
     if data.report:
         summary["data"] = data.report
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_metrics(run_dir / "metrics.jsonl") if main else []
     if records:
         summary["final_train_loss"] = records[-1]["loss"]
         tps = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
         summary["median_tokens_per_s"] = float(np.median(tps)) if tps else None
         summary["median_mfu"] = float(np.median([r["mfu"] for r in records if r.get("mfu")])) if tps else None
         plot_loss_curve(records, run_dir / "loss_curve.png")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
@@ -328,7 +341,8 @@ def train(rc: rc_lib.RunConfig, state: ts.TrainState, step_fn: Callable,
     start, steps = int(state["step"]), rc.train.steps
     log_every, every = rc.train.log_every, rc.checkpoint.every
     profile = rc_lib.profile_range(rc.train.profile_steps) if rc.train.profile_steps else None
-    bar = tqdm(total=steps, initial=start, desc="train", disable=not rc.train.progress, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start, desc="train", disable=not (rc.train.progress and distributed.is_main()),
+               dynamic_ncols=True)
     since_log: list[dict[str, Any]] = []
     pending: list[tuple[int, dict[str, Any]]] = []   # (step, device metrics) not yet fetched
     clock = {"last": time.perf_counter(), "first": True}
@@ -385,7 +399,8 @@ def train(rc: rc_lib.RunConfig, state: ts.TrainState, step_fn: Callable,
                     "profile plugin or XProf)")
             if (done % every == 0 or done == steps or stop["sigterm"]) and done != last_saved:
                 drain()   # never checkpoint past a diverged step
-                ckpt.save(done, state, data_state, meta)
+                ckpt.save(done, state, data_shards.merge_states(distributed.allgather_json(data_state))
+                          if "shards" in data_state else data_state, meta)
                 last_saved = done
             if stop["sigterm"]:
                 drain()
@@ -410,7 +425,7 @@ def heldout_loss(params: Any, cfg: ModelConfig, mesh: Mesh, val_stream: Iterator
             batch = next(val_stream)
         except StopIteration:
             break
-        s, n = jax.device_get(eval_fn(params, ts.put_batch(batch, mesh, 1)))
+        s, n = jax.device_get(eval_fn(params, ts.put_batch(batch, mesh, 1, len(getattr(val_stream, "shards", [0])))))
         total, count = total + float(s), count + float(n)
     if count == 0:
         raise data_lib.DataError("held-out set produced no tokens (data.val_percent too small?)")
@@ -453,13 +468,17 @@ def evaluate(rc: rc_lib.RunConfig, cfg: ModelConfig, params: Any, mesh: Mesh, to
         log(f"{label}: {what} {val_loss:.4f} nats/token, perplexity {math.exp(val_loss):.2f} over {n} tokens")
         if sinks is not None:
             sinks.write({"step": step, "loss": val_loss}, prefix="heldout/")
-    if rc.eval.answers and data.answers:
+    multi = jax.process_count() > 1
+    if rc.eval.answers and data.answers and multi:
+        log("note: greedy answers are not scored in multi-process runs yet (decoding runs on one process)")
+    elif rc.eval.answers and data.answers:
         score, rows = answer_exact_match(plain, cfg, mesh, tokenizer, data.answers[:rc.eval.answers],
                                          rc.train.seed)
         out.update({f"{pre}heldout_exact_match": score, f"{pre}heldout_answers": len(rows)})
-        with open(run_dir / f"{pre}answers.jsonl", "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        if distributed.is_main():
+            with open(run_dir / f"{pre}answers.jsonl", "w") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
         log(f"{label} greedy answers: exact match {score:.3f} over {len(rows)} conversations "
             f"({pre}answers.jsonl)")
         if sinks is not None:
@@ -478,14 +497,18 @@ def evaluate_and_export(rc: rc_lib.RunConfig, cfg: ModelConfig, params: Any, mes
     if lora is not None:
         from mistral_jax import lora as lora_lib
         plain = lora_lib.merge(params, lora)
-    if rc.eval.export:
+    multi = jax.process_count() > 1
+    if multi and (rc.eval.export or rc.eval.sample_tokens):
+        log("note: the export and the sample are skipped in multi-process runs (not supported yet); the final "
+            "train state is in the last checkpoint")
+    if rc.eval.export and not multi:
         save_params(run_dir / "export", cfg, plain, force=True)
         summary["export"] = str(run_dir / "export")
         if lora is not None:
             summary["export_note"] = "LoRA adapters merged into the weights (W + alpha/rank * A B)"
     summary.update(evaluate(rc, cfg, params, mesh, tokenizer, data, run_dir, dtype, param_dtype, log, lora,
                             sinks, step))
-    if rc.eval.sample_tokens:
+    if rc.eval.sample_tokens and not multi:
         prompt_ids = tokenizer.encode(rc.eval.sample_prompt, bos=True)
         out = generate(plain, cfg, [prompt_ids], rc.eval.sample_tokens, temperature=rc.eval.sample_temperature,
                        top_k=rc.eval.sample_top_k, seed=rc.train.seed, mesh=mesh)

@@ -224,19 +224,31 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, s
                    donate_argnums=(0,))
 
 
-def put_batch(batch: dict[str, Any], mesh: Mesh, grad_accum: int) -> Batch:
-    """Host arrays of shape (A*B, T) -> device arrays (A, B, T) in the batch sharding.
+def put_batch(batch: dict[str, Any], mesh: Mesh, grad_accum: int, shards: int = 1) -> Batch:
+    """This process's host rows -> global device arrays (A, B, T) in the batch sharding.
 
-    A batch without 'target_mask' (pretraining) trains on every real token: target_mask = segment_ids > 0.
+    `batch` holds (n, T) arrays: the rows of `shards` consecutive data shards (n / shards rows each).
+    Micro-batch a takes rows [a*r, (a+1)*r) of every shard (r = rows per shard / A), so the split does not
+    depend on how shards are spread over processes. With several processes each passes its own rows and
+    the global array is assembled from them (`jax.make_array_from_process_local_data`). A batch without
+    'target_mask' (pretraining) trains on every real token: target_mask = segment_ids > 0.
     """
     out = {}
     sh = batch_shardings(mesh)
     if "target_mask" not in batch:
         batch = {**batch, "target_mask": (np.asarray(batch["segment_ids"]) > 0).astype(np.int32)}
     for k in BATCH_KEYS:
-        x = batch[k]
+        x = np.asarray(batch[k])
         n, T = x.shape
-        out[k] = jax.device_put(x.reshape(grad_accum, n // grad_accum, T), sh[k])
+        if n % (shards * grad_accum):
+            raise ValueError(f"put_batch: {n} rows do not split into {shards} shard(s) x {grad_accum} micro-batches")
+        local = x.reshape(shards, grad_accum, n // (shards * grad_accum), T).swapaxes(0, 1)
+        local = local.reshape(grad_accum, n // grad_accum, T)
+        if jax.process_count() == 1:
+            out[k] = jax.device_put(local, sh[k])
+        else:
+            global_shape = (grad_accum, n * jax.process_count() // grad_accum, T)
+            out[k] = jax.make_array_from_process_local_data(sh[k], local, global_shape)
     return out
 
 

@@ -173,12 +173,12 @@ def test_cli_reports_nan_with_last_good_checkpoint(tmp_path, monkeypatch, capsys
     real_step, real_put = ts.make_train_step, ts.put_batch
     calls = []
 
-    def put_poisoned_at_5(batch, mesh, grad_accum):  # the 6th batch (step 5) starts with POISON
+    def put_poisoned_at_5(batch, mesh, grad_accum, *rest):  # the 6th batch (step 5) starts with POISON
         calls.append(1)
         if len(calls) == 6:
             batch = dict(batch, tokens=batch["tokens"].copy())
             batch["tokens"][0, 0] = POISON
-        return real_put(batch, mesh, grad_accum)
+        return real_put(batch, mesh, grad_accum, *rest)
 
     monkeypatch.setattr(ts, "make_train_step", lambda *a, **kw: real_step(*a, loss_fn=_poisoned_loss, **kw))
     monkeypatch.setattr(ts, "put_batch", put_poisoned_at_5)

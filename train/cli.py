@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from mistral_jax import distributed
 from mistral_jax import run_config as rc_lib
 from mistral_jax.data import DataError
 from mistral_jax.train_loop import RunError, TrainingDiverged, run
@@ -32,6 +33,7 @@ def parse_args(argv: Sequence[str] | None, prog: str, description: str, example:
                         "fresh optimizer)")
     p.add_argument("--profile-steps", default=None, metavar="A:B",
                    help="record a jax.profiler trace of steps A..B (0-based) into <run dir>/profile")
+    distributed.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -43,6 +45,11 @@ def _error(e: BaseException) -> None:
 def main(argv: Sequence[str] | None, prog: str, description: str, example: str, sources: Sequence[str]) -> int:
     """Runs one training program; exit status 0 done, 1 run failed, 2 bad config, 143 stopped by SIGTERM."""
     args = parse_args(argv, prog, description, example)
+    try:
+        distributed.initialize(args)
+    except distributed.DistributedError as e:
+        _error(e)
+        return 2
     try:
         rc = rc_lib.load(args.config, args.set)
     except rc_lib.RunConfigError as e:
@@ -60,5 +67,6 @@ def main(argv: Sequence[str] | None, prog: str, description: str, example: str, 
         return 1
     if summary.get("stopped_by") == "SIGTERM":
         return 143
-    print(json.dumps({k: v for k, v in summary.items() if k != "sample"}, indent=1), flush=True)
+    if distributed.is_main():
+        print(json.dumps({k: v for k, v in summary.items() if k != "sample"}, indent=1), flush=True)
     return 0

@@ -1,0 +1,449 @@
+"""Offline evaluation tasks (perplexity, multiple choice, generation) with resumable per-example output.
+
+Each task turns input examples into rows of one JSONL file (`examples.jsonl` in the output folder),
+written as examples finish, and a `summary.json` computed from every row at the end. A rerun with the
+same output folder reads the rows already there and scores only the examples that have none (a line
+torn by a kill is dropped first); `run.json` records the task, data and settings and a rerun that
+differs in them is refused.
+
+Tokenisation follows lm-evaluation-harness: a (context, continuation) pair is encoded as BOS + the whole
+text, and the continuation is what follows the tokens of BOS + context; trailing spaces of the context
+move to the continuation.
+
+Metrics:
+- perplexity: per document the summed NLL (nats) of its tokens after BOS, the mean token NLL,
+  perplexity exp(mean NLL) and bits per byte (summed NLL / ln 2 / UTF-8 bytes of the text); overall the
+  same from the sums over documents (token-weighted). Long documents follow `scoring.rolling_windows`.
+- choice: accuracy of argmax summed log-likelihood and of argmax log-likelihood per UTF-8 byte of the
+  scored continuation (delimiter + choice); ties go to the lowest index; 95% Wilson score intervals.
+- generate: exact match (both sides stripped of surrounding whitespace) with a 95% Wilson interval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from mistral_jax import scoring
+from mistral_jax.tokenizer import Tokenizer
+
+TASKS = ("perplexity", "choice", "generate")
+EXAMPLES_FILE, SUMMARY_FILE, RUN_FILE = "examples.jsonl", "summary.json", "run.json"
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+class EvalError(ValueError):
+    """Bad data, settings or output folder; the message is one line naming the file, line or field."""
+
+
+@dataclasses.dataclass
+class Example:
+    """One input example: key (unique, used for resume), its source location, and the parsed object."""
+    key: str
+    where: str                     # "FILE:LINE" or "FILE"
+    line: int | None
+    obj: Any = None
+    error: str | None = None
+
+
+# ----- reading input -----
+
+def read_examples(paths: Sequence[Path], task: str) -> list[Example]:
+    """Examples from JSONL files (one object per non-blank line) or, for perplexity, plain text files (one
+    document per file). A bad line becomes an Example with `error` naming FILE:LINE; an unreadable file
+    raises EvalError."""
+    out: list[Example] = []
+    for path in paths:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise EvalError(f"--data {path}: cannot read ({e.strerror or e})") from None
+        if task == "perplexity" and Path(path).suffix.lower() not in JSONL_SUFFIXES:
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise EvalError(f"--data {path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") \
+                    from None
+            out.append(Example(str(path), str(path), None, {"text": text.removeprefix("\ufeff")}))
+            continue
+        lines = data.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        for n, raw in enumerate(lines, 1):
+            where = f"{path}:{n}"
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if not raw.strip():
+                continue
+            ex = Example(where, where, n)
+            try:
+                ex.obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                ex.error = f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start} of the line)"
+            except (ValueError, RecursionError) as e:
+                ex.error = f"{where}: not valid JSON ({str(e)[:200]})"
+            if ex.error is None and not isinstance(ex.obj, dict):
+                ex.error = f"{where}: expected a JSON object, got {type(ex.obj).__name__}"
+            out.append(ex)
+    return out
+
+
+def file_digest(paths: Sequence[Path]) -> str:
+    """sha256 over the data files' bytes (resume refuses changed data)."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()
+
+
+# ----- output folder: rows written as they finish, resume -----
+
+class Output:
+    """The output folder: run.json (checked on resume), examples.jsonl (appended), summary.json."""
+
+    def __init__(self, folder: Path, run: dict[str, Any], overwrite: bool = False):
+        self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise EvalError(f"--output {folder}: exists and is not a folder")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.folder, os.W_OK | os.X_OK):
+            raise EvalError(f"--output {folder}: folder is not writable")
+        self.examples_path = self.folder / EXAMPLES_FILE
+        run_path = self.folder / RUN_FILE
+        if overwrite:
+            for name in (EXAMPLES_FILE, SUMMARY_FILE, RUN_FILE):
+                (self.folder / name).unlink(missing_ok=True)
+        if run_path.exists():
+            try:
+                old = json.loads(run_path.read_text())
+            except (OSError, ValueError) as e:
+                raise EvalError(f"{run_path}: unreadable ({e}); pass --overwrite to start again") from None
+            diff = [k for k in sorted(set(old) | set(run)) if old.get(k) != run.get(k)]
+            if diff:
+                k = diff[0]
+                raise EvalError(f"{run_path}: this output folder holds a run with {k}={old.get(k)!r}, now "
+                                f"{run.get(k)!r}; use another --output or --overwrite")
+        elif self.examples_path.exists():
+            raise EvalError(f"--output {folder}: has {EXAMPLES_FILE} but no {RUN_FILE}; use another --output "
+                            "or --overwrite")
+        _write_atomic(run_path, json.dumps(run, indent=2) + "\n")
+        self.rows = self._read_rows()
+        self.done = {r["key"] for r in self.rows}
+        self._fh = open(self.examples_path, "ab")
+
+    def _read_rows(self) -> list[dict[str, Any]]:
+        """Rows already written; a torn or unreadable last line (a killed run) is cut off the file."""
+        if not self.examples_path.exists():
+            return []
+        data = self.examples_path.read_bytes()
+        rows, keep, pos = [], 0, 0
+        for raw in data.split(b"\n"):
+            end = pos + len(raw) + 1
+            if end > len(data):           # no newline: torn last line
+                break
+            try:
+                row = json.loads(raw)
+                if not isinstance(row, dict) or "key" not in row:
+                    break
+            except ValueError:
+                break
+            rows.append(row)
+            keep, pos = end, end
+        if keep < len(data):
+            with open(self.examples_path, "r+b") as f:
+                f.truncate(keep)
+        seen: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            seen.setdefault(r["key"], r)
+        return list(seen.values())
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._fh.write(_json_line(row))
+        self._fh.flush()
+        self.rows.append(row)
+        self.done.add(row["key"])
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        _write_atomic(self.folder / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+
+
+def _json_line(row: dict[str, Any]) -> bytes:
+    text = json.dumps(row, ensure_ascii=False)
+    try:
+        return (text + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(row) + "\n").encode("ascii")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _base_row(ex: Example) -> dict[str, Any]:
+    row: dict[str, Any] = {"key": ex.key}
+    if ex.line is not None:
+        row["line"] = ex.line
+    if isinstance(ex.obj, dict) and "id" in ex.obj:
+        row["id"] = ex.obj["id"]
+    return row
+
+
+# ----- encoding -----
+
+def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(BOS + context ids, continuation ids) as lm-evaluation-harness's causal models split them."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    if not context:
+        return [tok.bos_id], tok.encode(continuation)
+    whole = tok.encode(context + continuation, bos=True)
+    ctx = tok.encode(context, bos=True)
+    return ctx, whole[len(ctx):]
+
+
+# ----- tasks -----
+
+@dataclasses.dataclass
+class Settings:
+    """Settings of one evaluation run (those that change results are recorded in run.json)."""
+    max_input: int
+    overlap: int
+    batch_size: int = 8
+    delimiter: str = " "
+    chat: bool = False
+    system_prompt: str | None = None
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    token_logprobs: bool = False
+
+
+ProgressFn = Callable[[int, int], None]   # (examples finished, tokens processed)
+
+
+def run_scoring_task(task: str, examples: list[Example], tok: Tokenizer, scorer: scoring.Scorer, st: Settings,
+                     out: Output, progress: ProgressFn) -> None:
+    """perplexity / choice: builds requests, scores them in buckets, writes each example as it completes."""
+    prepare = _prepare_perplexity if task == "perplexity" else _prepare_choice
+    finish = _finish_perplexity if task == "perplexity" else _finish_choice
+    requests: list[scoring.Request] = []
+    owner: list[int] = []                 # request -> index into `pending`
+    pending: list[tuple[Example, Any, list[int]]] = []   # (example, prepared state, request ids)
+    for ex in examples:
+        if ex.error is not None:
+            out.write({**_base_row(ex), "error": ex.error})
+            progress(1, 0)
+            continue
+        try:
+            state, reqs = prepare(ex, tok, st, scorer)
+        except ValueError as e:
+            out.write({**_base_row(ex), "error": f"{ex.where}: {e}"})
+            progress(1, 0)
+            continue
+        ids = list(range(len(requests), len(requests) + len(reqs)))
+        requests += reqs
+        owner += [len(pending)] * len(reqs)
+        pending.append((ex, state, ids))
+    results: list[scoring.Scored | None] = [None] * len(requests)
+    left = [len(p[2]) for p in pending]
+
+    def on_batch(idx: list[int], res: list[scoring.Scored], n_tokens: int) -> None:
+        finished = 0
+        for i, r in zip(idx, res):
+            results[i] = r
+            j = owner[i]
+            left[j] -= 1
+            if left[j] == 0:
+                ex, state, ids = pending[j]
+                out.write({**_base_row(ex), **finish(state, [results[k] for k in ids], st)})
+                for k in ids:
+                    results[k] = None       # free per-token arrays once written
+                finished += 1
+        progress(finished, n_tokens)
+
+    scorer.score(requests, on_batch)
+
+
+def _prepare_perplexity(ex: Example, tok: Tokenizer, st: Settings, scorer: scoring.Scorer):
+    text = ex.obj.get("text")
+    if not isinstance(text, str):
+        raise ValueError(f"'text' must be a string, got {type(text).__name__ if 'text' in ex.obj else 'no text'}")
+    ids = tok.encode(text, bos=True)
+    if len(ids) < 2:
+        raise ValueError("empty document: no tokens to score")
+    _check_vocab(ids, scorer.cfg.vocab_size)
+    wins = scoring.rolling_windows(len(ids), st.max_input, st.overlap)
+    return (text, len(ids) - 1, len(wins)), [(ids[w.start:w.end], w.n_score) for w in wins]
+
+
+def _finish_perplexity(state, res: list[scoring.Scored], st: Settings) -> dict[str, Any]:
+    text, n_tok, n_win = state
+    lp = np.concatenate([r.logprobs for r in res]).astype(np.float64)
+    nll = float(-lp.sum())
+    n_bytes = len(text.encode("utf-8"))
+    row = {"n_tokens": n_tok, "n_bytes": n_bytes, "n_windows": n_win, "nll": nll, "token_nll": nll / n_tok,
+           "perplexity": math.exp(nll / n_tok), "bits_per_byte": nll / math.log(2) / n_bytes}
+    if st.token_logprobs:
+        row["token_logprobs"] = [float(x) for x in lp]
+    return row
+
+
+def _prepare_choice(ex: Example, tok: Tokenizer, st: Settings, scorer: scoring.Scorer):
+    o = ex.obj
+    context, choices, label = o.get("context"), o.get("choices"), o.get("label")
+    if not isinstance(context, str):
+        raise ValueError(f"'context' must be a string, got {type(context).__name__ if 'context' in o else 'none'}")
+    if not isinstance(choices, list) or not choices:
+        raise ValueError("'choices' must be a non-empty list of strings" +
+                         ("" if isinstance(choices, list) else f", got {type(choices).__name__}"))
+    for j, c in enumerate(choices):
+        if not isinstance(c, str) or not c:
+            raise ValueError(f"choices[{j}] must be a non-empty string, got {c!r}")
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
+        raise ValueError(f"'label' must be an integer in [0, {len(choices)}), got {label!r}")
+    reqs = []
+    for j, c in enumerate(choices):
+        cont = st.delimiter + c
+        ctx_ids, cont_ids = encode_pair(tok, context, cont)
+        if not cont_ids:
+            raise ValueError(f"choices[{j}] {c!r} encodes to no tokens after the context")
+        ids = ctx_ids + cont_ids
+        _check_vocab(ids, scorer.cfg.vocab_size)
+        if len(ids) - 1 > st.max_input:
+            raise ValueError(f"context + choices[{j}] is {len(ids)} tokens, longer than the evaluation context of "
+                             f"{st.max_input} + 1")
+        reqs.append((ids, len(cont_ids)))
+    return (label, [len((st.delimiter + c).encode("utf-8")) for c in choices]), reqs
+
+
+def _finish_choice(state, res: list[scoring.Scored], st: Settings) -> dict[str, Any]:
+    label, n_bytes = state
+    ll = [r.total for r in res]
+    ll_norm = [x / b for x, b in zip(ll, n_bytes)]
+    pred, pred_norm = int(np.argmax(ll)), int(np.argmax(ll_norm))
+    return {"label": label, "loglik": ll, "loglik_per_byte": ll_norm, "is_greedy": [r.is_greedy for r in res],
+            "n_tokens": [len(r.logprobs) for r in res], "pred": pred, "pred_norm": pred_norm,
+            "correct": pred == label, "correct_norm": pred_norm == label}
+
+
+def _check_vocab(ids: Sequence[int], vocab: int) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"token id(s) {bad[:5]} outside the model's vocabulary [0, {vocab})")
+
+
+def encode_prompt(obj: dict[str, Any], tok: Tokenizer, st: Settings) -> list[int]:
+    """Prompt ids of a generate example: 'messages' (chat) or 'prompt' (chat-wrapped with --chat)."""
+    if "prompt" in obj and "messages" in obj:
+        raise ValueError("give either 'prompt' or 'messages', not both")
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if st.system_prompt is not None and isinstance(msgs, list):
+            msgs = [{"role": "system", "content": st.system_prompt}] + msgs
+        return tok.encode_chat(msgs)
+    if "prompt" not in obj:
+        raise ValueError(f"expected 'prompt' or 'messages', got keys {sorted(obj)[:10]}")
+    prompt = obj["prompt"]
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"'prompt' must be a non-empty string, got {prompt!r}")
+    if st.chat or st.system_prompt is not None:
+        msgs = [{"role": "user", "content": prompt}]
+        if st.system_prompt is not None:
+            msgs.insert(0, {"role": "system", "content": st.system_prompt})
+        return tok.encode_chat(msgs)
+    return tok.encode(prompt, bos=True)
+
+
+def run_generate_task(examples: list[Example], tok: Tokenizer, params: Any, cfg: Any, mesh: Any, dtype: Any,
+                      st: Settings, out: Output, progress: ProgressFn) -> None:
+    """generate: prompts through `decode.generate` in length-sorted batches; exact match against 'target'."""
+    from mistral_jax import decode
+
+    todo: list[tuple[Example, list[int]]] = []
+    for ex in examples:
+        err = ex.error
+        if err is None:
+            try:
+                ids = encode_prompt(ex.obj, tok, st)
+                decode.check_prompt(ids, cfg, st.max_new_tokens)
+                if "target" in ex.obj and not isinstance(ex.obj["target"], str):
+                    raise ValueError(f"'target' must be a string, got {type(ex.obj['target']).__name__}")
+                todo.append((ex, ids))
+                continue
+            except ValueError as e:
+                err = f"{ex.where}: {e}"
+        out.write({**_base_row(ex), "error": err})
+        progress(1, 0)
+    todo.sort(key=lambda t: -len(t[1]))
+    n_batches = -(-len(todo) // st.batch_size)
+    for b in range(0, len(todo), st.batch_size):
+        batch = todo[b:b + st.batch_size]
+        gen = decode.generate(params, cfg, [ids for _, ids in batch], st.max_new_tokens, temperature=st.temperature,
+                              top_k=st.top_k, top_p=st.top_p, seed=st.seed,
+                              row_ids=[(ex.line or 0) for ex, _ in batch], mesh=mesh, dtype=dtype,
+                              eos_id=tok.eos_id, pad_batch_to=st.batch_size if n_batches > 1 else None,
+                              return_info=True)
+        n_tok = 0
+        for (ex, ids), comp, eos in zip(batch, gen.tokens, gen.stopped_on_eos):
+            row = {**_base_row(ex), "completion": tok.decode(comp), "n_prompt_tokens": len(ids),
+                   "n_completion_tokens": len(comp), "finish_reason": "eos" if eos else "length"}
+            if "target" in ex.obj:
+                row["target"] = ex.obj["target"]
+                row["exact_match"] = row["completion"].strip() == ex.obj["target"].strip()
+            out.write(row)
+            n_tok += len(ids) + len(comp)
+        progress(len(batch), n_tok)
+
+
+# ----- summaries -----
+
+def _rate(k: int, n: int) -> dict[str, Any]:
+    lo, hi = scoring.wilson_interval(k, n)
+    return {"value": k / n if n else None, "correct": k, "n": n, "ci95": [lo, hi]}
+
+
+def summarize(task: str, rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Task metrics over the output rows (rows with an 'error' are counted, not scored)."""
+    rows = list(rows)
+    ok = [r for r in rows if "error" not in r]
+    s: dict[str, Any] = {"task": task, "examples": len(rows), "scored": len(ok), "errors": len(rows) - len(ok)}
+    if task == "perplexity":
+        n_tok = sum(r["n_tokens"] for r in ok)
+        n_bytes = sum(r["n_bytes"] for r in ok)
+        nll = sum(r["nll"] for r in ok)
+        s.update(tokens=n_tok, bytes=n_bytes, nll=nll,
+                 token_nll=nll / n_tok if n_tok else None,
+                 perplexity=math.exp(nll / n_tok) if n_tok else None,
+                 bits_per_byte=nll / math.log(2) / n_bytes if n_bytes else None)
+    elif task == "choice":
+        s.update(interval="Wilson score, 95%", acc=_rate(sum(r["correct"] for r in ok), len(ok)),
+                 acc_norm=_rate(sum(r["correct_norm"] for r in ok), len(ok)),
+                 chance=float(np.mean([1 / len(r["loglik"]) for r in ok])) if ok else None)
+    elif task == "generate":
+        tgt = [r for r in ok if "exact_match" in r]
+        s.update(completion_tokens=sum(r["n_completion_tokens"] for r in ok),
+                 with_target=len(tgt))
+        if tgt:
+            s.update(interval="Wilson score, 95%", exact_match=_rate(sum(r["exact_match"] for r in tgt), len(tgt)))
+    return s
+
+
+def timing(start: float, examples: int, tokens: int) -> dict[str, float]:
+    dt = max(time.perf_counter() - start, 1e-9)
+    return {"seconds": dt, "examples_per_s": examples / dt, "tokens_per_s": tokens / dt}

@@ -1,0 +1,148 @@
+"""Multi-process training: 2 processes x 2 CPU devices on localhost (jax.distributed, gloo collectives)
+against 1 process x 4 devices; kill and resume; a dead peer; each process reads its own data shards."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mistral_jax import data as data_lib
+from mistral_jax import run_config as rc_lib
+from mistral_jax.data_shards import merge_states
+from mistral_jax.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_TOML = REPO / "configs" / "pretrain-tiny.toml"
+SETS = {"data.shards": 2, "train.steps": 6, "checkpoint.every": 3, "checkpoint.async_save": "false",
+        "train.progress": "false", "data.pattern": "json/*.py", "data.val_percent": 0.0}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cmd(run_dir: Path, extra: dict | None = None, resume: bool = False) -> list[str]:
+    argv = [sys.executable, "-m", "train.pretrain", "--config", str(TINY_TOML), "--run-dir", str(run_dir)]
+    for k, v in {**SETS, **(extra or {})}.items():
+        argv += ["--set", f"{k}={v}"]
+    return argv + (["--resume"] if resume else [])
+
+
+def _env(devices: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def _start_pair(run_dir: Path, log_dir: Path, resume: bool = False, extra: dict | None = None,
+                heartbeat: int = 30) -> list[subprocess.Popen]:
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        log = open(log_dir / f"p{i}{'-resume' if resume else ''}.log", "w")
+        procs.append(subprocess.Popen(
+            _cmd(run_dir, extra, resume) + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                            "--process-id", str(i), "--heartbeat-timeout", str(heartbeat)],
+            cwd=REPO, env=_env(2), stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _wait(procs, timeout=600) -> list[int]:
+    return [p.wait(timeout=timeout) for p in procs]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """1 process x 4 devices (reference) and 2 processes x 2 devices, both 6 steps, run at the same time."""
+    base = tmp_path_factory.mktemp("mp")
+    ref_log = open(base / "ref.log", "w")
+    ref = subprocess.Popen(_cmd(base / "ref"), cwd=REPO, env=_env(4), stdout=ref_log, stderr=subprocess.STDOUT)
+    pair = _start_pair(base / "two", base)
+    codes = _wait(pair) + _wait([ref])
+    assert codes == [0, 0, 0], [(p, (base / p).read_text()[-2000:]) for p in ("p0.log", "p1.log", "ref.log")]
+    return base
+
+
+def test_two_processes_equal_one_process(runs):
+    ref, two = _losses(runs / "ref"), _losses(runs / "two")
+    assert sorted(two) == sorted(ref) == [1, 2, 3, 4, 5, 6]
+    for step in ref:
+        assert abs(two[step] - ref[step]) <= 1e-5, (step, two[step], ref[step])
+
+
+def test_side_effects_happen_once(runs):
+    two = runs / "two"
+    lines = (two / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]          # one writer, not two
+    assert len(list((two / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert (runs / "p1.log").read_text().count('"final_train_loss"') == 0       # process 1 prints no summary
+    steps = sorted(int(p.name) for p in (two / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [3, 6]
+    assert not [p for p in (two / "checkpoints").iterdir() if "tmp" in p.name]
+
+
+def test_kill_both_and_resume_continues_bit_exactly(runs, tmp_path):
+    run_dir = tmp_path / "killed"
+    procs = _start_pair(run_dir, tmp_path)
+    ckpt = run_dir / "checkpoints" / "3"
+    deadline = time.time() + 600
+    while not ckpt.is_dir() and time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.2)
+    assert ckpt.is_dir(), (tmp_path / "p0.log").read_text()[-2000:]
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    _wait(procs)
+    assert _wait(_start_pair(run_dir, tmp_path, resume=True)) == [0, 0], (tmp_path / "p0-resume.log").read_text()[-2000:]
+    resumed, uninterrupted = _losses(run_dir), _losses(runs / "two")
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    assert all(resumed[s] == uninterrupted[s] for s in range(1, 7)), (resumed, uninterrupted)
+    assert "resumed from step 3" in (tmp_path / "p0-resume.log").read_text()
+
+
+def test_a_dead_peer_stops_the_other_process(tmp_path):
+    procs = _start_pair(tmp_path / "run", tmp_path, extra={"train.steps": 100000, "checkpoint.every": 100000},
+                        heartbeat=5)
+    deadline = time.time() + 600
+    while time.time() < deadline and '"step": 2' not in (tmp_path / "p0.log").read_text():
+        assert procs[0].poll() is None, (tmp_path / "p0.log").read_text()[-2000:]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGKILL)
+    t0 = time.time()
+    code = procs[0].wait(timeout=120)
+    waited = time.time() - t0
+    log = (tmp_path / "p0.log").read_text()
+    assert code != 0 and waited < 5 + 30, (code, waited)
+    assert "Task 1 heartbeat timeout" in log or "heartbeat" in log.lower(), log[-2000:]
+
+
+def test_each_process_reads_its_own_shards():
+    rc = rc_lib.load(TINY_TOML, [f"{k}={v}" for k, v in {**SETS, "data.pattern": "json/**/*.py",
+                                                          "data.shards": 4}.items()])
+    tok = Tokenizer.for_vocab(32000)
+    shares = []
+    states = []
+    for p in range(2):
+        train, _, corpus = data_lib.make_streams(rc.data, tok, process_index=p, process_count=2)
+        assert train.shards == [2 * p, 2 * p + 1]
+        shares.append(set(train.files))
+        next(train)
+        states.append(train.state())
+    assert shares[0] and shares[1] and not shares[0] & shares[1]
+    assert shares[0] | shares[1] == set(corpus.files)
+    one, _, _ = data_lib.make_streams(rc.data, tok)          # one process runs all four shards ...
+    assert set(one.files) == set(corpus.files) and one.shards == [0, 1, 2, 3]
+    one.restore(merge_states(states))                        # ... and resumes from the two processes' state
+    with pytest.raises(data_lib.DataError, match="data.shards=4 must be a multiple of the number of processes"):
+        data_lib.make_streams(rc.data, tok, process_index=0, process_count=3)
