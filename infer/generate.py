@@ -17,6 +17,9 @@ to a temporary file in the same folder, which is renamed onto --output once ever
 that is killed or fails to write leaves any previous output untouched (a killed run may leave its hidden
 .NAME.*.tmp file behind).
 
+Batching: prompts are sorted by token count and cut into batches of --batch-size (similar lengths share a
+batch: less padding); the last batch is filled with rows that start finished. Prompt lengths are rounded
+up to a few buckets, so a file of many lengths compiles a handful of programs (counted in the summary).
 Sampling: greedy by default. Line N draws with its own key fold_in(key(seed), N), so sampled outputs are
 reproducible from --seed and do not depend on --batch-size or on the other lines.
 Exit status: 0 every line generated, 1 some line failed or the output could not be written, 2 bad
@@ -33,7 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Sequence
 
 from mistral_jax import decode, sharding
 from mistral_jax.dtypes import parse_dtype
@@ -207,6 +210,15 @@ def encode(row: dict[str, Any], tok: Tokenizer, chat: bool) -> list[int]:
     return tok.encode_chat([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt, bos=True)
 
 
+def plan_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches of indices into `lengths`: prompts sorted by length (ties in input order), cut into batches of
+    batch_size, so a batch holds prompts of similar length (less padding, fewer length buckets per batch)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"plan_batches: batch_size must be an integer >= 1, got {batch_size!r}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def _json_line(row: dict[str, Any]) -> bytes:
     text = json.dumps(row, ensure_ascii=False)
     try:
@@ -278,20 +290,20 @@ def main(argv: list[str] | None = None) -> int:
             written += 1
 
     from tqdm import tqdm
-    batches = [runnable[i:i + args.batch_size] for i in range(0, len(runnable), args.batch_size)]
+    batches = [[runnable[j] for j in b] for b in plan_batches([len(ids) for _, ids in runnable], args.batch_size)]
+    programs_before = decode.compiled_programs()
     try:
         try:
             flush()
             for batch in tqdm(batches, desc="generate", unit="batch", disable=len(batches) < 2, file=sys.stderr):
                 ids = [b[1] for b in batch]
                 lines = [rows[i]["line"] for i, _ in batch]
-                if len(batches) > 1:                         # one batch shape: one compilation
-                    ids += [ids[-1]] * (args.batch_size - len(ids))
-                    lines += [lines[-1]] * (args.batch_size - len(lines))
                 t0 = time.perf_counter()
+                # one batch shape for every batch (filler rows start finished and cost no decode steps)
                 gen = decode.generate(params, cfg, ids, args.max_new_tokens, temperature=args.temperature,
                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, row_ids=lines, mesh=mesh,
                                       dtype=args.dtype, prefill_chunk=args.prefill_chunk, eos_id=tok.eos_id,
+                                      pad_batch_to=args.batch_size if len(batches) > 1 else None,
                                       return_info=True)
                 t_gen += time.perf_counter() - t0
                 for (i, _), comp, eos in zip(batch, gen.tokens, gen.stopped_on_eos):
@@ -313,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             tmp.unlink()
     n_err = sum("error" in r for r in rows)
     print(f"generated {n_tokens} tokens for {len(runnable)} prompts in {t_gen:.2f} s "
-          f"({n_tokens / max(t_gen, 1e-9):.1f} tokens/s, compilation included); {n_err} line(s) failed; "
+          f"({n_tokens / max(t_gen, 1e-9):.1f} tokens/s, compilation included; "
+          f"{decode.compiled_programs() - programs_before} program(s) compiled); {n_err} line(s) failed; "
           f"{blank} blank line(s) skipped", file=sys.stderr)
     return 1 if n_err else 0
 

@@ -2,7 +2,9 @@
 
 Prompts in a batch are right-padded; padding carries position -1, so it is neither written to the
 cache nor seen by any query. The whole generation (prefill scan + decode while-loop) is one jit
-program per (batch shape, settings).
+program per (batch size, static shapes, settings); the static shapes (padded prompt length, prefill
+chunk, cache length, output length) are rounded up to a few length buckets (`decode_shapes`), so a
+job over prompts of many lengths compiles a handful of programs (`compiled_programs` counts them).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from mistral_jax import cache as kv_cache
+from mistral_jax.buckets import bucket_for, length_buckets
 from mistral_jax import model as model_lib
 from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
@@ -27,6 +30,7 @@ Dtype = Any
 
 MAX_SEED = 2**32 - 1     # jax.random.key keeps only 32 bits of a seed without x64: larger seeds would collide
 MAX_ROW_ID = 2**32 - 1   # jax.random.fold_in takes uint32 data
+SMALLEST_BUCKET = 64     # default smallest length bucket of decode_shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,9 +114,14 @@ def _prefill(params, cfg: ModelConfig, dtype: Dtype, tokens_BL, lengths_B, cache
             logits_BcV, cache = _apply(params, cfg, dtype, tok_Bc, pos_Bc, cache)
             return (cache, last_BV), logits_BcV
         rel_B = lengths_B - 1 - j * chunk
-        logits_B1V, cache = _apply(params, cfg, dtype, tok_Bc, pos_Bc, cache, jnp.clip(rel_B, 0, chunk - 1))
-        inside_B = (rel_B >= 0) & (rel_B < chunk)
-        return (cache, jnp.where(inside_B[:, None], logits_B1V[:, 0], last_BV)), None
+
+        def run(cache):
+            logits_B1V, cache = _apply(params, cfg, dtype, tok_Bc, pos_Bc, cache, jnp.clip(rel_B, 0, chunk - 1))
+            inside_B = (rel_B >= 0) & (rel_B < chunk)
+            return cache, jnp.where(inside_B[:, None], logits_B1V[:, 0], last_BV)
+
+        # a chunk that is padding in every row (prompts padded up to a length bucket) does no work
+        return jax.lax.cond(jnp.any(pos_Bc >= 0), run, lambda cache: (cache, last_BV), cache), None
 
     last0 = jnp.zeros((B, cfg.vocab_size), jnp.float32)
     (cache, last_BV), logits_nBcV = jax.lax.scan(body, (cache, last0), xs)
@@ -151,21 +160,67 @@ def _forward_cached(params, tokens_BT, *, cfg: ModelConfig, chunk: int, cache_le
     return logits[:, :T]
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeShapes:
+    """The static shapes of one generate program.
+
+    prompt_len: padded prompt length (a multiple of chunk); chunk: prefill chunk; cache_len: cache
+    slots; out_len: length of the output buffer (>= max_new_tokens; the loop stops at max_new_tokens).
+    """
+    prompt_len: int
+    chunk: int
+    cache_len: int
+    out_len: int
+
+
+def decode_shapes(cfg: ModelConfig, max_prompt_len: int, max_new_tokens: int, prefill_chunk: int | None = None,
+                  bucket_smallest: int | None = SMALLEST_BUCKET) -> DecodeShapes:
+    """Static shapes for a batch whose longest prompt has max_prompt_len tokens.
+
+    With bucket_smallest (the default), the padded prompt length and the output length are each rounded
+    up to a bucket of `length_buckets(cfg.max_seq_len, bucket_smallest)` (bucket_smallest * 2^k, and
+    max_seq_len), so prompts of many lengths share a few programs: one per prompt bucket for a given
+    max_new_tokens. The cache holds the two bucketed lengths' sum, or the window when that is smaller
+    (a rolling buffer). The prefill chunk defaults to the window, or the whole padded prompt without
+    one. None disables bucketing (exact lengths: one program per length).
+    """
+    for name, v in (("max_prompt_len", max_prompt_len), ("max_new_tokens", max_new_tokens)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"decode_shapes: {name} must be an integer >= 1, got {v!r}")
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                      or prefill_chunk < 1):
+        raise ValueError(f"decode_shapes: prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+    if bucket_smallest is None:
+        prompt_b, out_b = max_prompt_len, max_new_tokens
+    else:
+        buckets = length_buckets(max(cfg.max_seq_len, max_prompt_len, max_new_tokens), bucket_smallest)
+        prompt_b, out_b = bucket_for(max_prompt_len, buckets), bucket_for(max_new_tokens, buckets)
+    chunk = min(prefill_chunk or cfg.sliding_window or prompt_b, prompt_b)
+    # the cache follows from the two bucketed lengths, so it adds no programs of its own
+    return DecodeShapes(prompt_len=-(-prompt_b // chunk) * chunk, chunk=chunk,
+                        cache_len=kv_cache.cache_size(cfg, prompt_b + out_b), out_len=out_b)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk", "cache_len", "max_new", "sampling"))
-def _generate(params, tokens_BL, lengths_B, keys_B, *, cfg: ModelConfig, dtype: Dtype, chunk: int,
+def _generate(params, tokens_BL, lengths_B, keys_B, live_B, n_new, *, cfg: ModelConfig, dtype: Dtype, chunk: int,
               cache_len: int, max_new: int, sampling: SamplingConfig, eos_id: jax.Array):
+    """(tokens (B, max_new) with -1 after a row stops, cache, decode-loop iterations run).
+
+    Rows with live_B False (batch filler) start finished: their output is all -1 and they never keep the
+    loop running. The loop stops after n_new (<= max_new, a traced scalar) tokens or when every row is done.
+    """
     B = tokens_BL.shape[0]
     with sharding.with_rules():
         cache = _new_cache(cfg, B, cache_len, dtype)
         last_BV, cache = _prefill(params, cfg, dtype, tokens_BL, lengths_B, cache, chunk, all_logits=False)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))   # (B,) keys, step t -> (B,) keys
         tok_B = sample(last_BV, step_keys(keys_B, 0), sampling)
-        out_BN = jnp.full((B, max_new), -1, jnp.int32).at[:, 0].set(tok_B)
-        done_B = tok_B == eos_id
+        out_BN = jnp.full((B, max_new), -1, jnp.int32).at[:, 0].set(jnp.where(live_B, tok_B, -1))
+        done_B = (tok_B == eos_id) | ~live_B
 
         def cond(state):
             t, _, _, done_B, _ = state
-            return (t < max_new) & ~jnp.all(done_B)
+            return (t < n_new) & ~jnp.all(done_B)
 
         def step(state):
             t, tok_B, cache, done_B, out_BN = state
@@ -175,8 +230,13 @@ def _generate(params, tokens_BL, lengths_B, keys_B, *, cfg: ModelConfig, dtype: 
             out_BN = jax.lax.dynamic_update_slice(out_BN, jnp.where(done_B, -1, nxt_B)[:, None], (0, t))
             return t + 1, nxt_B, cache, done_B | (nxt_B == eos_id), out_BN
 
-        _, _, cache, _, out_BN = jax.lax.while_loop(cond, step, (jnp.int32(1), tok_B, cache, done_B, out_BN))
-    return out_BN, cache
+        t, _, cache, _, out_BN = jax.lax.while_loop(cond, step, (jnp.int32(1), tok_B, cache, done_B, out_BN))
+    return out_BN, cache, t - 1
+
+
+def compiled_programs() -> int:
+    """How many generate programs have been compiled in this process (one per batch size, shapes, settings)."""
+    return _generate._cache_size()
 
 
 @dataclasses.dataclass
@@ -185,18 +245,24 @@ class Generation:
     tokens: list[list[int]]
     stopped_on_eos: list[bool]
     cache_bytes: int
+    decode_steps: int = 0       # decode-loop iterations run (after the first token, which prefill yields)
+    shapes: DecodeShapes | None = None
 
 
 def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              row_ids: Sequence[int] | None = None, mesh: Mesh | None = None, dtype: Dtype = jnp.float32,
              prefill_chunk: int | None = None, eos_id: int | None = None,
+             bucket_smallest: int | None = SMALLEST_BUCKET, pad_batch_to: int | None = None,
              return_info: bool = False) -> list[list[int]] | Generation:
     """Generates up to max_new_tokens per prompt; returns completion ids (EOS excluded) per prompt.
 
     Prompts may differ in length. The prompt goes through the cache in chunks of `prefill_chunk`
     tokens (default: the sliding window, or the whole prompt without one). With a mesh, params and
-    the batch are placed on it (batch over data x fsdp, padded to a multiple of that).
+    the batch are placed on it (batch over data x fsdp, padded to a multiple of that). Static lengths
+    are rounded up to buckets (see decode_shapes; bucket_smallest None disables it). pad_batch_to pads the
+    batch with filler rows up to that many (one batch shape for a job's last, smaller batch). Filler
+    rows start finished: they cost no decode steps and their outputs are dropped.
     Sampling: prompt i draws with key fold_in(key(seed), row_ids[i]) (row_ids default 0, 1, ...), so
     its completion depends only on (seed, row id, prompt, settings), not on the batch it shares.
     eos_id -1 never stops; default cfg.eos_id.
@@ -221,33 +287,41 @@ def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], ma
     eos = cfg.eos_id if eos_id is None else eos_id
     if isinstance(eos, bool) or not isinstance(eos, (int, np.integer)) or not -1 <= eos < cfg.vocab_size:
         raise ValueError(f"generate: eos_id must be -1 (never stop) or an id in [0, {cfg.vocab_size}), got {eos!r}")
-    n_real = len(prompts)
-    if mesh is not None:
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        pad = -len(prompts) % shards
-        prompts += [[cfg.bos_id]] * pad
-        rows += [0] * pad
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    total = int(lengths.max()) + max_new_tokens
-    cache_len = kv_cache.cache_size(cfg, total)
     if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
                                       or prefill_chunk < 1):
         raise ValueError(f"generate: prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
-    chunk = prefill_chunk or (cfg.sliding_window or int(lengths.max()))
-    chunk = min(chunk, int(lengths.max()))
-    L = -(-int(lengths.max()) // chunk) * chunk
-    tokens = np.zeros((len(prompts), L), np.int32)
+    n_real = len(prompts)
+    if pad_batch_to is not None:
+        if isinstance(pad_batch_to, bool) or not isinstance(pad_batch_to, int) or pad_batch_to < 1:
+            raise ValueError(f"generate: pad_batch_to must be an integer >= 1, got {pad_batch_to!r}")
+        if pad_batch_to < n_real:
+            raise ValueError(f"generate: pad_batch_to {pad_batch_to} is smaller than the {n_real} prompts given")
+    if bucket_smallest is not None and (isinstance(bucket_smallest, bool) or not isinstance(bucket_smallest, int)
+                                        or bucket_smallest < 1):
+        raise ValueError(f"generate: bucket_smallest must be an integer >= 1 or None, got {bucket_smallest!r}")
+    n_rows = max(n_real, pad_batch_to or 0)
+    if mesh is not None:
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        n_rows += -n_rows % shards
+    prompts += [[cfg.bos_id]] * (n_rows - n_real)         # filler rows: one token, finished from the start
+    rows += [0] * (n_rows - n_real)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    shapes = decode_shapes(cfg, int(lengths.max()), max_new_tokens, prefill_chunk, bucket_smallest)
+    tokens = np.zeros((len(prompts), shapes.prompt_len), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
-    tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
+    live = np.arange(n_rows) < n_real
+    tokens, lengths, live = jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(live)
     keys = row_keys(int(seed), jnp.asarray(np.array(rows, np.uint32)))
     if mesh is not None:
         params = jax.device_put(params, model_lib.param_shardings(cfg, mesh))
         tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, 2))
         lengths = jax.device_put(lengths, sharding.batch_sharding(mesh, 1))
-    out, cache = _generate(params, tokens, lengths, keys, cfg=cfg, dtype=dtype, chunk=chunk,
-                           cache_len=cache_len, max_new=max_new_tokens, sampling=sampling, eos_id=jnp.int32(eos))
-    out = np.asarray(out)[:n_real]
+        live = jax.device_put(live, sharding.batch_sharding(mesh, 1))
+    out, cache, steps = _generate(params, tokens, lengths, keys, live, jnp.int32(max_new_tokens), cfg=cfg,
+                                  dtype=dtype, chunk=shapes.chunk, cache_len=shapes.cache_len,
+                                  max_new=shapes.out_len, sampling=sampling, eos_id=jnp.int32(eos))
+    out = np.asarray(out)[:n_real, :max_new_tokens]
     completions, stopped = [], []
     for row in out:
         row = row[row >= 0].tolist()
@@ -255,7 +329,7 @@ def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], ma
         completions.append(row[:row.index(eos)] if hit else row)
         stopped.append(hit)
     if return_info:
-        return Generation(completions, stopped, kv_cache.cache_bytes(cache))
+        return Generation(completions, stopped, kv_cache.cache_bytes(cache), int(steps), shapes)
     return completions
 
 

@@ -196,10 +196,80 @@ def test_decode_cache_is_sharded_over_the_mesh(ref):
     p = jax.device_put(params, model.param_shardings(cfg, mesh))
     toks = jax.device_put(jnp.ones((4, 8), jnp.int32), sharding.batch_sharding(mesh, 2))
     lens = jax.device_put(jnp.full((4,), 8, jnp.int32), sharding.batch_sharding(mesh, 1))
-    _, cache = decode._generate(p, toks, lens, decode.row_keys(0, jnp.arange(4)), cfg=cfg, dtype=jnp.float32, chunk=8,
-                                cache_len=W, max_new=4, sampling=decode.SamplingConfig(), eos_id=-1)
+    live = jax.device_put(jnp.ones((4,), bool), sharding.batch_sharding(mesh, 1))
+    _, cache, _ = decode._generate(p, toks, lens, decode.row_keys(0, jnp.arange(4)), live, jnp.int32(4), cfg=cfg,
+                                   dtype=jnp.float32, chunk=8, cache_len=W, max_new=4,
+                                   sampling=decode.SamplingConfig(), eos_id=-1)
     spec = jax.sharding.PartitionSpec
     assert cache["k"].shape == (cfg.n_layers, 4, W, cfg.n_kv_heads, cfg.head_dim)   # layers stacked, unsplit
     assert cache["k"].sharding.spec == spec(None, ("data", "fsdp"), None, "tensor")
     assert cache["pos"].sharding.spec == spec(None, ("data", "fsdp"))
     assert cache["k"].addressable_shards[0].data.shape == (cfg.n_layers, 1, W, cfg.n_kv_heads // 2, cfg.head_dim)
+
+
+def _lengths_prompts(cfg, lengths, seed):
+    rs = np.random.RandomState(seed)
+    return [rs.randint(3, cfg.vocab_size, n).tolist() for n in lengths]
+
+
+def test_bucketed_shapes_give_the_same_tokens_as_exact_shapes(ref):
+    """Padding prompts, cache and output up to length buckets changes no greedy or sampled token."""
+    _, cfg, params = ref
+    prompts = _lengths_prompts(cfg, (3, 2 * W + 1, W, 5 * W - 1), 11)
+    sampled = dict(temperature=1.0, top_k=20, seed=3)
+    for kw in ({}, sampled):
+        exact = decode.generate(params, cfg, prompts, 3 * W, eos_id=-1, bucket_smallest=None, return_info=True, **kw)
+        bucketed = decode.generate(params, cfg, prompts, 3 * W, eos_id=-1, return_info=True, **kw)
+        assert exact.shapes.prompt_len == 5 * W and exact.shapes.out_len == 3 * W          # exact lengths ...
+        assert bucketed.shapes.prompt_len == 64 and bucketed.shapes.out_len == 64          # ... vs the bucket
+        assert bucketed.tokens == exact.tokens
+        assert all(len(t) == 3 * W for t in bucketed.tokens) and len({tuple(t) for t in bucketed.tokens}) == 4
+
+
+def test_twenty_prompt_lengths_compile_a_handful_of_programs(ref):
+    _, cfg, params = ref
+    lengths = [1 + 10 * i for i in range(20)]                       # 1 .. 191 tokens: 20 different lengths
+    before = decode.compiled_programs()
+    outs = [decode.generate(params, cfg, [p], 3, eos_id=-1) for p in _lengths_prompts(cfg, lengths, 12)]
+    assert all(len(o[0]) == 3 for o in outs)
+    assert decode.compiled_programs() - before <= 3                # buckets 64, 128, 256
+
+
+@pytest.fixture(scope="module")
+def eos_case(ref):
+    """(prompt, its greedy continuation, an eos id it emits first at step >= 2 that a filler row never emits)."""
+    _, cfg, params = ref
+    prompt = _lengths_prompts(cfg, (W + 2,), 13)[0]
+    greedy = decode.generate(params, cfg, [prompt], 3 * W, eos_id=-1)[0]
+    filler = decode.generate(params, cfg, [[cfg.bos_id]], 3 * W, eos_id=-1)[0]      # what a filler row would say
+    eos = next((t for t in greedy[2:] if t not in filler and t not in greedy[:greedy.index(t)]), None)
+    assert eos is not None, f"no suitable eos id in {greedy} (filler row: {filler})"
+    return prompt, greedy, eos
+
+
+def test_filler_rows_start_finished_and_do_not_extend_the_loop(ref, eos_case):
+    _, cfg, params = ref
+    prompt, greedy, eos = eos_case
+    n, stop = 3 * W, greedy.index(eos)
+    info = decode.generate(params, cfg, [prompt], n, eos_id=eos, pad_batch_to=4, return_info=True)
+    assert info.tokens == [greedy[:stop]] and info.stopped_on_eos == [True]
+    # The loop ended at the real row's EOS although the filler rows, if they ran, would never emit it.
+    assert info.decode_steps == stop
+    # The same program (same shapes: no new compilation) leaves every filler row's output at -1.
+    s = info.shapes
+    toks = np.zeros((4, s.prompt_len), np.int32)
+    toks[0, :len(prompt)], toks[1:, 0] = prompt, cfg.bos_id
+    out, _, steps = decode._generate(
+        params, jnp.asarray(toks), jnp.array([len(prompt), 1, 1, 1], jnp.int32), decode.row_keys(0, jnp.zeros(4, int)),
+        jnp.array([True, False, False, False]), jnp.int32(n), cfg=cfg, dtype=jnp.dtype(jnp.float32), chunk=s.chunk,
+        cache_len=s.cache_len, max_new=s.out_len, sampling=decode.SamplingConfig(), eos_id=jnp.int32(eos))
+    out = np.asarray(out)
+    assert int(steps) == stop and (out[1:] == -1).all() and out[0, :stop + 1].tolist() == greedy[:stop + 1]
+
+
+def test_mesh_padding_rows_start_finished(ref, eos_case):
+    _, cfg, params = ref
+    prompt, greedy, eos = eos_case
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)         # 1 prompt + 3 rows of mesh padding
+    info = decode.generate(params, cfg, [prompt], 3 * W, eos_id=eos, mesh=mesh, return_info=True)
+    assert info.tokens == [greedy[:greedy.index(eos)]] and info.decode_steps == greedy.index(eos)

@@ -331,3 +331,28 @@ def test_output_rows_escape_lone_surrogates():
     line = cli._json_line({"prompt": "\ud800x", "completion": "é"})
     assert json.loads(line.decode("utf-8")) == {"prompt": "\ud800x", "completion": "é"}
     assert line.endswith(b"\n") and line.count(b"\n") == 1
+
+
+def test_plan_batches_groups_similar_lengths():
+    lengths = [5, 40, 3, 40, 12, 3, 7]
+    assert cli.plan_batches(lengths, 3) == [[2, 5, 0], [6, 4, 1], [3]]     # by length, ties in input order
+    assert cli.plan_batches(lengths, 10) == [[2, 5, 0, 6, 4, 1, 3]]
+    with pytest.raises(ValueError, match="^plan_batches: batch_size must be an integer >= 1, got 0$"):
+        cli.plan_batches(lengths, 0)
+
+
+def test_length_sorted_batches_keep_input_order_and_results(ckpt, tmp_path, capsys):
+    """Lines of mixed lengths are batched by length, written in input order, each equal to its own greedy run."""
+    path, cfg, params, _ = ckpt
+    texts = ["Once upon a time, in a land far away, there lived a king", "Hi", "def main():",
+             "The quick brown fox jumps over", "A"]
+    src, out = tmp_path / "mixed.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"prompt": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    assert _run(path, src, out, "--batch-size", "2") == 0          # 3 batches, the last with one filler row
+    rows = _rows(out)
+    assert [r["id"] for r in rows] == list(range(5)) and [r["prompt"] for r in rows] == texts
+    tok = Tokenizer()
+    alone = [decode.generate(params, cfg, [tok.encode(t, bos=True)], NEW, eos_id=tok.eos_id)[0] for t in texts]
+    assert [r["completion_ids"] for r in rows] == alone
+    summary = capsys.readouterr().err
+    assert "1 program(s) compiled" in summary or "0 program(s) compiled" in summary, summary
