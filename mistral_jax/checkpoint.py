@@ -30,10 +30,11 @@ from mistral_jax.atomic import atomic_dir
 from mistral_jax.config import ConfigError, ModelConfig
 from mistral_jax.dtypes import parse_dtype
 from mistral_jax.formats import FORMATS, NATIVE_MARKER, CheckpointError, detect_format
-from mistral_jax.integrity import ALGORITHM, check_values, count_nonfinite, tensor_digest
+from mistral_jax.integrity import ALGORITHM, tensor_digest
 from mistral_jax.model import abstract_params, param_shardings
-from mistral_jax.torch_read import load_tensors, open_source, read_config
-from mistral_jax.weights import WeightError, check_shape
+from mistral_jax.torch_read import (check_values_chunked, count_nonfinite_chunked, load_tensors, open_source,
+                                   read_config)
+from mistral_jax.weights import WeightError, aligned_empty, check_shape
 
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
@@ -118,10 +119,10 @@ def save_params(dst: str | Path, cfg: ModelConfig, params: Any, force: bool = Fa
         raise WeightError(f"save_params: params mix dtypes {dtypes}; cast them to one dtype first")
     meta = {NATIVE_MARKER: FORMAT_VERSION, "param_dtype": dtypes[0], **cfg.to_dict()}
     digests: dict[str, str] = {}
-    for k, leaf in flat.items():  # one host copy at a time
+    for k, leaf in flat.items():  # one host copy at a time (none for a param on the CPU device)
         x = _host(leaf)
         digests[k] = tensor_digest(x)
-        if n := count_nonfinite(x):
+        if n := count_nonfinite_chunked(x):
             log.warning(f"save_params: param '{k}' holds {n} non-finite value(s) (NaN/inf)")
         del x
     with atomic_dir(dst, force) as tmp:
@@ -183,16 +184,18 @@ def _read_checksums(path: Path, names: list[str]) -> dict[str, str]:
 
 def _stack_legacy(cfg: ModelConfig, params: dict, shardings: Any) -> dict:
     """A per-layer tree (format versions 1-2, restored in host memory) -> the scanned tree in `shardings`
-    (None: the default device). Each stacked param is assembled on the host, placed, and its per-layer arrays freed
-    before the next one."""
+    (None: the default device). Each stacked param is filled layer by layer into one aligned host buffer
+    (its per-layer arrays freed as they are copied) and placed (without a copy on the CPU device) before
+    the next one."""
     layers = [params.pop(f"layers_{i}") for i in range(cfg.n_layers)]
     out = {k: jax.device_put(v, jax.devices()[0] if shardings is None else shardings[k]) for k, v in params.items()}
     flat0, treedef = jax.tree_util.tree_flatten_with_path(layers[0])
     per_layer = [jax.tree_util.tree_leaves(layer) for layer in layers]
     stacked = []
-    for j, (kpath, _) in enumerate(flat0):
-        x = np.stack([_host(leaves[j]) for leaves in per_layer])
-        for leaves in per_layer:
+    for j, (kpath, first) in enumerate(flat0):
+        x = aligned_empty((cfg.n_layers, *first.shape), first.dtype)
+        for i, leaves in enumerate(per_layer):  # filled in place, each layer freed once copied
+            x[i] = _host(leaves[j])
             leaves[j].delete()
         sh = None
         if shardings is not None:
@@ -227,21 +230,24 @@ def _load_native(path: Path, shardings: Any, dtype: Any, rope_theta: float | Non
     check = verify and version >= 2
     scanned = version >= SCANNED_SINCE
     target_shardings = shardings
-    abstract_stored = nn.unbox(abstract_params(cfg, scan_layers=scanned))
-    ckptr = ocp.StandardCheckpointer(restore_concurrent_gb=_in_flight_gb(abstract_stored, itemsize=4))
+    restore_dt = stored_dt if (check or not allow_nonfinite) else want_dt
+    abstract = nn.unbox(abstract_params(cfg, scan_layers=scanned))
+    # Restoring holds a read buffer besides each placed param, so the budget is the largest param's bytes
+    # in the wider of the stored and restored dtypes (not always float32's, which doubled a bfloat16 7B's
+    # transient host memory).
+    itemsize = max(stored_dt.itemsize, restore_dt.itemsize)
+    ckptr = ocp.StandardCheckpointer(restore_concurrent_gb=_in_flight_gb(abstract, itemsize=itemsize))
     try:
         try:
             stored_tree = ckptr.metadata(params_dir).item_metadata.tree
         except Exception as e:  # orbax raises various types for unreadable metadata
             raise CheckpointError(f"{params_dir}: unreadable orbax metadata ({type(e).__name__}: {e})") from None
         _check_tree(cfg, _flat(stored_tree), str(params_dir), scan_layers=scanned)
-        abstract = nn.unbox(abstract_params(cfg, scan_layers=scanned))
         if check:
             digests = _read_checksums(path, list(_flat(abstract)))
         if shardings is None or not scanned:  # a per-layer tree is restored on the host, then stacked
             dev = jax.sharding.SingleDeviceSharding(jax.devices()[0] if scanned else _host_device())
             shardings = jax.tree_util.tree_map(lambda _: dev, abstract)
-        restore_dt = stored_dt if (check or not allow_nonfinite) else want_dt
         target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, restore_dt, sharding=s),
                                         abstract, shardings)
         try:
@@ -261,12 +267,12 @@ def _load_native(path: Path, shardings: Any, dtype: Any, rope_theta: float | Non
             if digests is not None and tensor_digest(x) != digests[name]:
                 raise CheckpointError(f"{params_dir}: param '{name}' does not match its {ALGORITHM} checksum in "
                                       f"{CHECKSUMS}: the params files are corrupt")
-            check_values(x, name, str(params_dir), allow_nonfinite)
+            check_values_chunked(x, name, str(params_dir), allow_nonfinite)
             if want_dt != stored_dt:
                 cast = _cast(leaf, want_dt)
                 if want_dt.itemsize < stored_dt.itemsize:  # narrowing can overflow to inf
-                    check_values(_host(cast), name, f"{params_dir} (cast to {want_dt.name})", allow_nonfinite,
-                                 before=x)
+                    check_values_chunked(_host(cast), name, f"{params_dir} (cast to {want_dt.name})",
+                                         allow_nonfinite, before=x)
                 leaf.delete()
                 leaf = cast
             out.append(leaf)

@@ -71,6 +71,7 @@ class DataSection(_Section):
     val_paths: StrTuple = ()  # held-out conversation files for source = "chat" (else val_percent of the lines)
     on_error: Literal["skip", "stop"] = "skip"  # bad conversation lines: skip and count, or stop the run
     examples: int = Field(4000, ge=1)  # conversations written for source = "chat-examples" (held out: val_percent)
+    example_tasks: StrTuple = ("module", "function", "parity", "add", "first_word", "last_word")  # chat_examples kinds
     pattern: str = "**/*.py"  # glob under the stdlib directory, for source = "stdlib"
     # skip files with one of these names among their path parts below the corpus root
     exclude: StrTuple = ("site-packages", "test", "tests", "__pycache__")

@@ -16,7 +16,6 @@ from mistral_jax.errors import first_line
 
 # Model vocab size -> mistral-common package data file of the matching tokenizer.
 DEFAULT_FILES = {32000: "tokenizer.model.v1", 32768: "mistral_instruct_tokenizer_240323.model.v3"}
-CHAT_ROLES = ("system", "user", "assistant")
 
 
 class TokenizerError(ValueError):
@@ -109,43 +108,13 @@ class Tokenizer:
     def encode_chat(self, messages: Any) -> list[int]:
         """Prompt ids for the next assistant answer of a dialogue, as mistral-common encodes it.
 
-        messages: a list of {'role': 'system'|'user'|'assistant', 'content': str}; after optional system
-        messages it must start with a user turn, and it must end with one. Raises ValueError with a one-line
-        reason otherwise.
+        messages: a list of {'role': 'system'|'user'|'assistant', 'content': str}: an optional first system
+        message, then turns alternating user, assistant, ..., ending with a user turn. The same encoder as
+        fine-tuning's (`chat_data.encode_prompt`), so prompts and training data cannot disagree. Raises
+        ValueError with a one-line reason otherwise.
         """
-        from mistral_common.exceptions import MistralCommonException
-        from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
-        from mistral_common.protocol.instruct.request import ChatCompletionRequest
-
-        if not isinstance(messages, list):
-            raise ValueError(f"'messages' must be a list of {{'role', 'content'}} objects, got "
-                             f"{type(messages).__name__}")
-        if not messages:
-            raise ValueError("'messages' is empty; a dialogue must end with a user message")
-        cls = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
-        msgs = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise ValueError(f"messages[{i}]: expected an object with 'role' and 'content', got "
-                                 f"{type(m).__name__}")
-            role, content = m.get("role"), m.get("content")
-            if role not in CHAT_ROLES:
-                raise ValueError(f"messages[{i}]: 'role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
-            if not isinstance(content, str):
-                raise ValueError(f"messages[{i}]: 'content' must be a string, got {type(content).__name__}")
-            _check_text(content, f"messages[{i}].content")
-            msgs.append(cls[role](content=content))
-        first = next((m for m in msgs if m.role != "system"), None)
-        if first is None or first.role != "user":
-            raise ValueError("a dialogue must have a user message first (after an optional system message)")
-        if msgs[-1].role != "user":
-            raise ValueError(f"the last message is {msgs[-1].role!r}; a dialogue must end with a user message")
-        try:
-            return list(self.chat_tokenizer().encode_chat_completion(ChatCompletionRequest(messages=msgs)).tokens)
-        except (MistralCommonException, ValueError) as e:
-            if isinstance(e, TokenizerError):
-                raise
-            raise ValueError(f"invalid dialogue: {first_line(e)}") from None
+        from mistral_jax.chat_data import encode_prompt
+        return encode_prompt(messages, self.chat_tokenizer())
 
 
 def _check_text(text: Any, what: str) -> None:

@@ -68,5 +68,5 @@ def main(argv: Sequence[str] | None, prog: str, description: str, example: str, 
     if summary.get("stopped_by") == "SIGTERM":
         return 143
     if distributed.is_main():
-        print(json.dumps({k: v for k, v in summary.items() if k != "sample"}, indent=1), flush=True)
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("sample", "data")}, indent=1), flush=True)
     return 0

@@ -1,0 +1,102 @@
+"""`python -m train.finetune`: the shared training loop on chat data (answers-only loss, before/after
+evaluation, data report), LoRA from an --init-from checkpoint (only adapters train, merged export), bad
+data lines, and the program refusing the wrong kind of data."""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from mistral_jax import lora as lora_lib
+from mistral_jax import model as model_lib
+from mistral_jax.checkpoint import load_params
+from mistral_jax.train_checkpoint import TrainCheckpointer
+from train import finetune
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "finetune-tiny.toml"
+BASE = {"mesh.devices": 2, "mesh.fsdp": 2}
+
+
+def _argv(run_dir, *extra, **sets):
+    argv = ["--config", str(TINY), "--run-dir", str(run_dir)]
+    for k, v in {**BASE, **sets}.items():
+        argv += ["--set", f"{k}={v}"]
+    return argv + list(extra)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ft") / "full"
+    assert finetune.main(_argv(run_dir)) == 0
+    return run_dir
+
+
+def test_full_finetune_trains_on_answers_and_reports(full_run):
+    s = json.loads((full_run / "summary.json").read_text())
+    assert s["steps"] == 6 and s["heldout_loss"] < s["before_heldout_loss"]
+    assert s["heldout_answers"] == s["before_heldout_answers"] == 4
+    report = json.loads((full_run / "data_report.json").read_text())
+    assert report["train_conversations"] == 200 and report["heldout_conversations"] == 20
+    # the held-out loss counts answer tokens only: far fewer than all held-out tokens
+    assert 0 < s["heldout_tokens"] < report["trainable_tokens"] < report["tokens"]
+    rows = [json.loads(x) for x in (full_run / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all({"reference", "answer", "match"} <= set(r) for r in rows)
+    cfg, params = load_params(full_run / "export")
+    assert cfg.n_layers == 2 and "layers" in params
+
+
+def test_lora_from_init_trains_only_adapters_and_exports_merged(full_run, tmp_path):
+    run_dir = tmp_path / "lora"
+    assert finetune.main(_argv(run_dir, "--init-from", str(full_run / "export"), **{"lora.rank": 4,
+                                                                                "train.steps": 3})) == 0
+    _, base = load_params(full_run / "export")
+    ck = TrainCheckpointer(run_dir / "checkpoints")
+    try:
+        import orbax.checkpoint as ocp
+        state = ck._manager.restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    finally:
+        ck.close()
+    adapters, frozen = lora_lib.split(state["params"])
+    assert jax.tree_util.tree_leaves(adapters), "the train state holds adapters"
+    for got, want in zip(jax.tree_util.tree_leaves(frozen), jax.tree_util.tree_leaves(base)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))   # base weights untouched
+    assert any(np.abs(np.asarray(x)).max() > 0 for p, x in jax.tree_util.tree_leaves_with_path(adapters)
+               if "lora_b" in jax.tree_util.keystr(p))                      # B moved off zero
+    cfg, merged = load_params(run_dir / "export")
+    tokens = np.array([[1, 733, 16289, 28793, 22557, 733, 28748, 16289, 28793]], np.int32)
+    want = model_lib.Transformer(cfg, lora=lora_lib.LoraConfig(rank=4)).apply(
+        {"params": jax.tree_util.tree_map(np.asarray, state["params"])}, tokens)[0]
+    got = model_lib.Transformer(cfg).apply({"params": merged}, tokens)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert "merged" in s["export_note"]
+
+
+def test_bad_lines_are_counted_or_stop_the_run(tmp_path, capsys):
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                      {"role": "assistant", "content": f"a{i}"}]}) for i in range(40)]
+    lines[3] = "{not json"
+    lines[7] = json.dumps({"messages": [{"role": "robot", "content": "x"}]})
+    lines[11] = json.dumps({"prompt": "only a prompt"})
+    lines[20] = json.dumps({"messages": [{"role": "user", "content": "q"}]})
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    sets = {"data.source": "chat", "data.paths": f'["{data}"]', "train.steps": 2, "eval.answers": 0,
+            "eval.before": "false", "eval.export": "false", "data.val_percent": 0.0}
+    assert finetune.main(_argv(tmp_path / "skip", **sets)) == 0
+    report = json.loads((tmp_path / "skip" / "data_report.json").read_text())
+    assert report["n_skipped"] == 4 and report["conversations"] == 36
+    assert any(m.startswith(f"{data}:4: ") for m in report["messages"])
+    capsys.readouterr()
+    assert finetune.main(_argv(tmp_path / "stop", **{**sets, "data.on_error": "stop"})) == 1
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith(f"error: {data}:4: "), err
+
+
+def test_programs_refuse_the_other_kind_of_data(tmp_path, capsys):
+    assert finetune.main(_argv(tmp_path / "x", **{"data.source": "stdlib"})) == 2
+    err = capsys.readouterr().err
+    assert "python -m train.finetune trains on 'chat' or 'chat-examples'" in err and "Traceback" not in err
