@@ -38,7 +38,9 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable, Sequence
 
-from mistral_jax import decode, sharding
+import jax
+
+from mistral_jax import decode, distributed, sharding
 from mistral_jax.dtypes import parse_dtype
 from mistral_jax.errors import first_line
 from mistral_jax.tokenizer import Tokenizer
@@ -120,6 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="prefill chunk in tokens (default: the window)")
     p.add_argument("--mesh", type=_mesh_arg, default=None,
                    help="data,fsdp,tensor mesh shape, e.g. 1,1,8 (default: one device)")
+    distributed.add_arguments(p)
     args = p.parse_args(argv)
     if args.prompts is not None and args.output is None:
         p.error("--output is required with --prompts")
@@ -236,6 +239,12 @@ def _open_temp(out: Path) -> tuple[Path, IO[bytes]]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        distributed.initialize(args)
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    main_process = distributed.is_main()   # with several processes, all generate; process 0 writes
+    try:
         if args.output is not None:
             check_output(args.output, args.prompts, args.overwrite)
         if args.prompt is not None:
@@ -245,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             where = str(args.prompts)
         tok = Tokenizer(args.tokenizer) if args.tokenizer is not None else None
         mesh = sharding.make_mesh(*args.mesh) if args.mesh else None
+        if mesh is None and jax.process_count() > 1:
+            mesh = sharding.make_mesh(1, -1, 1)     # every process's devices
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -272,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             row["error"] = f"{where}:{row['line']}: {e}" if args.prompts else f"{where}: {e}"
 
-    tmp, out = _open_temp(args.output) if args.output else (None, None)
+    tmp, out = _open_temp(args.output) if args.output and main_process else (None, None)
     written, n_tokens, t_gen = 0, 0, 0.0
     done = [("error" in r) for r in rows]
 
@@ -280,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal written
         while written < len(rows) and done[written]:
             row = rows[written]
-            if out is not None:
+            if not main_process:
+                pass
+            elif out is not None:
                 out.write(_json_line(row))
                 out.flush()
             elif "error" in row:
@@ -315,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             if out is not None:
                 out.close()
                 os.replace(tmp, args.output)
+            distributed.sync("generate-written")
         except OSError as e:
             print(f"error: writing {args.output or 'stdout'}: {e.strerror or e}", file=sys.stderr)
             return 1
@@ -324,10 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         if tmp is not None and tmp.exists():
             tmp.unlink()
     n_err = sum("error" in r for r in rows)
-    print(f"generated {n_tokens} tokens for {len(runnable)} prompts in {t_gen:.2f} s "
-          f"({n_tokens / max(t_gen, 1e-9):.1f} tokens/s, compilation included; "
-          f"{decode.compiled_programs() - programs_before} program(s) compiled); {n_err} line(s) failed; "
-          f"{blank} blank line(s) skipped", file=sys.stderr)
+    if main_process:
+        print(f"generated {n_tokens} tokens for {len(runnable)} prompts in {t_gen:.2f} s "
+              f"({n_tokens / max(t_gen, 1e-9):.1f} tokens/s, compilation included; "
+              f"{decode.compiled_programs() - programs_before} program(s) compiled); {n_err} line(s) failed; "
+              f"{blank} blank line(s) skipped", file=sys.stderr)
     return 1 if n_err else 0
 
 

@@ -71,6 +71,9 @@ def _cast(x: jax.Array, dtype: np.dtype) -> jax.Array:
 
 def _host(leaf: Any) -> np.ndarray:
     """One param as a host numpy array (gathered from its devices if sharded)."""
+    if jax.process_count() > 1:   # a param sharded over several processes: gathered from all of them
+        from mistral_jax.distributed import to_host
+        return to_host(leaf)
     return np.asarray(jax.device_get(leaf))
 
 

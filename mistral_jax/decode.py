@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from mistral_jax import cache as kv_cache
+from mistral_jax import distributed
 from mistral_jax.buckets import bucket_for, length_buckets
 from mistral_jax import model as model_lib
 from mistral_jax import sharding
@@ -210,6 +211,7 @@ def _generate(params, tokens_BL, lengths_B, keys_B, live_B, n_new, *, cfg: Model
     loop running. The loop stops after n_new (<= max_new, a traced scalar) tokens or when every row is done.
     """
     B = tokens_BL.shape[0]
+    keys_B = jax.random.wrap_key_data(keys_B)      # (B, key words) uint32 -> (B,) keys
     with sharding.with_rules():
         cache = _new_cache(cfg, B, cache_len, dtype)
         last_BV, cache = _prefill(params, cfg, dtype, tokens_BL, lengths_B, cache, chunk, all_logits=False)
@@ -311,17 +313,18 @@ def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], ma
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
     live = np.arange(n_rows) < n_real
-    tokens, lengths, live = jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(live)
-    keys = row_keys(int(seed), jnp.asarray(np.array(rows, np.uint32)))
-    if mesh is not None:
+    keys = np.asarray(jax.random.key_data(row_keys(int(seed), jnp.asarray(np.array(rows, np.uint32)))))
+    if mesh is None:
+        tokens, lengths, live, keys = jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(live), jnp.asarray(keys)
+    else:
+        # every process holds the whole batch on the host and places its own devices' rows
         params = jax.device_put(params, model_lib.param_shardings(cfg, mesh))
-        tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, 2))
-        lengths = jax.device_put(lengths, sharding.batch_sharding(mesh, 1))
-        live = jax.device_put(live, sharding.batch_sharding(mesh, 1))
+        tokens, lengths, live, keys = (distributed.global_array(x, sharding.batch_sharding(mesh, x.ndim))
+                                       for x in (tokens, lengths, live, keys))
     out, cache, steps = _generate(params, tokens, lengths, keys, live, jnp.int32(max_new_tokens), cfg=cfg,
                                   dtype=dtype, chunk=shapes.chunk, cache_len=shapes.cache_len,
                                   max_new=shapes.out_len, sampling=sampling, eos_id=jnp.int32(eos))
-    out = np.asarray(out)[:n_real, :max_new_tokens]
+    out = distributed.to_host(out)[:n_real, :max_new_tokens]
     completions, stopped = [], []
     for row in out:
         row = row[row >= 0].tolist()

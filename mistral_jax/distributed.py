@@ -153,3 +153,19 @@ def process_shares(n_items: int, processes: Sequence[int] | None = None) -> list
         out.append(range(start, start + size))
         start += size
     return out
+
+
+def global_array(host: np.ndarray, sharding: Any) -> jax.Array:
+    """A jax array in `sharding` from a host array every process holds whole (each places its own shards)."""
+    host = np.asarray(host)
+    if jax.process_count() == 1:
+        return jax.device_put(host, sharding)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-process sharded) array as numpy, on every process."""
+    if jax.process_count() == 1 or getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

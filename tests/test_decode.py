@@ -197,7 +197,7 @@ def test_decode_cache_is_sharded_over_the_mesh(ref):
     toks = jax.device_put(jnp.ones((4, 8), jnp.int32), sharding.batch_sharding(mesh, 2))
     lens = jax.device_put(jnp.full((4,), 8, jnp.int32), sharding.batch_sharding(mesh, 1))
     live = jax.device_put(jnp.ones((4,), bool), sharding.batch_sharding(mesh, 1))
-    _, cache, _ = decode._generate(p, toks, lens, decode.row_keys(0, jnp.arange(4)), live, jnp.int32(4), cfg=cfg,
+    _, cache, _ = decode._generate(p, toks, lens, jax.random.key_data(decode.row_keys(0, jnp.arange(4))), live, jnp.int32(4), cfg=cfg,
                                    dtype=jnp.float32, chunk=8, cache_len=W, max_new=4,
                                    sampling=decode.SamplingConfig(), eos_id=-1)
     spec = jax.sharding.PartitionSpec
@@ -260,7 +260,7 @@ def test_filler_rows_start_finished_and_do_not_extend_the_loop(ref, eos_case):
     toks = np.zeros((4, s.prompt_len), np.int32)
     toks[0, :len(prompt)], toks[1:, 0] = prompt, cfg.bos_id
     out, _, steps = decode._generate(
-        params, jnp.asarray(toks), jnp.array([len(prompt), 1, 1, 1], jnp.int32), decode.row_keys(0, jnp.zeros(4, int)),
+        params, jnp.asarray(toks), jnp.array([len(prompt), 1, 1, 1], jnp.int32), jax.random.key_data(decode.row_keys(0, jnp.zeros(4, int))),
         jnp.array([True, False, False, False]), jnp.int32(n), cfg=cfg, dtype=jnp.dtype(jnp.float32), chunk=s.chunk,
         cache_len=s.cache_len, max_new=s.out_len, sampling=decode.SamplingConfig(), eos_id=jnp.int32(eos))
     out = np.asarray(out)

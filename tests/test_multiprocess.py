@@ -146,3 +146,35 @@ def test_each_process_reads_its_own_shards():
     one.restore(merge_states(states))                        # ... and resumes from the two processes' state
     with pytest.raises(data_lib.DataError, match="data.shards=4 must be a multiple of the number of processes"):
         data_lib.make_streams(rc.data, tok, process_index=0, process_count=3)
+
+
+def test_generate_on_two_processes_equals_one(tmp_path):
+    import jax
+
+    from mistral_jax import model as model_lib
+    from mistral_jax.checkpoint import save_params
+    from mistral_jax.config import ModelConfig
+
+    cfg = ModelConfig.preset("tiny")
+    ckpt = save_params(tmp_path / "ckpt", cfg, model_lib.init_params(cfg, jax.random.key(0)))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in
+                               ["def f(x):", "import os", "The answer is", "class A:", "x = [", "# comment"]))
+
+    def argv(out):
+        return [sys.executable, "-m", "infer.generate", "--checkpoint", str(ckpt), "--prompts", str(prompts),
+                "--output", str(out), "--max-new-tokens", "6", "--batch-size", "4", "--temperature", "1",
+                "--seed", "3"]
+
+    one = subprocess.run(argv(tmp_path / "one.jsonl") + ["--mesh", "1,4,1"], cwd=REPO, env=_env(4),
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    port = _free_port()
+    procs = [subprocess.Popen(argv(tmp_path / "two.jsonl") + ["--coordinator", f"127.0.0.1:{port}",
+                                                             "--num-processes", "2", "--process-id", str(i)],
+                              cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    assert "generated" in outs[0] and "generated" not in outs[1]     # process 0 reports, process 1 is silent
