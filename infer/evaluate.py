@@ -11,7 +11,17 @@ Tasks (inputs):
               Wilson intervals; per-example log-likelihoods and is_greedy.
   generate    JSONL {"prompt": str} or {"messages": [...]} (chat, mistral-common templates), optional
               "target" for exact match; greedy unless --temperature.
+  moderate    JSONL {"text": str, "label": "acceptable" | "unacceptable"}; each text is put into the
+              self-reflection prompt (--moderation-prompt, default configs/prompts/moderate.txt, {text}
+              replaced) and classified by the larger log-likelihood of the label words as continuations.
+              Precision and recall of "unacceptable" (the positive class) and accuracy, 95% Wilson intervals.
 An optional "id" is copied to the example's row.
+
+Chat tasks (generate, moderate): --system-prompt TEXT or --safe-prompt (the paper's guardrail prompt, preset
+configs/prompts/guardrail.txt) adds a system message; a system prompt implies --chat.
+Few-shot (choice, generate): --num-fewshot K shots drawn with --fewshot-seed from --fewshot-data FILE (default:
+the evaluated data, never the example itself); each shot is its context + --delimiter + its answer, shots and
+context separated by a blank line (chat: user/assistant turns before the example's messages).
 
 Output folder: examples.jsonl (one row per example, written as examples finish, with "key" = FILE:LINE and
 "line"), summary.json (written at the end), run.json (task, data digest, checkpoint, settings). Rerunning
@@ -33,8 +43,6 @@ from infer.generate import _dtype_arg, _float_arg, _int_arg, _mesh_arg
 from mistral_jax import evaluate as ev
 from mistral_jax.errors import first_line
 
-GUARDRAIL_FILE = Path(__file__).resolve().parent.parent / "configs" / "eval" / "guardrail_prompt.txt"
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m infer.evaluate", description=__doc__,
@@ -52,13 +60,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="perplexity: least context of the first scored token of each later window (default: "
                         "the sliding window, capped at half of --max-length)")
     p.add_argument("--smallest-bucket", type=_int_arg(1), default=64, help="smallest padded length bucket")
-    p.add_argument("--delimiter", default=" ", help="choice: text between context and each choice (default ' ')")
+    p.add_argument("--delimiter", default=" ",
+                   help="choice/moderate: text between context and each choice or label word; few-shot: between "
+                        "a shot's context and answer (default ' ')")
     p.add_argument("--token-logprobs", action="store_true", help="perplexity: add per-token log-probs to rows")
-    p.add_argument("--chat", action="store_true", help="generate: wrap plain prompts as a user message")
+    p.add_argument("--chat", action="store_true",
+                   help="generate/moderate: wrap plain prompts (moderate: the filled template) as a user message")
     sp = p.add_mutually_exclusive_group()
-    sp.add_argument("--system-prompt", default=None, help="generate: system message for chat prompts")
+    sp.add_argument("--system-prompt", default=None, help="generate/moderate: system message (implies --chat)")
     sp.add_argument("--safe-prompt", action="store_true",
-                    help=f"generate: the paper's guardrail system prompt ({GUARDRAIL_FILE.name} in configs/eval)")
+                    help="generate/moderate: the paper's guardrail system prompt (preset 'guardrail', "
+                         "configs/prompts/guardrail.txt; implies --chat)")
+    p.add_argument("--moderation-prompt", default="moderate",
+                   help="moderate: template preset name in configs/prompts or a file; must hold {text} once")
+    p.add_argument("--num-fewshot", type=_int_arg(0), default=0, help="choice/generate: shots per example")
+    p.add_argument("--fewshot-data", type=Path, default=None,
+                   help="JSONL file the shots are drawn from (default: the --data files, excluding the example)")
+    p.add_argument("--fewshot-seed", type=_int_arg(0, 2**32 - 1), default=1234, help="seed of the shot draw")
     p.add_argument("--max-new-tokens", type=_int_arg(1), default=64)
     p.add_argument("--temperature", type=_float_arg, default=0.0)
     p.add_argument("--top-k", type=_int_arg(0), default=0)
@@ -72,16 +90,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from mistral_jax import scoring, sharding
+    from mistral_jax import prompts, scoring, sharding
     from mistral_jax.tokenizer import Tokenizer
     try:
         for d in args.data:
             if not d.is_file():
                 raise ev.EvalError(f"--data {d}: not a file")
-        system = args.system_prompt
-        if args.safe_prompt:
-            system = GUARDRAIL_FILE.read_text().strip()
+        system = prompts.system_prompt(args.system_prompt, args.safe_prompt)
+        if system is not None and args.task not in ev.CHAT_TASKS:
+            raise ev.EvalError(f"--system-prompt/--safe-prompt: only for the chat tasks ({', '.join(ev.CHAT_TASKS)}), "
+                               f"not {args.task}")
+        if args.chat and args.task not in ev.CHAT_TASKS:
+            raise ev.EvalError(f"--chat: only for the chat tasks ({', '.join(ev.CHAT_TASKS)}), not {args.task}")
+        template = prompts.load_template(args.moderation_prompt) if args.task == "moderate" else ""
         examples = ev.read_examples(args.data, args.task)
+        fewshot, fewshot_run = None, {}
+        if args.fewshot_data is not None and not args.num_fewshot:
+            raise ev.EvalError("--fewshot-data needs --num-fewshot K >= 1")
+        if args.num_fewshot:
+            if args.task not in ev.FEWSHOT_TASKS:
+                raise ev.EvalError(f"--num-fewshot: only for {', '.join(ev.FEWSHOT_TASKS)}, not {args.task}")
+            if args.fewshot_data is not None and not args.fewshot_data.is_file():
+                raise ev.EvalError(f"--fewshot-data {args.fewshot_data}: not a file")
+            src = [args.fewshot_data] if args.fewshot_data is not None else args.data
+            pool = ev.fewshot_pool(examples if args.fewshot_data is None else ev.read_examples(src, args.task),
+                                   args.task)
+            need = args.num_fewshot + (args.fewshot_data is None)
+            if len(pool) < need:
+                raise ev.EvalError(f"--num-fewshot {args.num_fewshot}: {', '.join(map(str, src))} has {len(pool)} "
+                                   f"usable example(s), {need} needed")
+            fewshot = ev.FewShot(args.num_fewshot, pool, args.fewshot_seed, args.fewshot_data is None)
+            fewshot_run = {"num_fewshot": args.num_fewshot, "fewshot_seed": args.fewshot_seed,
+                           "fewshot_data": None if args.fewshot_data is None else str(args.fewshot_data.resolve()),
+                           "fewshot_sha256": None if args.fewshot_data is None else ev.file_digest(src)}
         tok = Tokenizer(args.tokenizer) if args.tokenizer is not None else None
         mesh = sharding.make_mesh(*args.mesh) if args.mesh else None
     except (ValueError, OSError) as e:
@@ -103,14 +144,16 @@ def main(argv: list[str] | None = None) -> int:
         st = ev.Settings(max_input=max_input, overlap=overlap, batch_size=args.batch_size, delimiter=args.delimiter,
                          chat=args.chat, system_prompt=system, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                         token_logprobs=args.token_logprobs)
+                         token_logprobs=args.token_logprobs, moderation_template=template, fewshot=fewshot)
         run = {"task": args.task, "data": [str(d.resolve()) for d in args.data],
                "data_sha256": ev.file_digest(args.data), "checkpoint": str(Path(args.checkpoint).resolve()),
                "dtype": str(args.dtype), "tokenizer": str(tok.path)}
-        keys = ("max_input", "overlap", "token_logprobs") if args.task == "perplexity" else \
-            ("max_input", "delimiter") if args.task == "choice" else \
-            ("chat", "system_prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed")
-        run.update({k: getattr(st, k) for k in keys})
+        keys = {"perplexity": ("max_input", "overlap", "token_logprobs"),
+                "choice": ("max_input", "delimiter"),
+                "moderate": ("max_input", "delimiter", "chat", "system_prompt", "moderation_template"),
+                "generate": ("chat", "system_prompt", "delimiter", "max_new_tokens", "temperature", "top_k",
+                             "top_p", "seed")}[args.task]
+        run.update({k: getattr(st, k) for k in keys}, **fewshot_run)
         out = ev.Output(args.output, run, args.overwrite)
     except (OSError, ValueError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
@@ -135,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                 ev.run_generate_task(todo, tok, params, cfg, mesh, args.dtype, st, out, progress)
             else:
                 scorer = scoring.Scorer(params, cfg, mesh=mesh, dtype=args.dtype, batch_size=args.batch_size,
-                                        max_input=max_input, smallest_bucket=min(args.smallest_bucket, max_input))
+                                        max_input=max_input, smallest_bucket=min(args.smallest_bucket, max_input),
+                                        shrink_partial=True)
                 ev.run_scoring_task(args.task, todo, tok, scorer, st, out, progress)
         finally:
             bar.close()
@@ -145,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                                "skipped_already_scored": skipped}
         if args.task != "generate":
             summary["this_run"]["buckets"] = sorted(scorer.used_buckets)
-            summary["rolling_rule"] = {"max_length": max_input, "overlap": overlap}
+            if args.task == "perplexity":
+                summary["rolling_rule"] = {"max_length": max_input, "overlap": overlap}
         out.write_summary(summary)
     except OSError as e:
         print(f"error: writing {args.output}: {e.strerror or e}", file=sys.stderr)

@@ -122,8 +122,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="prefill chunk in tokens (default: the window)")
     p.add_argument("--mesh", type=_mesh_arg, default=None,
                    help="data,fsdp,tensor mesh shape, e.g. 1,1,8 (default: one device)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--system-prompt", default=None, metavar="TEXT",
+                   help="a system message before every dialogue (implies --chat)")
+    g.add_argument("--safe-prompt", action="store_true",
+                   help="the guardrail system prompt (configs/prompts/guardrail.txt) before every dialogue "
+                        "(implies --chat)")
     distributed.add_arguments(p)
     args = p.parse_args(argv)
+    if args.system_prompt is not None or args.safe_prompt:
+        args.chat = True
     if args.prompts is not None and args.output is None:
         p.error("--output is required with --prompts")
     try:
@@ -199,18 +207,24 @@ def read_requests(path: Path) -> tuple[list[dict[str, Any]], int]:
     return rows, blank
 
 
-def encode(row: dict[str, Any], tok: Tokenizer, chat: bool) -> list[int]:
-    """Prompt ids of one request row; raises ValueError with a one-line reason."""
+def encode(row: dict[str, Any], tok: Tokenizer, chat: bool, system: str | None = None) -> list[int]:
+    """Prompt ids of one request row; raises ValueError with a one-line reason. `system` (chat only) is a
+    system message put before the dialogue."""
+    head = [{"role": "system", "content": system}] if system is not None else []
     if "messages" in row:
         if not chat:
             raise ValueError("'messages' given without --chat")
-        return tok.encode_chat(row["messages"])
+        msgs = row["messages"]
+        if head and isinstance(msgs, list) and msgs and isinstance(msgs[0], dict) and msgs[0].get("role") == "system":
+            raise ValueError("the dialogue has its own system message; --system-prompt/--safe-prompt would add a "
+                             "second one")
+        return tok.encode_chat(head + msgs if isinstance(msgs, list) else msgs)
     prompt = row["prompt"]
     if not isinstance(prompt, str):
         raise ValueError(f"'prompt' must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
         raise ValueError("empty prompt")
-    return tok.encode_chat([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt, bos=True)
+    return tok.encode_chat(head + [{"role": "user", "content": prompt}]) if chat else tok.encode(prompt, bos=True)
 
 
 def plan_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -260,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    from mistral_jax.prompts import PromptError, system_prompt
+    try:
+        system = system_prompt(args.system_prompt, args.safe_prompt)
+    except PromptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from mistral_jax.checkpoint import load_params  # heavy imports only after argument and file checks
     try:
         cfg, params = load_params(args.checkpoint, mesh=mesh, dtype=args.dtype)
@@ -277,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in row:
             continue
         try:
-            ids = encode(row, tok, args.chat)
+            ids = encode(row, tok, args.chat, system)
             decode.check_prompt(ids, cfg, args.max_new_tokens)
             runnable.append((i, ids))
         except ValueError as e:

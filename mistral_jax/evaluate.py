@@ -17,6 +17,21 @@ Metrics:
 - choice: accuracy of argmax summed log-likelihood and of argmax log-likelihood per UTF-8 byte of the
   scored continuation (delimiter + choice); ties go to the lowest index; 95% Wilson score intervals.
 - generate: exact match (both sides stripped of surrounding whitespace) with a 95% Wilson interval.
+- moderate: each text is put into a classification template (`prompts.MODERATE` by default, the placeholder
+  {text} replaced) and classified by the larger summed log-likelihood of the two label words
+  ("acceptable", "unacceptable") as continuations (ties: "acceptable"). "unacceptable" is the positive
+  class: precision = TP / (TP + FP), recall = TP / (TP + FN), accuracy, each with a 95% Wilson interval.
+
+Chat: generate's "messages" examples, and plain prompts or moderation texts with `Settings.chat`, are
+encoded by mistral-common (`Tokenizer.encode_chat`), the system prompt (if any) as the first message; a
+moderation label word is then scored as the start of the assistant answer (its SentencePiece encoding).
+
+Few-shot (choice, generate): K examples are drawn without replacement from the few-shot pool (a separate
+file, or the same data excluding the example itself) by random.Random(f"{seed}:{file name}:{line}"), so
+the draw for an example does not depend on batching, order or resume. Prefix format: each shot is
+context + delimiter + its answer (choice: the labelled choice; generate: the target), the shots and then
+the example's own context joined by FEWSHOT_DELIMITER (a blank line). For chat prompts each shot is a user
+turn (its prompt or messages) followed by an assistant turn (its target), before the example's messages.
 """
 
 from __future__ import annotations
@@ -26,16 +41,21 @@ import hashlib
 import json
 import math
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from mistral_jax import scoring
+from mistral_jax import prompts, scoring
 from mistral_jax.tokenizer import Tokenizer
 
-TASKS = ("perplexity", "choice", "generate")
+TASKS = ("perplexity", "choice", "generate", "moderate")
+FEWSHOT_TASKS = ("choice", "generate")
+CHAT_TASKS = ("generate", "moderate")
+MODERATION_LABELS = ("acceptable", "unacceptable")   # label words; the second is the positive class
+FEWSHOT_DELIMITER = "\n\n"
 EXAMPLES_FILE, SUMMARY_FILE, RUN_FILE = "examples.jsonl", "summary.json", "run.json"
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
@@ -232,6 +252,53 @@ class Settings:
     top_p: float = 1.0
     seed: int = 0
     token_logprobs: bool = False
+    moderation_template: str = ""
+    fewshot: "FewShot | None" = None
+
+
+# ----- few-shot -----
+
+@dataclasses.dataclass
+class FewShot:
+    """k shots per example, drawn with `seed` from `pool` (valid examples); same_file: the pool is the
+    evaluated data itself, and an example never gets itself as a shot."""
+    k: int
+    pool: list[Example]
+    seed: int
+    same_file: bool
+
+    def draw(self, ex: Example) -> list[Example]:
+        """The k shots of example `ex` (deterministic in seed, ex's file name and line); ValueError if the
+        pool is too small."""
+        cands = [p for p in self.pool if not (self.same_file and p.key == ex.key)]
+        if len(cands) < self.k:
+            raise ValueError(f"--num-fewshot {self.k}: only {len(cands)} usable few-shot example(s) to draw from")
+        rng = random.Random(f"{self.seed}:{Path(ex.where.rsplit(':', 1)[0]).name}:{ex.line}")
+        return rng.sample(cands, self.k)
+
+
+def fewshot_pool(examples: Sequence[Example], task: str) -> list[Example]:
+    """The examples usable as shots: choice, valid choice examples; generate, examples with a string
+    'target' and a valid 'prompt' or 'messages'."""
+    out = []
+    for ex in examples:
+        if ex.error is not None or not isinstance(ex.obj, dict):
+            continue
+        try:
+            if task == "choice":
+                _check_choice(ex.obj)
+            elif task == "generate":
+                _check_prompt_fields(ex.obj)
+                if not isinstance(ex.obj.get("target"), str):
+                    continue
+            else:
+                raise EvalError(f"--num-fewshot: not supported for task {task!r} (only {', '.join(FEWSHOT_TASKS)})")
+        except EvalError:
+            raise
+        except ValueError:
+            continue
+        out.append(ex)
+    return out
 
 
 ProgressFn = Callable[[int, int], None]   # (examples finished, tokens processed)
@@ -240,8 +307,9 @@ ProgressFn = Callable[[int, int], None]   # (examples finished, tokens processed
 def run_scoring_task(task: str, examples: list[Example], tok: Tokenizer, scorer: scoring.Scorer, st: Settings,
                      out: Output, progress: ProgressFn) -> None:
     """perplexity / choice: builds requests, scores them in buckets, writes each example as it completes."""
-    prepare = _prepare_perplexity if task == "perplexity" else _prepare_choice
-    finish = _finish_perplexity if task == "perplexity" else _finish_choice
+    prepare, finish = {"perplexity": (_prepare_perplexity, _finish_perplexity),
+                       "choice": (_prepare_choice, _finish_choice),
+                       "moderate": (_prepare_moderate, _finish_moderate)}[task]
     requests: list[scoring.Request] = []
     owner: list[int] = []                 # request -> index into `pending`
     pending: list[tuple[Example, Any, list[int]]] = []   # (example, prepared state, request ids)
@@ -304,8 +372,8 @@ def _finish_perplexity(state, res: list[scoring.Scored], st: Settings) -> dict[s
     return row
 
 
-def _prepare_choice(ex: Example, tok: Tokenizer, st: Settings, scorer: scoring.Scorer):
-    o = ex.obj
+def _check_choice(o: dict[str, Any]) -> tuple[str, list[str], int]:
+    """(context, choices, label) of a choice example; ValueError naming the bad field."""
     context, choices, label = o.get("context"), o.get("choices"), o.get("label")
     if not isinstance(context, str):
         raise ValueError(f"'context' must be a string, got {type(context).__name__ if 'context' in o else 'none'}")
@@ -317,6 +385,19 @@ def _prepare_choice(ex: Example, tok: Tokenizer, st: Settings, scorer: scoring.S
             raise ValueError(f"choices[{j}] must be a non-empty string, got {c!r}")
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
         raise ValueError(f"'label' must be an integer in [0, {len(choices)}), got {label!r}")
+    return context, choices, label
+
+
+def _prepare_choice(ex: Example, tok: Tokenizer, st: Settings, scorer: scoring.Scorer):
+    context, choices, label = _check_choice(ex.obj)
+    shots: list[Example] = []
+    if st.fewshot is not None:
+        shots = st.fewshot.draw(ex)
+        parts = []
+        for sh in shots:
+            c, ch, lb = _check_choice(sh.obj)
+            parts.append(c + st.delimiter + ch[lb])
+        context = FEWSHOT_DELIMITER.join(parts + [context])
     reqs = []
     for j, c in enumerate(choices):
         cont = st.delimiter + c
@@ -329,17 +410,51 @@ def _prepare_choice(ex: Example, tok: Tokenizer, st: Settings, scorer: scoring.S
             raise ValueError(f"context + choices[{j}] is {len(ids)} tokens, longer than the evaluation context of "
                              f"{st.max_input} + 1")
         reqs.append((ids, len(cont_ids)))
-    return (label, [len((st.delimiter + c).encode("utf-8")) for c in choices]), reqs
+    return (label, [len((st.delimiter + c).encode("utf-8")) for c in choices], [s.key for s in shots]), reqs
 
 
 def _finish_choice(state, res: list[scoring.Scored], st: Settings) -> dict[str, Any]:
-    label, n_bytes = state
+    label, n_bytes, shot_keys = state
     ll = [r.total for r in res]
     ll_norm = [x / b for x, b in zip(ll, n_bytes)]
     pred, pred_norm = int(np.argmax(ll)), int(np.argmax(ll_norm))
-    return {"label": label, "loglik": ll, "loglik_per_byte": ll_norm, "is_greedy": [r.is_greedy for r in res],
+    extra = {"fewshot": shot_keys} if st.fewshot is not None else {}
+    return {**extra, "label": label, "loglik": ll, "loglik_per_byte": ll_norm, "is_greedy": [r.is_greedy for r in res],
             "n_tokens": [len(r.logprobs) for r in res], "pred": pred, "pred_norm": pred_norm,
             "correct": pred == label, "correct_norm": pred_norm == label}
+
+
+def _prepare_moderate(ex: Example, tok: Tokenizer, st: Settings, scorer: scoring.Scorer):
+    o = ex.obj
+    text, label = o.get("text"), o.get("label")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("'text' must be a non-empty string, got " +
+                         (repr(text) if isinstance(text, str) else type(text).__name__ if "text" in o else "none"))
+    if label not in MODERATION_LABELS:
+        raise ValueError(f"'label' must be one of {', '.join(repr(x) for x in MODERATION_LABELS)}, got {label!r}")
+    prompt = prompts.fill_template(st.moderation_template, text)
+    reqs = []
+    if st.chat or st.system_prompt is not None:
+        ctx = encode_prompt({"prompt": prompt}, tok, dataclasses.replace(st, chat=True))
+        conts = [tok.encode(w) for w in MODERATION_LABELS]
+    else:
+        pairs = [encode_pair(tok, prompt, st.delimiter + w) for w in MODERATION_LABELS]
+        ctx, conts = pairs[0][0], [c for _, c in pairs]
+    for w, cont in zip(MODERATION_LABELS, conts):
+        ids = ctx + cont
+        _check_vocab(ids, scorer.cfg.vocab_size)
+        if len(ids) - 1 > st.max_input:
+            raise ValueError(f"the moderation prompt + {w!r} is {len(ids)} tokens, longer than the evaluation "
+                             f"context of {st.max_input} + 1")
+        reqs.append((ids, len(cont)))
+    return label, reqs
+
+
+def _finish_moderate(label: str, res: list[scoring.Scored], st: Settings) -> dict[str, Any]:
+    ll = {w: r.total for w, r in zip(MODERATION_LABELS, res)}
+    pred = MODERATION_LABELS[1] if ll[MODERATION_LABELS[1]] > ll[MODERATION_LABELS[0]] else MODERATION_LABELS[0]
+    return {"label": label, "loglik": ll, "is_greedy": {w: r.is_greedy for w, r in zip(MODERATION_LABELS, res)},
+            "pred": pred, "correct": pred == label}
 
 
 def _check_vocab(ids: Sequence[int], vocab: int) -> None:
@@ -348,26 +463,55 @@ def _check_vocab(ids: Sequence[int], vocab: int) -> None:
         raise ValueError(f"token id(s) {bad[:5]} outside the model's vocabulary [0, {vocab})")
 
 
-def encode_prompt(obj: dict[str, Any], tok: Tokenizer, st: Settings) -> list[int]:
-    """Prompt ids of a generate example: 'messages' (chat) or 'prompt' (chat-wrapped with --chat)."""
+def _check_prompt_fields(obj: dict[str, Any]) -> None:
+    """ValueError unless a generate example has exactly one of a non-empty 'prompt' string or 'messages'."""
     if "prompt" in obj and "messages" in obj:
         raise ValueError("give either 'prompt' or 'messages', not both")
     if "messages" in obj:
-        msgs = obj["messages"]
-        if st.system_prompt is not None and isinstance(msgs, list):
-            msgs = [{"role": "system", "content": st.system_prompt}] + msgs
-        return tok.encode_chat(msgs)
+        return
     if "prompt" not in obj:
         raise ValueError(f"expected 'prompt' or 'messages', got keys {sorted(obj)[:10]}")
     prompt = obj["prompt"]
     if not isinstance(prompt, str) or not prompt:
         raise ValueError(f"'prompt' must be a non-empty string, got {prompt!r}")
-    if st.chat or st.system_prompt is not None:
-        msgs = [{"role": "user", "content": prompt}]
-        if st.system_prompt is not None:
-            msgs.insert(0, {"role": "system", "content": st.system_prompt})
-        return tok.encode_chat(msgs)
-    return tok.encode(prompt, bos=True)
+
+
+def _turns(obj: dict[str, Any], where: str) -> list[Any]:
+    """The non-system messages of a generate example ('prompt' becomes one user turn)."""
+    if "messages" not in obj:
+        return [{"role": "user", "content": obj["prompt"]}]
+    msgs = obj["messages"]
+    if not isinstance(msgs, list):
+        raise ValueError(f"{where}'messages' must be a list of {{'role', 'content'}} objects, got "
+                         f"{type(msgs).__name__}")
+    return msgs
+
+
+def encode_prompt(obj: dict[str, Any], tok: Tokenizer, st: Settings, shots: Sequence[Example] = ()) -> list[int]:
+    """Prompt ids of a generate example: 'messages' (chat) or 'prompt' (chat-wrapped with st.chat or a
+    system prompt), after few-shot `shots` (examples with 'target'; prefix format in the module note)."""
+    _check_prompt_fields(obj)
+    if "messages" not in obj and not st.chat and st.system_prompt is None:
+        parts = []
+        for sh in shots:
+            if "prompt" not in sh.obj:
+                raise ValueError(f"few-shot example {sh.where} has 'messages'; a plain prompt needs 'prompt' shots")
+            parts.append(sh.obj["prompt"] + st.delimiter + sh.obj["target"])
+        return tok.encode(FEWSHOT_DELIMITER.join(parts + [obj["prompt"]]), bos=True)
+    msgs = list(_turns(obj, ""))
+    system = st.system_prompt
+    if msgs and isinstance(msgs[0], dict) and msgs[0].get("role") == "system":
+        if system is not None:
+            raise ValueError("'messages' starts with a system message and a system prompt was given "
+                             "(--system-prompt/--safe-prompt); give one of them")
+        system, msgs = msgs[0].get("content"), msgs[1:]
+    prefix: list[Any] = []
+    for sh in shots:
+        turns = [m for m in _turns(sh.obj, f"few-shot example {sh.where}: ")
+                 if not (isinstance(m, dict) and m.get("role") == "system")]
+        prefix += turns + [{"role": "assistant", "content": sh.obj["target"]}]
+    head = [] if system is None else [{"role": "system", "content": system}]
+    return tok.encode_chat(head + prefix + msgs)
 
 
 def run_generate_task(examples: list[Example], tok: Tokenizer, params: Any, cfg: Any, mesh: Any, dtype: Any,
@@ -375,16 +519,17 @@ def run_generate_task(examples: list[Example], tok: Tokenizer, params: Any, cfg:
     """generate: prompts through `decode.generate` in length-sorted batches; exact match against 'target'."""
     from mistral_jax import decode
 
-    todo: list[tuple[Example, list[int]]] = []
+    todo: list[tuple[Example, list[int], list[Example]]] = []
     for ex in examples:
         err = ex.error
         if err is None:
             try:
-                ids = encode_prompt(ex.obj, tok, st)
+                shots = st.fewshot.draw(ex) if st.fewshot is not None else []
+                ids = encode_prompt(ex.obj, tok, st, shots)
                 decode.check_prompt(ids, cfg, st.max_new_tokens)
                 if "target" in ex.obj and not isinstance(ex.obj["target"], str):
                     raise ValueError(f"'target' must be a string, got {type(ex.obj['target']).__name__}")
-                todo.append((ex, ids))
+                todo.append((ex, ids, shots))
                 continue
             except ValueError as e:
                 err = f"{ex.where}: {e}"
@@ -394,14 +539,15 @@ def run_generate_task(examples: list[Example], tok: Tokenizer, params: Any, cfg:
     n_batches = -(-len(todo) // st.batch_size)
     for b in range(0, len(todo), st.batch_size):
         batch = todo[b:b + st.batch_size]
-        gen = decode.generate(params, cfg, [ids for _, ids in batch], st.max_new_tokens, temperature=st.temperature,
+        gen = decode.generate(params, cfg, [ids for _, ids, _ in batch], st.max_new_tokens, temperature=st.temperature,
                               top_k=st.top_k, top_p=st.top_p, seed=st.seed,
-                              row_ids=[(ex.line or 0) for ex, _ in batch], mesh=mesh, dtype=dtype,
+                              row_ids=[(ex.line or 0) for ex, _, _ in batch], mesh=mesh, dtype=dtype,
                               eos_id=tok.eos_id, pad_batch_to=st.batch_size if n_batches > 1 else None,
                               return_info=True)
         n_tok = 0
-        for (ex, ids), comp, eos in zip(batch, gen.tokens, gen.stopped_on_eos):
-            row = {**_base_row(ex), "completion": tok.decode(comp), "n_prompt_tokens": len(ids),
+        for (ex, ids, shots), comp, eos in zip(batch, gen.tokens, gen.stopped_on_eos):
+            extra = {"fewshot": [sh.key for sh in shots]} if st.fewshot is not None else {}
+            row = {**_base_row(ex), **extra, "completion": tok.decode(comp), "n_prompt_tokens": len(ids),
                    "n_completion_tokens": len(comp), "finish_reason": "eos" if eos else "length"}
             if "target" in ex.obj:
                 row["target"] = ex.obj["target"]
@@ -435,6 +581,16 @@ def summarize(task: str, rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
         s.update(interval="Wilson score, 95%", acc=_rate(sum(r["correct"] for r in ok), len(ok)),
                  acc_norm=_rate(sum(r["correct_norm"] for r in ok), len(ok)),
                  chance=float(np.mean([1 / len(r["loglik"]) for r in ok])) if ok else None)
+    elif task == "moderate":
+        pos, neg = MODERATION_LABELS[1], MODERATION_LABELS[0]
+        tp = sum(r["label"] == pos and r["pred"] == pos for r in ok)
+        fp = sum(r["label"] == neg and r["pred"] == pos for r in ok)
+        fn = sum(r["label"] == pos and r["pred"] == neg for r in ok)
+        s.update(interval="Wilson score, 95%", positive_class=pos,
+                 confusion={"tp": tp, "fp": fp, "fn": fn, "tn": len(ok) - tp - fp - fn},
+                 precision=_rate(tp, tp + fp), recall=_rate(tp, tp + fn),
+                 accuracy=_rate(sum(r["correct"] for r in ok), len(ok)),
+                 positive_rate=(tp + fn) / len(ok) if ok else None)
     elif task == "generate":
         tgt = [r for r in ok if "exact_match" in r]
         s.update(completion_tokens=sum(r["n_completion_tokens"] for r in ok),

@@ -123,11 +123,15 @@ class Scorer:
     max_input: the evaluation context, the most tokens fed in one pass (default cfg.max_seq_len);
     buckets are `length_buckets(max_input, smallest)`. batch_size: rows per batch, rounded up to a
     multiple of the mesh's data x fsdp size (rows beyond the requests are ignored filler), so each
-    bucket compiles one program. chunk: output-head chunk in positions.
+    bucket compiles one program. shrink_partial: a bucket's last, partly filled batch runs with the
+    smallest power-of-two multiple of the data x fsdp size that holds it instead (less padding when a
+    bucket has few requests; at most 1 + log2(rows) programs per bucket). chunk: output-head chunk in
+    positions.
     """
 
     def __init__(self, params: Any, cfg: ModelConfig, *, mesh: Mesh | None = None, dtype: Dtype = jnp.float32,
-                 batch_size: int = 8, max_input: int | None = None, smallest_bucket: int = 64, chunk: int = 512):
+                 batch_size: int = 8, max_input: int | None = None, smallest_bucket: int = 64, chunk: int = 512,
+                 shrink_partial: bool = False):
         for name, v in (("batch_size", batch_size), ("smallest_bucket", smallest_bucket), ("chunk", chunk)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"Scorer: {name} must be an integer >= 1, got {v!r}")
@@ -140,6 +144,7 @@ class Scorer:
         self.buckets = length_buckets(max_input, min(smallest_bucket, max_input))
         shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self.rows = -(-batch_size // shards) * shards
+        self.shards, self.shrink_partial = shards, shrink_partial
         if mesh is not None:
             params = jax.device_put(params, model_lib.param_shardings(cfg, mesh))
         self.params = params
@@ -168,17 +173,26 @@ class Scorer:
             self.used_buckets.add(T)
             for s in range(0, len(idx), self.rows):
                 batch = idx[s:s + self.rows]
-                results = self._run(T, [reqs[i] for i in batch])
+                results = self._run(T, [reqs[i] for i in batch], self.rows_for(len(batch)))
                 for i, r in zip(batch, results):
                     out[i] = r
                 if on_batch is not None:
                     on_batch(batch, results, sum(len(reqs[i][0]) - 1 for i in batch))
         return out  # type: ignore[return-value]
 
-    def _run(self, T: int, batch: list[tuple[list[int], int]]) -> list[Scored]:
-        inputs = np.zeros((self.rows, T), np.int32)
-        targets = np.zeros((self.rows, T), np.int32)
-        mask = np.zeros((self.rows, T), bool)
+    def rows_for(self, n: int) -> int:
+        """Rows of the batch that runs n requests (see shrink_partial)."""
+        if not self.shrink_partial or n >= self.rows:
+            return self.rows
+        r = self.shards
+        while r < n:
+            r *= 2
+        return min(r, self.rows)
+
+    def _run(self, T: int, batch: list[tuple[list[int], int]], rows: int) -> list[Scored]:
+        inputs = np.zeros((rows, T), np.int32)
+        targets = np.zeros((rows, T), np.int32)
+        mask = np.zeros((rows, T), bool)
         for r, (t, n) in enumerate(batch):
             L = len(t) - 1
             inputs[r, :L] = t[:-1]

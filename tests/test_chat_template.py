@@ -66,3 +66,26 @@ def test_generate_chat_uses_the_v3_template(v3_ckpt, tmp_path, monkeypatch):
                                               Tokenizer.for_vocab(32768))
     assert ids[:len(want[0])] == want[0] and ids[len(want[0]):] == sp("6") + [2]
     assert all(mask[len(want[0]):]) and sum(mask) == len(sp("4")) + 1 + len(sp("6")) + 1
+
+
+def test_generate_safe_prompt_puts_exactly_the_guardrail_prompt(v3_ckpt, tmp_path, monkeypatch):
+    from mistral_common.protocol.instruct.messages import SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    guardrail = ("Always assist with care, respect, and truth. Respond with utmost utility yet securely. Avoid "
+                 "harmful, unethical, prejudiced, or negative content. Ensure replies promote fairness and "
+                 "positivity.")
+    seen = []
+    real = decode.generate
+    monkeypatch.setattr(decode, "generate", lambda p, c, prompts, *a, **k: (seen.extend(map(list, prompts)),
+                                                                          real(p, c, prompts, *a, **k))[1])
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"prompt": "Name a colour."}) + "\n" + json.dumps({"messages": DIALOGUE}) + "\n")
+    assert cli.main(["--checkpoint", str(v3_ckpt), "--prompts", str(src), "--output", str(out), "--safe-prompt",
+                     "--max-new-tokens", "1"]) == 1          # line 2 has its own system message: refused
+    want = MistralTokenizer.v3().encode_chat_completion(ChatCompletionRequest(
+        messages=[SystemMessage(content=guardrail), UserMessage(content="Name a colour.")])).tokens
+    assert seen == [want]
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert "own system message" in rows[1]["error"]

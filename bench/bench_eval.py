@@ -1,0 +1,153 @@
+"""Perplexity scoring throughput: `infer.evaluate --task perplexity` (its Scorer) vs HF PyTorch forward.
+
+    python bench/bench_eval.py [--max-length 1024 --batch 8 --data configs/eval/stdlib_docs.jsonl]
+
+Same model (the 57M config of bench_train.py: dim 512, 8 layers, 8 q / 2 kv heads, head_dim 64, hidden 1536,
+vocab 32000, random weights, float32 on both sides: HF gets our weights through `write_hf`), same data
+(each document BOS + its tokens, split by the rolling rule `scoring.rolling_windows` into the same
+(tokens, n_score) requests on both sides), in one process. Scored tokens = every document token after BOS.
+
+Rows: our Scorer (padded length buckets, one jit program per bucket) on its first pass (compilation
+included) and a second pass (compiled); the CLI `infer.evaluate` run in-process on a saved native
+checkpoint (loading, tokenisation, compilation and output writing included); HF MistralForCausalLM eager
+forward + float32 log-softmax + gather, batch 1 (no padding) and batches of --batch length-sorted requests
+padded to the longest in the batch. Also checks that both sides' per-token log-probabilities agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mistral_jax import model as model_lib  # noqa: E402
+from mistral_jax import scoring  # noqa: E402
+from mistral_jax.config import ModelConfig  # noqa: E402
+from mistral_jax.tokenizer import Tokenizer  # noqa: E402
+
+CFG_57M = ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536,
+                      vocab_size=32000, sliding_window=4096, max_seq_len=4096)
+
+
+def requests_for(texts: list[str], tok: Tokenizer, max_input: int, overlap: int) -> tuple[list, int]:
+    """(rolling-window requests of all documents, scored token count)."""
+    reqs, n = [], 0
+    for text in texts:
+        ids = tok.encode(text, bos=True)
+        n += len(ids) - 1
+        reqs += [(ids[w.start:w.end], w.n_score) for w in scoring.rolling_windows(len(ids), max_input, overlap)]
+    return reqs, n
+
+
+def hf_score(hf, reqs: list, batch: int) -> list[np.ndarray]:
+    """Per-request scored log-probs from HF: length-sorted batches, right-padded to the batch's longest."""
+    import torch
+
+    out: list[np.ndarray | None] = [None] * len(reqs)
+    order = sorted(range(len(reqs)), key=lambda i: -len(reqs[i][0]))
+    with torch.inference_mode():
+        for s in range(0, len(order), batch):
+            idx = order[s:s + batch]
+            L = max(len(reqs[i][0]) - 1 for i in idx)
+            inp = torch.zeros((len(idx), L), dtype=torch.long)
+            att = torch.zeros((len(idx), L), dtype=torch.long)
+            for r, i in enumerate(idx):
+                t = reqs[i][0][:-1]
+                inp[r, :len(t)] = torch.tensor(t)
+                att[r, :len(t)] = 1
+            logits = hf(input_ids=inp, attention_mask=att).logits.float()
+            lp = torch.log_softmax(logits, -1)
+            for r, i in enumerate(idx):
+                t, n = reqs[i]
+                L_i = len(t) - 1
+                tgt = torch.tensor(t[1:])
+                out[i] = lp[r, torch.arange(L_i - n, L_i), tgt[L_i - n:]].numpy()
+    return out  # type: ignore[return-value]
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    res = fn()
+    return res, time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", type=Path, default=REPO / "configs/eval/stdlib_docs.jsonl")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--skip-cli", action="store_true")
+    args = p.parse_args()
+
+    import torch
+    from transformers import MistralForCausalLM
+
+    from mistral_jax.checkpoint import save_params
+    from mistral_jax.torch_write import write_hf
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = CFG_57M
+    tok = Tokenizer.for_vocab(cfg.vocab_size)
+    texts = [json.loads(x)["text"] for x in args.data.read_text().splitlines() if x.strip()]
+    overlap = scoring.default_overlap(cfg, args.max_length)
+    reqs, n_scored = requests_for(texts, tok, args.max_length, overlap)
+    n_fed = sum(len(t) - 1 for t, _ in reqs)
+    params = jax.device_get(model_lib.init_params(cfg, jax.random.PRNGKey(0)))
+
+    rows = []
+    sc = scoring.Scorer(params, cfg, batch_size=args.batch, max_input=args.max_length, shrink_partial=True)
+    first, dt = timed(lambda: sc.score(reqs))
+    rows.append((f"Scorer (infer.evaluate), batch {args.batch}, first pass incl. compile", dt))
+    ours, dt = timed(lambda: sc.score(reqs))
+    rows.append((f"Scorer (infer.evaluate), batch {args.batch}, compiled", dt))
+    buckets = sorted(sc.used_buckets)
+    padded = 0
+    for T in buckets:
+        k = sum(1 for t, _ in reqs if scoring.bucket_for(len(t) - 1, sc.buckets) == T)
+        padded += ((k // sc.rows) * sc.rows + (sc.rows_for(k % sc.rows) if k % sc.rows else 0)) * T
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.skip_cli:
+            from infer import evaluate as cli
+            save_params(Path(tmp) / "ckpt", cfg, params)
+            _, dt = timed(lambda: cli.main(["--checkpoint", str(Path(tmp) / "ckpt"), "--task", "perplexity",
+                                            "--data", str(args.data), "--output", str(Path(tmp) / "out"),
+                                            "--batch-size", str(args.batch), "--max-length", str(args.max_length)]))
+            summ = json.loads((Path(tmp) / "out/summary.json").read_text())
+            assert summ["tokens"] == n_scored, (summ["tokens"], n_scored)
+            rows.append((f"`infer.evaluate --task perplexity` in-process, batch {args.batch} (load, compile, I/O "
+                         "included)", dt))
+        write_hf(Path(tmp) / "hf", cfg, params, progress=False)
+        hf = MistralForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32,
+                                                attn_implementation="eager").eval()
+        hf_score(hf, reqs[:1], 1)   # warm-up
+        theirs1, dt = timed(lambda: hf_score(hf, reqs, 1))
+        rows.append(("HF MistralForCausalLM (PyTorch eager), batch 1", dt))
+        theirsB, dt = timed(lambda: hf_score(hf, reqs, args.batch))
+        rows.append((f"HF MistralForCausalLM (PyTorch eager), batch {args.batch} padded to longest", dt))
+
+    diff = max(float(np.abs(a.logprobs - b).max()) for a, b in zip(ours, theirs1))
+    best_hf = min(dt for name, dt in rows if name.startswith("HF"))
+    print(f"\n{len(texts)} documents of {args.data.name}: {n_scored} scored tokens, {len(reqs)} windows "
+          f"(--max-length {args.max_length}, overlap {overlap}), {n_fed} tokens fed; our buckets {buckets}, "
+          f"{padded} padded positions ({n_fed / padded:.0%} used); max |log-prob difference| vs HF {diff:.1e}")
+    print(f"Model: 57M Mistral (dim 512, 8 layers, 8q/2kv, hidden 1536, vocab 32000), float32; "
+          f"{os.cpu_count()} CPU threads, torch {torch.__version__}, jax {jax.__version__}\n")
+    print("| implementation | seconds | scored tokens/s | vs best HF |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, dt in rows:
+        print(f"| {name} | {dt:.2f} | {n_scored / dt:.0f} | {best_hf / dt:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
