@@ -121,6 +121,10 @@ class TrainSection(_Section):
     wandb_project: str = ""  # also log to Weights & Biases (needs `pip install wandb`)
     profile_steps: str = ""  # "A:B": a jax.profiler trace of steps A..B (0-based) in <run dir>/profile
     prefetch: int = Field(2, ge=1)  # batches read and placed ahead of the running step
+    # start from these params (a folder load_params reads) unless --init-from is given; with
+    # init_from_optional, a missing folder means random init (with a note) instead of an error
+    init_from: str = ""
+    init_from_optional: bool = False
 
 
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")

@@ -221,6 +221,13 @@ def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, 
     rc = rc.replace(optim={"schedule_steps": schedule_steps})
     optimizer = optim.make_optimizer(rc.optim, schedule_steps)
     schedule = optim.learning_rate_schedule(rc.optim, schedule_steps)
+    if not init_from and rc.train.init_from:
+        if Path(rc.train.init_from).exists() or not rc.train.init_from_optional:
+            init_from = rc.train.init_from
+        elif saved_meta is None:
+            log(f"train.init_from {rc.train.init_from} does not exist (train.init_from_optional): random init")
+    if init_from and saved_meta is None:
+        log(f"initial params from {init_from}")
     init_params = (load_init_params(init_from, cfg, mesh, param_dtype, log)
                    if init_from and saved_meta is None else None)
     if lora is not None and init_params is None and saved_meta is None:
@@ -481,6 +488,9 @@ def evaluate(rc: rc_lib.RunConfig, cfg: ModelConfig, params: Any, mesh: Mesh, to
                     f.write(json.dumps(r) + "\n")
         log(f"{label} greedy answers: exact match {score:.3f} over {len(rows)} conversations "
             f"({pre}answers.jsonl)")
+        if rows:
+            log(f"{label} example dialogue:\n{tokenizer.decode(data.answers[0][0])}\n  -> model: "
+                f"{rows[0]['answer']!r} (reference {rows[0]['reference']!r})")
         if sinks is not None:
             sinks.write({"step": step, "exact_match": score}, prefix="heldout/")
     return out

@@ -86,7 +86,9 @@ def test_bad_lines_are_counted_or_stop_the_run(tmp_path, capsys):
     data.write_text("\n".join(lines) + "\n")
     sets = {"data.source": "chat", "data.paths": f'["{data}"]', "train.steps": 2, "eval.answers": 0,
             "eval.before": "false", "eval.export": "false", "data.val_percent": 0.0}
-    assert finetune.main(_argv(tmp_path / "skip", **sets)) == 0
+    optional = {"train.init_from": str(tmp_path / "missing"), "train.init_from_optional": "true"}
+    assert finetune.main(_argv(tmp_path / "skip", **sets, **optional)) == 0     # missing optional init: random
+    assert "does not exist (train.init_from_optional): random init" in capsys.readouterr().out
     report = json.loads((tmp_path / "skip" / "data_report.json").read_text())
     assert report["n_skipped"] == 4 and report["conversations"] == 36
     assert any(m.startswith(f"{data}:4: ") for m in report["messages"])
@@ -94,6 +96,12 @@ def test_bad_lines_are_counted_or_stop_the_run(tmp_path, capsys):
     assert finetune.main(_argv(tmp_path / "stop", **{**sets, "data.on_error": "stop"})) == 1
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert len(err) == 1 and err[0].startswith(f"error: {data}:4: "), err
+
+
+def test_required_init_from_must_exist(tmp_path, capsys):
+    assert finetune.main(_argv(tmp_path / "x", **{"train.init_from": str(tmp_path / "missing")})) == 1
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith(f"error: --init-from {tmp_path / 'missing'}: "), err
 
 
 def test_programs_refuse_the_other_kind_of_data(tmp_path, capsys):
