@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+
 from infer.generate import _dtype_arg, _float_arg, _int_arg, _mesh_arg
 from mistral_jax import evaluate as ev
 from mistral_jax.errors import first_line
@@ -85,12 +87,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", type=Path, default=None, help="SentencePiece model (default: by vocab)")
     p.add_argument("--dtype", type=_dtype_arg, default="float32")
     p.add_argument("--mesh", type=_mesh_arg, default=None, help="data,fsdp,tensor mesh shape (default: one device)")
+    from mistral_jax import distributed
+    distributed.add_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from mistral_jax import prompts, scoring, sharding
+    from mistral_jax import distributed, prompts, scoring, sharding
+    try:
+        distributed.initialize(args)
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    writer = distributed.is_main()   # with several processes, all score; process 0 writes and reports
     from mistral_jax.tokenizer import Tokenizer
     try:
         for d in args.data:
@@ -125,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                            "fewshot_sha256": None if args.fewshot_data is None else ev.file_digest(src)}
         tok = Tokenizer(args.tokenizer) if args.tokenizer is not None else None
         mesh = sharding.make_mesh(*args.mesh) if args.mesh else None
+        if mesh is None and jax.process_count() > 1:
+            mesh = sharding.make_mesh(1, -1, 1)     # every process's devices
     except (ValueError, OSError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
@@ -154,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
                 "generate": ("chat", "system_prompt", "delimiter", "max_new_tokens", "temperature", "top_k",
                              "top_p", "seed")}[args.task]
         run.update({k: getattr(st, k) for k in keys}, **fewshot_run)
-        out = ev.Output(args.output, run, args.overwrite)
+        if writer:
+            out = ev.Output(args.output, run, args.overwrite)
+        distributed.sync("evaluate-output-ready")   # the others read what process 0 has prepared
+        if not writer:
+            out = ev.Output(args.output, run, args.overwrite, writer=False)
     except (OSError, ValueError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
@@ -162,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = [ex for ex in examples if ex.key not in out.done]
     skipped = len(examples) - len(todo)
     from tqdm import tqdm
-    bar = tqdm(total=len(todo), desc=args.task, unit="ex", file=sys.stderr, disable=not todo)
+    bar = tqdm(total=len(todo), desc=args.task, unit="ex", file=sys.stderr, disable=not (todo and writer))
     t0, n_ex, n_tok = time.perf_counter(), 0, 0
 
     def progress(examples_done: int, tokens: int) -> None:
@@ -196,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: writing {args.output}: {e.strerror or e}", file=sys.stderr)
         return 1
     errors = summary["errors"]
+    if not writer:
+        return 1 if errors else 0
     print(f"{args.task}: {summary['scored']} example(s) scored, {errors} failed, {skipped} already in "
           f"{args.output / ev.EXAMPLES_FILE}; {n_tok} tokens in {summary['this_run']['seconds']:.2f} s "
           f"({summary['this_run']['tokens_per_s']:.0f} tokens/s, compilation included)", file=sys.stderr)

@@ -129,8 +129,15 @@ def file_digest(paths: Sequence[Path]) -> str:
 class Output:
     """The output folder: run.json (checked on resume), examples.jsonl (appended), summary.json."""
 
-    def __init__(self, folder: Path, run: dict[str, Any], overwrite: bool = False):
-        self.folder = Path(folder)
+    def __init__(self, folder: Path, run: dict[str, Any], overwrite: bool = False, writer: bool = True):
+        """writer=False (processes other than 0 in a multi-process run): reads what is done, writes nothing."""
+        self.folder, self.writer = Path(folder), writer
+        if not writer:
+            self.examples_path = self.folder / EXAMPLES_FILE
+            self.rows = self._read_rows() if self.examples_path.exists() else []
+            self.done = {r["key"] for r in self.rows}
+            self._fh = None
+            return
         if self.folder.exists() and not self.folder.is_dir():
             raise EvalError(f"--output {folder}: exists and is not a folder")
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -177,7 +184,7 @@ class Output:
                 break
             rows.append(row)
             keep, pos = end, end
-        if keep < len(data):
+        if keep < len(data) and self.writer:
             with open(self.examples_path, "r+b") as f:
                 f.truncate(keep)
         seen: dict[str, dict[str, Any]] = {}
@@ -186,15 +193,19 @@ class Output:
         return list(seen.values())
 
     def write(self, row: dict[str, Any]) -> None:
-        self._fh.write(_json_line(row))
-        self._fh.flush()
+        if self._fh is not None:
+            self._fh.write(_json_line(row))
+            self._fh.flush()
         self.rows.append(row)
         self.done.add(row["key"])
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         _write_atomic(self.folder / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
 

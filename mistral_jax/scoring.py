@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from mistral_jax import distributed
 from mistral_jax import model as model_lib
 from mistral_jax import sharding
 from mistral_jax.buckets import bucket_for, length_buckets
@@ -198,11 +199,12 @@ class Scorer:
             inputs[r, :L] = t[:-1]
             targets[r, :L] = t[1:]
             mask[r, L - n:L] = True
-        arrays = [jnp.asarray(a) for a in (inputs, targets, mask)]
-        if self.mesh is not None:
-            arrays = [jax.device_put(a, sharding.batch_sharding(self.mesh, 2)) for a in arrays]
+        if self.mesh is None:
+            arrays = [jnp.asarray(a) for a in (inputs, targets, mask)]
+        else:   # every process holds the whole batch and places its own devices' rows
+            arrays = [distributed.global_array(a, sharding.batch_sharding(self.mesh, 2)) for a in (inputs, targets, mask)]
         lp, gr = _score_batch(self.params, *arrays, cfg=self.cfg, dtype=self.dtype, chunk=self.chunk)
-        lp, gr = np.asarray(lp), np.asarray(gr)
+        lp, gr = distributed.to_host(lp), distributed.to_host(gr)
         res = []
         for r, (t, n) in enumerate(batch):
             L = len(t) - 1

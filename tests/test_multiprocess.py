@@ -178,3 +178,43 @@ def test_generate_on_two_processes_equals_one(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
     assert "generated" in outs[0] and "generated" not in outs[1]     # process 0 reports, process 1 is silent
+
+
+def test_evaluate_on_two_processes_equals_one(tmp_path):
+    import jax
+
+    from mistral_jax import model as model_lib
+    from mistral_jax.checkpoint import save_params
+    from mistral_jax.config import ModelConfig
+
+    cfg = ModelConfig.preset("tiny")
+    ckpt = save_params(tmp_path / "ckpt", cfg, model_lib.init_params(cfg, jax.random.key(1)))
+    docs = tmp_path / "docs.jsonl"
+    texts = [Path(json.__file__).read_text()[i * 300:(i + 1) * 300 + 37 * i] for i in range(7)]
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+    def argv(out):
+        return [sys.executable, "-m", "infer.evaluate", "--checkpoint", str(ckpt), "--task", "perplexity",
+                "--data", str(docs), "--output", str(out), "--batch-size", "4", "--max-length", "64"]
+
+    one = subprocess.run(argv(tmp_path / "one") + ["--mesh", "1,4,1"], cwd=REPO, env=_env(4),
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    port = _free_port()
+    procs = [subprocess.Popen(argv(tmp_path / "two") + ["--coordinator", f"127.0.0.1:{port}",
+                                                        "--num-processes", "2", "--process-id", str(i)],
+                              cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    a.pop("this_run"), b.pop("this_run")
+    assert a["scored"] == b["scored"] == 7 and sorted(a) == sorted(b)
+    for k in a:    # cross-process reductions add in another order: equal to float32 rounding, not bit-equal
+        assert a[k] == pytest.approx(b[k], rel=1e-6), k
+    rows = lambda d: {r["key"]: r for r in map(json.loads, (tmp_path / d / "examples.jsonl").read_text().splitlines())}  # noqa: E731
+    ra, rb = rows("one"), rows("two")
+    assert sorted(ra) == sorted(rb)
+    for key in ra:
+        assert ra[key]["n_tokens"] == rb[key]["n_tokens"] and ra[key]["nll"] == pytest.approx(rb[key]["nll"], rel=1e-6)
+    assert "scored" in outs[0] and "scored" not in outs[1]
