@@ -95,10 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from mistral_jax import distributed, prompts, scoring, sharding
-    try:
-        distributed.initialize(args)
-    except distributed.DistributedError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if not distributed.start_or_report(args):
         return 2
     writer = distributed.is_main()   # with several processes, all score; process 0 writes and reports
     from mistral_jax.tokenizer import Tokenizer

@@ -252,10 +252,7 @@ def _open_temp(out: Path) -> tuple[Path, IO[bytes]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        distributed.initialize(args)
-    except distributed.DistributedError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if not distributed.start_or_report(args):
         return 2
     main_process = distributed.is_main()   # with several processes, all generate; process 0 writes
     try:

@@ -42,6 +42,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a process whose peer stops answering for this long exits with an error (default 60)")
 
 
+def start_or_report(args: argparse.Namespace) -> bool:
+    """`initialize(args)` for a command-line program: False (after printing `error: ...` to stderr) when the
+    group cannot start; the program then exits with status 2."""
+    import sys
+    try:
+        initialize(args)
+    except DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return False
+    return True
+
+
 def _cluster_detected() -> bool:
     tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if "," in tpu_hosts:
@@ -97,7 +109,27 @@ def initialize(args: argparse.Namespace | None = None, timeout_s: int | None = N
     host, _, port = str(s["coordinator"]).rpartition(":")
     if not host or not port.isdigit():
         raise DistributedError(f"--coordinator must be HOST:PORT, got {s['coordinator']!r}")
+    if i != 0:   # process 0 runs the coordinator service; the others wait for it to accept connections
+        _wait_for(host, int(port), timeout_s, n, i)
     _start(s["coordinator"], n, i, timeout_s, heartbeat_timeout_s)
+
+
+def _wait_for(host: str, port: int, timeout_s: float, n: int, i: int) -> None:
+    """Returns once HOST:PORT accepts a TCP connection; DistributedError after timeout_s (jax's own client
+    aborts the process with a stack trace instead)."""
+    import socket
+    import time
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=min(2.0, max(0.1, deadline - time.monotonic()))):
+                return
+        except OSError as e:
+            last = e.strerror or type(e).__name__
+            time.sleep(0.25)
+    raise DistributedError(f"the coordinator {host}:{port} was not reachable within {timeout_s} s (process {i} "
+                           f"of {n}; last error: {last}); start process 0 there, or check --coordinator")
 
 
 def _start(coordinator: str | None = None, n: int | None = None, i: int | None = None, timeout_s: int = 120,

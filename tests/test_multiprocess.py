@@ -148,6 +148,22 @@ def test_each_process_reads_its_own_shards():
         data_lib.make_streams(rc.data, tok, process_index=0, process_count=3)
 
 
+def _one_then_two(one_argv: list[str], two_argv: list[str]) -> list[str]:
+    """Runs a program as 1 process x 4 devices (mesh 1,4,1), then as 2 processes x 2 devices; returns the
+    two processes' outputs (both must exit 0)."""
+    one = subprocess.run(one_argv + ["--mesh", "1,4,1"], cwd=REPO, env=_env(4), capture_output=True, text=True,
+                         timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    port = _free_port()
+    procs = [subprocess.Popen(two_argv + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                          "--process-id", str(i)],
+                              cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    return outs
+
+
 def test_generate_on_two_processes_equals_one(tmp_path):
     import jax
 
@@ -166,16 +182,7 @@ def test_generate_on_two_processes_equals_one(tmp_path):
                 "--output", str(out), "--max-new-tokens", "6", "--batch-size", "4", "--temperature", "1",
                 "--seed", "3"]
 
-    one = subprocess.run(argv(tmp_path / "one.jsonl") + ["--mesh", "1,4,1"], cwd=REPO, env=_env(4),
-                         capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-2000:]
-    port = _free_port()
-    procs = [subprocess.Popen(argv(tmp_path / "two.jsonl") + ["--coordinator", f"127.0.0.1:{port}",
-                                                             "--num-processes", "2", "--process-id", str(i)],
-                              cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    outs = _one_then_two(argv(tmp_path / "one.jsonl"), argv(tmp_path / "two.jsonl"))
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
     assert "generated" in outs[0] and "generated" not in outs[1]     # process 0 reports, process 1 is silent
 
@@ -197,16 +204,7 @@ def test_evaluate_on_two_processes_equals_one(tmp_path):
         return [sys.executable, "-m", "infer.evaluate", "--checkpoint", str(ckpt), "--task", "perplexity",
                 "--data", str(docs), "--output", str(out), "--batch-size", "4", "--max-length", "64"]
 
-    one = subprocess.run(argv(tmp_path / "one") + ["--mesh", "1,4,1"], cwd=REPO, env=_env(4),
-                         capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-2000:]
-    port = _free_port()
-    procs = [subprocess.Popen(argv(tmp_path / "two") + ["--coordinator", f"127.0.0.1:{port}",
-                                                        "--num-processes", "2", "--process-id", str(i)],
-                              cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    outs = _one_then_two(argv(tmp_path / "one"), argv(tmp_path / "two"))
     a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
     a.pop("this_run"), b.pop("this_run")
     assert a["scored"] == b["scored"] == 7 and sorted(a) == sorted(b)
@@ -218,3 +216,18 @@ def test_evaluate_on_two_processes_equals_one(tmp_path):
     for key in ra:
         assert ra[key]["n_tokens"] == rb[key]["n_tokens"] and ra[key]["nll"] == pytest.approx(rb[key]["nll"], rel=1e-6)
     assert "scored" in outs[0] and "scored" not in outs[1]
+
+
+def test_unreachable_coordinator_is_a_clear_error_not_a_hang(tmp_path):
+    port = _free_port()     # nobody listens there
+    t0 = time.time()
+    r = subprocess.run(_cmd(tmp_path / "run") + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                                 "--process-id", "1", "--init-timeout", "3"],
+                       cwd=REPO, env=_env(2), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and time.time() - t0 < 60
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: the coordinator 127.0.0.1:{port} was not reachable within 3 s (process 1 of 2; last error: "
+        "Connection refused); start process 0 there, or check --coordinator")
+    r = subprocess.run(_cmd(tmp_path / "run") + ["--num-processes", "2"], cwd=REPO, env=_env(2),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "missing --coordinator, --process-id" in r.stderr

@@ -45,10 +45,7 @@ def _error(e: BaseException) -> None:
 def main(argv: Sequence[str] | None, prog: str, description: str, example: str, sources: Sequence[str]) -> int:
     """Runs one training program; exit status 0 done, 1 run failed, 2 bad config, 143 stopped by SIGTERM."""
     args = parse_args(argv, prog, description, example)
-    try:
-        distributed.initialize(args)
-    except distributed.DistributedError as e:
-        _error(e)
+    if not distributed.start_or_report(args):
         return 2
     try:
         rc = rc_lib.load(args.config, args.set)
