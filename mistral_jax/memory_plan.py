@@ -1,0 +1,100 @@
+"""Per-device memory of a training layout: exact state bytes from the shardings, and the compiled train
+step's own memory analysis (on simulated devices when the mesh needs more than exist)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mistral_jax import optim, sharding
+from mistral_jax import train_step as ts
+from mistral_jax.config import ModelConfig
+from mistral_jax.run_config import OptimSection
+
+GiB = 2 ** 30
+DEVICE_MEMORY = {"v5e": 16 * GiB, "v5p": 95 * GiB, "h100": 80 * GiB, "h200": 141 * GiB, "v4": 32 * GiB}
+
+
+@dataclasses.dataclass
+class Plan:
+    """Bytes on the most loaded device (state parts exact; compiled parts from XLA's memory analysis)."""
+    params: int
+    opt_state: int
+    grads: int                       # one gradient per trained param, in the param dtype
+    batch: int
+    compiled: dict[str, int] | None  # argument / output / temp / generated code bytes of the step program
+    n_params: int                    # global parameter count
+    n_trained: int
+
+    def total(self) -> int:
+        """Peak estimate: the compiled program's arguments (state + batch) plus its temporaries when compiled
+        (gradients and activations live there), else state + gradients."""
+        if self.compiled is not None:
+            return self.compiled["argument"] + self.compiled["temp"] + self.compiled["code"]
+        return self.params + self.opt_state + self.grads + self.batch
+
+
+def per_device_bytes(tree: Any) -> int:
+    """Bytes of the largest per-device share of a tree of ShapeDtypeStructs with NamedShardings (leaves are
+    summed per device, so a device holding more shards of uneven leaves is counted as it is)."""
+    per_device: dict[int, int] = {}
+    for leaf in jax.tree_util.tree_leaves(tree):
+        sh = leaf.sharding
+        nbytes = math.prod(sh.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        for d in sh.mesh.devices.flat:
+            per_device[d.id] = per_device.get(d.id, 0) + nbytes
+    return max(per_device.values(), default=0)
+
+
+def plan(cfg: ModelConfig, mesh_shape: tuple[int, int, int], seq_len: int, batch: int, *, remat: str = "full",
+         dtype: Any = jnp.bfloat16, param_dtype: Any = jnp.float32, grad_accum: int = 1, lora_rank: int = 0,
+         compile: bool = True) -> Plan:
+    """The memory plan of one train step of `batch` rows x `seq_len` tokens on a (data, fsdp, tensor) mesh."""
+    n_dev = math.prod(mesh_shape)
+    if len(jax.devices()) < n_dev:
+        raise ValueError(f"mesh {mesh_shape} needs {n_dev} devices, {len(jax.devices())} exist (set "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={n_dev} before jax starts)")
+    mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:n_dev])
+    ts.check_batch_shape(mesh, grad_accum, batch)
+    lora = None
+    if lora_rank:
+        from mistral_jax.lora import LoraConfig
+        lora = LoraConfig(rank=lora_rank)
+    o = OptimSection(grad_accum=grad_accum)
+    opt = optim.make_optimizer(o, 1000)
+    state = ts.abstract_state(cfg, opt, mesh, param_dtype, lora=lora)
+    trained = ts.trainable(state["params"], lora)
+    bsh = ts.batch_shardings(mesh)
+    abatch = {k: jax.ShapeDtypeStruct((grad_accum, batch // grad_accum, seq_len), jnp.int32, sharding=bsh[k])
+              for k in ts.BATCH_KEYS}
+    compiled = None
+    if compile:
+        step = ts.make_train_step(cfg, opt, optim.learning_rate_schedule(o, 1000), mesh, dtype=dtype,
+                                  param_dtype=param_dtype, remat=remat, lora=lora)
+        m = step.lower(state, abatch).compile().memory_analysis()
+        compiled = {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
+                    "alias": int(m.alias_size_in_bytes), "temp": int(m.temp_size_in_bytes),
+                    "code": int(m.generated_code_size_in_bytes)}
+    size = lambda t: sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(t))  # noqa: E731
+    return Plan(params=per_device_bytes(state["params"]), opt_state=per_device_bytes(state["opt_state"]),
+                grads=per_device_bytes(trained), batch=per_device_bytes(abatch), compiled=compiled,
+                n_params=size(state["params"]), n_trained=size(trained))
+
+
+def parse_memory(text: str) -> int:
+    """Bytes from a device name (v5e, v5p, h100, h200, v4) or a size such as '16GiB', '80GB', '1.5e10'."""
+    t = text.strip().lower()
+    if t in DEVICE_MEMORY:
+        return DEVICE_MEMORY[t]
+    for suffix, mult in (("gib", GiB), ("gb", 10 ** 9), ("mib", 2 ** 20), ("mb", 10 ** 6), ("", 1)):
+        if t.endswith(suffix):
+            try:
+                return int(float(t[:len(t) - len(suffix)] if suffix else t) * mult)
+            except ValueError:
+                break
+    raise ValueError(f"--device-memory: expected one of {sorted(DEVICE_MEMORY)} or a size like 16GiB, got {text!r}")

@@ -1,0 +1,86 @@
+"""Memory plan of a training layout: `python -m train.plan --preset mistral-7b-v0.1 --mesh data=1,fsdp=8,tensor=1
+--seq-len 4096 --batch 8 [--remat full] [--device-memory h100]`.
+
+Prints per-device bytes of params, optimizer state, gradients and the batch (exact, from the shardings) and
+the compiled train step's XLA memory analysis (arguments, temporaries: activations and gradients live
+there), then whether it fits the given per-device memory. The step is compiled for the CPU backend on
+simulated devices, so its temporaries are the CPU compiler's; TPU and GPU compilers schedule differently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+
+def _mesh(text: str) -> tuple[int, int, int]:
+    parts = dict(p.split("=", 1) for p in text.split(",") if "=" in p)
+    try:
+        shape = tuple(int(parts.pop(k, 1)) for k in ("data", "fsdp", "tensor"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected data=D,fsdp=F,tensor=T, got {text!r}") from None
+    if parts or any(s < 1 for s in shape):
+        raise argparse.ArgumentTypeError(f"expected data=D,fsdp=F,tensor=T with positive sizes, got {text!r}")
+    return shape  # type: ignore[return-value]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="mistral-7b-v0.1", help="model preset (configs/models/NAME.json)")
+    p.add_argument("--mesh", type=_mesh, required=True, metavar="data=D,fsdp=F,tensor=T")
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--batch", type=int, required=True, help="global rows per step")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--remat", default="full", choices=("none", "full", "dots"))
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"), help="compute dtype")
+    p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--lora-rank", type=int, default=0)
+    p.add_argument("--device-memory", default="h100", help="v5e, v5p, h100, h200, v4 or a size such as 16GiB")
+    p.add_argument("--no-compile", action="store_true", help="state bytes only (no XLA memory analysis)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    n = math.prod(args.mesh)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:   # before jax starts
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from mistral_jax import memory_plan as mp
+    from mistral_jax.config import ModelConfig
+    from mistral_jax.dtypes import parse_dtype
+    try:
+        limit = mp.parse_memory(args.device_memory)
+        cfg = ModelConfig.preset(args.preset).replace(max_seq_len=max(args.seq_len, 1))
+        pl = mp.plan(cfg, args.mesh, args.seq_len, args.batch, remat=args.remat,
+                     dtype=parse_dtype(args.dtype, "--dtype"), param_dtype=parse_dtype(args.param_dtype, "--param-dtype"),
+                     grad_accum=args.grad_accum, lora_rank=args.lora_rank, compile=not args.no_compile)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    g = lambda b: f"{b / mp.GiB:8.2f} GiB"  # noqa: E731
+    d, f, t = args.mesh
+    print(f"{args.preset}: {pl.n_params:,} params ({pl.n_trained:,} trained), mesh data={d} fsdp={f} tensor={t}, "
+          f"batch {args.batch} x {args.seq_len}, grad_accum {args.grad_accum}, remat {args.remat}, compute "
+          f"{args.dtype}, params {args.param_dtype}")
+    print(f"  params      {g(pl.params)}   (per device, exact)")
+    print(f"  opt state   {g(pl.opt_state)}")
+    print(f"  gradients   {g(pl.grads)}")
+    print(f"  batch       {g(pl.batch)}")
+    if pl.compiled:
+        c = pl.compiled
+        print(f"  compiled step (CPU backend): arguments {g(c['argument'])}, temporaries {g(c['temp'])}, "
+              f"outputs {g(c['output'])} ({g(c['alias'])} aliased to donated arguments)")
+    total = pl.total()
+    verdict = "fits" if total <= limit else "does NOT fit"
+    if not pl.compiled and total <= limit:
+        verdict = "state fits (activations not counted without compiling)"
+    print(f"  total       {g(total)}   vs {g(limit)} per device ({args.device_memory}): {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
