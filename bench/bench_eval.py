@@ -1,14 +1,18 @@
 """Perplexity scoring throughput: `infer.evaluate --task perplexity` (its Scorer) vs HF PyTorch forward.
 
     python bench/bench_eval.py [--max-length 1024 --batch 8 --data configs/eval/stdlib_docs.jsonl]
+    python bench/bench_eval.py --stdlib-docstrings 150     # a larger set: 150 module docstrings
+
+--stdlib-docstrings N replaces --data with the module docstrings of the first N (sorted by path) standard-
+library source files whose docstring has at least 400 characters, read with `ast` (nothing is imported).
 
 Same model (the 57M config of bench_train.py: dim 512, 8 layers, 8 q / 2 kv heads, head_dim 64, hidden 1536,
 vocab 32000, random weights, float32 on both sides: HF gets our weights through `write_hf`), same data
 (each document BOS + its tokens, split by the rolling rule `scoring.rolling_windows` into the same
 (tokens, n_score) requests on both sides), in one process. Scored tokens = every document token after BOS.
 
-Rows: our Scorer (padded length buckets, one jit program per bucket) on its first pass (compilation
-included) and a second pass (compiled); the CLI `infer.evaluate` run in-process on a saved native
+Rows: our Scorer (requests packed as segments into rows of 256 positions or their length bucket, one jit
+program per (rows, length)) on its first pass (compilation included) and a second pass (compiled); the CLI `infer.evaluate` run in-process on a saved native
 checkpoint (loading, tokenisation, compilation and output writing included); HF MistralForCausalLM eager
 forward + float32 log-softmax + gather, batch 1 (no padding) and batches of --batch length-sorted requests
 padded to the longest in the batch. Also checks that both sides' per-token log-probabilities agree.
@@ -49,6 +53,27 @@ def requests_for(texts: list[str], tok: Tokenizer, max_input: int, overlap: int)
     return reqs, n
 
 
+def stdlib_docstrings(n: int) -> list[str]:
+    """Module docstrings (>= 400 chars) of the first n standard-library .py files, sorted by path."""
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts = []
+    for path in sorted(root.rglob("*.py")):
+        if len(texts) == n:
+            break
+        if "site-packages" in path.parts or "test" in path.parts or "tests" in path.parts:
+            continue
+        try:
+            doc = ast.get_docstring(ast.parse(path.read_bytes()))
+        except (SyntaxError, ValueError, OSError):
+            continue
+        if doc and len(doc) >= 400:
+            texts.append(doc)
+    return texts
+
+
 def hf_score(hf, reqs: list, batch: int) -> list[np.ndarray]:
     """Per-request scored log-probs from HF: length-sorted batches, right-padded to the batch's longest."""
     import torch
@@ -86,6 +111,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=REPO / "configs/eval/stdlib_docs.jsonl")
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--stdlib-docstrings", type=int, default=0, metavar="N")
     p.add_argument("--skip-cli", action="store_true")
     args = p.parse_args()
 
@@ -98,23 +124,29 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = CFG_57M
     tok = Tokenizer.for_vocab(cfg.vocab_size)
-    texts = [json.loads(x)["text"] for x in args.data.read_text().splitlines() if x.strip()]
+    tmp_data = None
+    if args.stdlib_docstrings:
+        texts = stdlib_docstrings(args.stdlib_docstrings)
+        tmp_data = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False)
+        tmp_data.write("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        tmp_data.close()
+        args.data = Path(tmp_data.name)
+    else:
+        texts = [json.loads(x)["text"] for x in args.data.read_text().splitlines() if x.strip()]
     overlap = scoring.default_overlap(cfg, args.max_length)
     reqs, n_scored = requests_for(texts, tok, args.max_length, overlap)
     n_fed = sum(len(t) - 1 for t, _ in reqs)
     params = jax.device_get(model_lib.init_params(cfg, jax.random.PRNGKey(0)))
 
     rows = []
-    sc = scoring.Scorer(params, cfg, batch_size=args.batch, max_input=args.max_length, shrink_partial=True)
+    sc = scoring.Scorer(params, cfg, batch_size=args.batch, max_input=args.max_length)
     first, dt = timed(lambda: sc.score(reqs))
     rows.append((f"Scorer (infer.evaluate), batch {args.batch}, first pass incl. compile", dt))
     ours, dt = timed(lambda: sc.score(reqs))
     rows.append((f"Scorer (infer.evaluate), batch {args.batch}, compiled", dt))
     buckets = sorted(sc.used_buckets)
-    padded = 0
-    for T in buckets:
-        k = sum(1 for t, _ in reqs if scoring.bucket_for(len(t) - 1, sc.buckets) == T)
-        padded += ((k // sc.rows) * sc.rows + (sc.rows_for(k % sc.rows) if k % sc.rows else 0)) * T
+    padded = sc.positions_run // 2          # two passes
+    shapes = sorted(sc.used_shapes)
 
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_cli:
@@ -136,11 +168,16 @@ def main() -> None:
         theirsB, dt = timed(lambda: hf_score(hf, reqs, args.batch))
         rows.append((f"HF MistralForCausalLM (PyTorch eager), batch {args.batch} padded to longest", dt))
 
+    if tmp_data is not None:
+        os.unlink(tmp_data.name)
     diff = max(float(np.abs(a.logprobs - b).max()) for a, b in zip(ours, theirs1))
     best_hf = min(dt for name, dt in rows if name.startswith("HF"))
-    print(f"\n{len(texts)} documents of {args.data.name}: {n_scored} scored tokens, {len(reqs)} windows "
-          f"(--max-length {args.max_length}, overlap {overlap}), {n_fed} tokens fed; our buckets {buckets}, "
-          f"{padded} padded positions ({n_fed / padded:.0%} used); max |log-prob difference| vs HF {diff:.1e}")
+    source = (f"{args.stdlib_docstrings}-module stdlib docstring set" if args.stdlib_docstrings
+              else args.data.name)
+    print(f"\n{len(texts)} documents of {source}: {n_scored} scored tokens, {len(reqs)} windows "
+          f"(--max-length {args.max_length}, overlap {overlap}), {n_fed} tokens fed; our row lengths {buckets}, "
+          f"(rows, length) programs {shapes}, {padded} positions run ({n_fed / padded:.0%} used); "
+          f"max |log-prob difference| vs HF {diff:.1e}")
     print(f"Model: 57M Mistral (dim 512, 8 layers, 8q/2kv, hidden 1536, vocab 32000), float32; "
           f"{os.cpu_count()} CPU threads, torch {torch.__version__}, jax {jax.__version__}\n")
     print("| implementation | seconds | scored tokens/s | vs best HF |")

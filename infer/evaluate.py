@@ -191,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 ev.run_generate_task(todo, tok, params, cfg, mesh, args.dtype, st, out, progress)
             else:
                 scorer = scoring.Scorer(params, cfg, mesh=mesh, dtype=args.dtype, batch_size=args.batch_size,
-                                        max_input=max_input, smallest_bucket=min(args.smallest_bucket, max_input),
-                                        shrink_partial=True)
+                                        max_input=max_input, smallest_bucket=min(args.smallest_bucket, max_input))
                 ev.run_scoring_task(args.task, todo, tok, scorer, st, out, progress)
         finally:
             bar.close()

@@ -37,7 +37,7 @@ import json
 import os
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -355,6 +355,28 @@ class ChatReport:
         """JSON-able: every field, plus n_skipped."""
         return {**dataclasses.asdict(self), "n_skipped": self.n_skipped}
 
+    @classmethod
+    def merged(cls, parts: Sequence[dict[str, Any]]) -> "ChatReport":
+        """One report from the `to_dict()`s of reports over disjoint line shares of the same files (counts
+        added, skip reasons added, messages kept in part order up to MAX_MESSAGES)."""
+        if not parts:
+            raise ValueError("ChatReport.merged: no reports")
+        files, seq_len = parts[0]["files"], parts[0]["seq_len"]
+        for q in parts[1:]:
+            if q["files"] != files or q["seq_len"] != seq_len:
+                raise ValueError(f"ChatReport.merged: reports of different files or seq_len ({q['files']}, "
+                                 f"{q['seq_len']} vs {files}, {seq_len})")
+        out = cls(list(files), seq_len)
+        for q in parts:
+            for name in ("lines", "blank_lines", "conversations", "truncated", "dropped", "tokens",
+                         "trainable_tokens"):
+                setattr(out, name, getattr(out, name) + int(q[name]))
+            for reason, k in q["skipped"].items():
+                out.skipped[reason] = out.skipped.get(reason, 0) + int(k)
+            for m in q["messages"]:
+                out.note(m)
+        return out
+
     def summary(self) -> str:
         """A few printable lines: counts, then the first problem messages."""
         head = (f"chat data: {self.conversations} conversations from {self.lines} lines of {len(self.files)} "
@@ -379,6 +401,7 @@ class EncodedConversation:
     file: str
     line: int
     key: int                    # crc32 of the line's bytes: the held-out split
+    index: int = 0              # 0-based position of the line among all lines of all files read
 
     @property
     def where(self) -> str:
@@ -400,12 +423,15 @@ class ChatData:
 
 
 def read_chat_data(paths: str | os.PathLike | Sequence[str | os.PathLike], chat_tokenizer: Any, seq_len: int,
-                   on_error: Literal["skip", "stop"] = "skip") -> ChatData:
+                   on_error: Literal["skip", "stop"] = "skip",
+                   select: Callable[[int], bool] | None = None) -> ChatData:
     """Read, check, encode and fit to seq_len every conversation line of the files (paths or globs).
 
     on_error="skip": bad lines are counted by reason in the report (the first MAX_MESSAGES messages kept);
     "stop": the first bad line raises ChatDataError('FILE:LINE: reason'). Over-long conversations follow
-    the over-long rule under both policies.
+    the over-long rule under both policies. select(i): whether to read the line at 0-based position i
+    among all lines of all files (blank ones included); lines not selected are neither parsed nor counted
+    (another process reads them).
     """
     if on_error not in ("skip", "stop"):
         raise ValueError(f"on_error must be 'skip' or 'stop', got {on_error!r}")
@@ -415,6 +441,7 @@ def read_chat_data(paths: str | os.PathLike | Sequence[str | os.PathLike], chat_
     mt = as_chat_tokenizer(chat_tokenizer)
     report = ChatReport([str(f) for f in files], seq_len)
     convs: list[EncodedConversation] = []
+    index = -1
     for f in files:
         try:
             fh = open(f, "rb")
@@ -422,6 +449,9 @@ def read_chat_data(paths: str | os.PathLike | Sequence[str | os.PathLike], chat_
             raise ChatDataError(f"chat data: cannot read {f}: {e.strerror or e}") from None
         with fh:
             for n, raw in enumerate(fh, 1):
+                index += 1
+                if select is not None and not select(index):
+                    continue
                 raw = raw.rstrip(b"\r\n")
                 if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
                     raw = raw[3:]
@@ -453,7 +483,7 @@ def read_chat_data(paths: str | os.PathLike | Sequence[str | os.PathLike], chat_
                 report.conversations += 1
                 report.tokens += len(tokens)
                 report.trainable_tokens += int(mask.sum())
-                convs.append(EncodedConversation(tokens, mask, fit.messages, str(f), n, zlib.crc32(raw)))
+                convs.append(EncodedConversation(tokens, mask, fit.messages, str(f), n, zlib.crc32(raw), index))
     return ChatData(convs, report)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -30,8 +31,30 @@ def example_files(rc: RunConfig, run_dir: Path) -> tuple[list[str], list[str]]:
     return [str(folder / "train.jsonl")], [str(folder / "val.jsonl")]
 
 
+def read_share(rc: RunConfig, chat_tok: Any, train_files: list, val_files: list, process_index: int,
+               process_count: int) -> tuple[list[cd.EncodedConversation], list[cd.EncodedConversation], cd.ChatReport]:
+    """(training, held-out conversations, report) of one process's share of the chat files: the lines at
+    positions i (over all lines of the training, then the held-out files) with i % data.shards among the
+    shards it runs. No other line is parsed or encoded."""
+    n = rc.data.shards
+    mine = set(ds.owned_shards(n, process_index, process_count))
+    data = cd.read_chat_data(train_files + val_files, chat_tok, rc.data.seq_len, rc.data.on_error,
+                             select=lambda i: i % n in mine)
+    if val_files:
+        names = {str(f) for f in val_files}
+        train_c = [c for c in data.conversations if c.file not in names]
+        val_c = [c for c in data.conversations if c.file in names]
+    else:
+        train_c, val_c = data.held_out(rc.data.val_percent)
+    return train_c, val_c, data.report
+
+
 def make_chat_data(rc: RunConfig, tokenizer: Tokenizer, run_dir: Path) -> DataSource:
-    """The DataSource of a fine-tuning run (data.source 'chat' or 'chat-examples')."""
+    """The DataSource of a fine-tuning run (data.source 'chat' or 'chat-examples').
+
+    Each process reads its own share of the lines (`read_share`); the report, the conversation counts and
+    the held-out answer prompts (every process decodes them all) are gathered from all processes.
+    """
     d = rc.data
     chat_tok = cd.as_chat_tokenizer(tokenizer)
     if d.source == "chat-examples":
@@ -43,28 +66,49 @@ def make_chat_data(rc: RunConfig, tokenizer: Tokenizer, run_dir: Path) -> DataSo
     both = sorted({str(f) for f in train_files} & {str(f) for f in val_files})
     if both:
         raise cd.ChatDataError(f"chat data: {both[0]} is both a training and a held-out file")
-    data = cd.read_chat_data(train_files + val_files, chat_tok, d.seq_len, d.on_error)
-    if val_files:
-        names = {str(f) for f in val_files}
-        train_c = [c for c in data.conversations if c.file not in names]
-        val_c = [c for c in data.conversations if c.file in names]
-    else:
-        train_c, val_c = data.held_out(d.val_percent)
+    error, train_c, val_c, local = None, [], [], None
+    try:
+        train_c, val_c, local = read_share(rc, chat_tok, train_files, val_files, jax.process_index(),
+                                           jax.process_count())
+    except cd.ChatDataError as e:          # every process learns of it, and all stop with the same message
+        error = str(e)
+    limit = rc.eval.answers
+    mine = [[c.index, ids, ref] for c, (ids, ref) in zip(val_c, cd.answer_prompts(val_c, chat_tok, limit))] if limit else []
     n = d.shards
-    mine = ds.owned_shards(n, jax.process_index(), jax.process_count())
+    mine_shards = ds.owned_shards(n, jax.process_index(), jax.process_count())
+    per_shard = {s: sum(c.index % n == s for c in train_c) for s in mine_shards}
+    parts = distributed.allgather_json({"error": error, "report": local.to_dict() if local else None,
+                                        "train": len(train_c), "val": len(val_c), "answers": mine,
+                                        "per_shard": per_shard})
+    errors = [q["error"] for q in parts if q["error"]]
+    if errors:
+        raise cd.ChatDataError(errors[0])
+    empty = sorted(int(s) for q in parts for s, k in q["per_shard"].items() if not k)
+    if empty:
+        raise cd.ChatDataError(f"chat data: shard(s) {empty[:5]} of data.shards={n} hold no training "
+                               f"conversation ({sum(q['train'] for q in parts)} in all, dealt by line); lower "
+                               "data.shards")
+    report_obj = cd.ChatReport.merged([q["report"] for q in parts])
+    n_train, n_val = sum(q["train"] for q in parts), sum(q["val"] for q in parts)
+    answers = [(ids, ref) for _, ids, ref in sorted((a for q in parts for a in q["answers"]),
+                                                    key=lambda a: a[0])[:limit]] if limit else []
     per = d.batch_size // n
-    train = ds.ShardedStream(n, mine, lambda s: cd.ChatStream(cd.ChatData(train_c[s::n], data.report), None,
-                                                              d.seq_len, per, d.seed, shuffle=True))
+    local_report = local if local is not None else report_obj
+
+    def shard(convs: list[cd.EncodedConversation], s: int) -> cd.ChatData:
+        return cd.ChatData([c for c in convs if c.index % n == s], local_report)
+
+    train = ds.ShardedStream(n, mine_shards, lambda s: cd.ChatStream(shard(train_c, s), None, d.seq_len, per,
+                                                                     d.seed, shuffle=True))
     val = None
-    if val_c:
-        val = ds.ShardedStream(n, mine, lambda s: (
-            cd.ChatStream(cd.ChatData(val_c[s::n], data.report), None, d.seq_len, per, d.seed, shuffle=False)
-            if val_c[s::n] else ds.Exhausted(per, d.seq_len)), endless_padding=True)
-    report = data.report.to_dict()
-    report.update(train_conversations=len(train_c), heldout_conversations=len(val_c))
+    if n_val:
+        val = ds.ShardedStream(n, mine_shards, lambda s: (
+            cd.ChatStream(shard(val_c, s), None, d.seq_len, per, d.seed, shuffle=False)
+            if shard(val_c, s).conversations else ds.Exhausted(per, d.seq_len)), endless_padding=True)
+    report = report_obj.to_dict()
+    report.update(train_conversations=n_train, heldout_conversations=n_val)
     if distributed.is_main():
         (run_dir / "data_report.json").write_text(json.dumps(report, indent=1))
-    desc = "\n".join([data.report.summary(), f"chat data: {len(train_c)} training and {len(val_c)} held-out "
+    desc = "\n".join([report_obj.summary(), f"chat data: {n_train} training and {n_val} held-out "
                       f"conversations, template {getattr(chat_tok.instruct_tokenizer.tokenizer.version, 'value', '?')}"])
-    answers = cd.answer_prompts(val_c, chat_tok, limit=rc.eval.answers or None) if rc.eval.answers else []
     return DataSource(train, val, desc, report=report, answers=answers)

@@ -11,6 +11,7 @@ Version-1 folders (no checksums) load with a note that they were not verified.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -18,7 +19,7 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
@@ -106,12 +107,39 @@ def _in_flight_gb(leaves: Any, itemsize: int | None = None) -> int:
     return max(1, math.ceil(largest / 1e9))
 
 
+@contextlib.contextmanager
+def _output_dir(dst: str | Path, force: bool) -> Iterator[Path]:
+    """`atomic_dir(dst, force)`; with several processes, process 0 checks `dst` and creates the temp folder,
+    every process writes into it (DST must be on a file system they share), and process 0 renames it into
+    place once all have finished. Every process leaves only after the rename."""
+    if jax.process_count() == 1:
+        with atomic_dir(dst, force) as tmp:
+            yield tmp
+        return
+    from mistral_jax import distributed
+    with contextlib.ExitStack() as stack:
+        tmp, error = None, None
+        if distributed.is_main():
+            try:
+                tmp = stack.enter_context(atomic_dir(dst, force))
+            except CheckpointError as e:
+                error = str(e)
+        shared = distributed.allgather_json({"tmp": None if tmp is None else str(tmp), "error": error})[0]
+        if shared["error"]:
+            raise CheckpointError(shared["error"])
+        yield Path(shared["tmp"])
+        distributed.sync("save_params:written")
+    distributed.sync("save_params:renamed")
+
+
 def save_params(dst: str | Path, cfg: ModelConfig, params: Any, force: bool = False) -> Path:
     """Writes DST/config.json (config fields + format marker + param dtype), DST/checksums.json (sha256 of
     each param) and an orbax checkpoint DST/params.
 
     The folder appears only when complete; an existing non-empty DST is refused unless `force` (and even
-    then unless it is a checkpoint folder). Params holding NaN/inf are saved with a logged warning.
+    then unless it is a checkpoint folder). Params holding NaN/inf are saved with a logged warning. With
+    several processes every process calls it with the same DST on a shared file system: each writes its
+    own shards of the params, process 0 the JSON files.
     """
     import orbax.checkpoint as ocp
 
@@ -125,12 +153,13 @@ def save_params(dst: str | Path, cfg: ModelConfig, params: Any, force: bool = Fa
     for k, leaf in flat.items():  # one host copy at a time (none for a param on the CPU device)
         x = _host(leaf)
         digests[k] = tensor_digest(x)
-        if n := count_nonfinite_chunked(x):
+        if (n := count_nonfinite_chunked(x)) and jax.process_index() == 0:
             log.warning(f"save_params: param '{k}' holds {n} non-finite value(s) (NaN/inf)")
         del x
-    with atomic_dir(dst, force) as tmp:
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-        (tmp / CHECKSUMS).write_text(json.dumps({"algorithm": ALGORITHM, "tensors": digests}, indent=2) + "\n")
+    with _output_dir(dst, force) as tmp:
+        if jax.process_index() == 0:
+            (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+            (tmp / CHECKSUMS).write_text(json.dumps({"algorithm": ALGORITHM, "tensors": digests}, indent=2) + "\n")
         # Synchronous, uncompressed, about one tensor in flight: compression doubled the save time and
         # added about half a model copy of host memory on a 7B-shaped model (see bench/bench_convert.py).
         gb = _in_flight_gb(params)

@@ -202,9 +202,9 @@ def decode_shapes(cfg: ModelConfig, max_prompt_len: int, max_new_tokens: int, pr
                         cache_len=kv_cache.cache_size(cfg, prompt_b + out_b), out_len=out_b)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk", "cache_len", "max_new", "sampling"))
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk", "cache_len", "max_new", "sampling", "mesh"))
 def _generate(params, tokens_BL, lengths_B, keys_B, live_B, n_new, *, cfg: ModelConfig, dtype: Dtype, chunk: int,
-              cache_len: int, max_new: int, sampling: SamplingConfig, eos_id: jax.Array):
+              cache_len: int, max_new: int, sampling: SamplingConfig, eos_id: jax.Array, mesh: Mesh | None = None):
     """(tokens (B, max_new) with -1 after a row stops, cache, decode-loop iterations run).
 
     Rows with live_B False (batch filler) start finished: their output is all -1 and they never keep the
@@ -212,7 +212,7 @@ def _generate(params, tokens_BL, lengths_B, keys_B, live_B, n_new, *, cfg: Model
     """
     B = tokens_BL.shape[0]
     keys_B = jax.random.wrap_key_data(keys_B)      # (B, key words) uint32 -> (B,) keys
-    with sharding.with_rules():
+    with sharding.with_rules(mesh):
         cache = _new_cache(cfg, B, cache_len, dtype)
         last_BV, cache = _prefill(params, cfg, dtype, tokens_BL, lengths_B, cache, chunk, all_logits=False)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))   # (B,) keys, step t -> (B,) keys
@@ -323,7 +323,7 @@ def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], ma
                                        for x in (tokens, lengths, live, keys))
     out, cache, steps = _generate(params, tokens, lengths, keys, live, jnp.int32(max_new_tokens), cfg=cfg,
                                   dtype=dtype, chunk=shapes.chunk, cache_len=shapes.cache_len,
-                                  max_new=shapes.out_len, sampling=sampling, eos_id=jnp.int32(eos))
+                                  max_new=shapes.out_len, sampling=sampling, eos_id=jnp.int32(eos), mesh=mesh)
     out = distributed.to_host(out)[:n_real, :max_new_tokens]
     completions, stopped = [], []
     for row in out:

@@ -149,12 +149,18 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
-def allgather_json(value: Any, max_bytes: int = 1 << 16) -> list[Any]:
-    """Every process's JSON-able `value`, in process order (a single-element list for one process)."""
+def allgather_json(value: Any, max_bytes: int | None = None) -> list[Any]:
+    """Every process's JSON-able `value`, in process order (a single-element list for one process).
+
+    max_bytes: the buffer size every process agrees on; None gathers the sizes first (one more collective).
+    """
     if jax.process_count() == 1:
         return [value]
     from jax.experimental import multihost_utils
     raw = json.dumps(value).encode()
+    if max_bytes is None:
+        sizes = np.asarray(multihost_utils.process_allgather(np.array([len(raw)], np.int64)))
+        max_bytes = int(sizes.max())
     if len(raw) > max_bytes:
         raise ValueError(f"allgather_json: {len(raw)} bytes exceed the {max_bytes}-byte limit")
     buf = np.zeros(max_bytes + 4, np.uint8)

@@ -1,10 +1,14 @@
 """Batched log-likelihood scoring: per-token log-probabilities and greedy flags of token continuations.
 
 A request is a token sequence and how many of its last tokens to score, each given the tokens before it.
-Requests are sorted by length into padded length buckets (`buckets.length_buckets`), split into batches of
-a fixed row count (padded with ignored rows to a multiple of the mesh's data x fsdp size), and scored by
-one jit program per bucket. The output head runs `chunk` positions at a time and skips chunks with no
-scored position, so no more than (rows, chunk, V) float32 logits exist at once.
+By default requests are packed best-fit-decreasing into rows (`pack_rows`), each request its own segment
+with positions from 0, so a row holds several requests and attention never crosses them: a request opens
+a row of `pack_length` positions, or of its length bucket (`buckets.length_buckets`) when longer, and
+shorter requests fill the room left in any row. Short rows keep attention cheap (its cost per position
+grows with the row length). With pack=False each request gets a row of its own length bucket. Rows are split into batches of a fixed row count (padded
+with ignored rows to a multiple of the mesh's data x fsdp size) and scored by one jit program per
+(rows, length). The output head runs `chunk` positions at a time and skips chunks with no scored
+position, so no more than (rows, chunk, V) float32 logits exist at once.
 
 Long documents are split by `rolling_windows` (the rolling rule, stated there).
 
@@ -90,10 +94,12 @@ def chunked_logprob_greedy(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Ar
     return unchunk(lp_nBc), unchunk(gr_nBc)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk"))
-def _score_batch(params, inputs_BT, targets_BT, mask_BT, *, cfg: ModelConfig, dtype: Dtype, chunk: int):
-    with sharding.with_rules():
-        h_BTD, _ = model_lib.Transformer(cfg, dtype=dtype).apply({"params": params}, inputs_BT, return_hidden=True)
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk", "attn_block", "mesh"))
+def _score_batch(params, inputs_BT, targets_BT, mask_BT, pos_BT, seg_BT, *, cfg: ModelConfig, dtype: Dtype,
+                 chunk: int, attn_block: int, mesh: Mesh | None):
+    with sharding.with_rules(mesh):
+        h_BTD, _ = model_lib.Transformer(cfg, dtype=dtype, attn_block=attn_block).apply(
+            {"params": params}, inputs_BT, pos_BT, seg_BT, return_hidden=True)
         lp_BT, greedy_BT = chunked_logprob_greedy(h_BTD, params["output"].astype(h_BTD.dtype), targets_BT, mask_BT,
                                                   chunk)
     return jnp.where(mask_BT, lp_BT, 0.0), greedy_BT & mask_BT
@@ -102,6 +108,31 @@ def _score_batch(params, inputs_BT, targets_BT, mask_BT, *, cfg: ModelConfig, dt
 def compiled_programs() -> int:
     """How many scoring programs have been compiled in this process (one per (rows, bucket, settings))."""
     return _score_batch._cache_size()
+
+
+def pack_rows(lengths: Sequence[int], capacity: Callable[[int], int]) -> list[list[int]]:
+    """Indices of `lengths` packed best-fit-decreasing into rows: an item goes into the open row with the
+    least room that holds it, else opens a row of `capacity(length)` (>= length) positions. Returns the
+    rows, each listing its items longest first; the room of row r is capacity(its first item's length)."""
+    import bisect
+
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []           # (room left, row), sorted
+    for i in order:
+        n = lengths[i]
+        k = bisect.bisect_left(free, (n, -1))
+        if k == len(free):
+            cap = capacity(n)
+            if not 0 < n <= cap:
+                raise ValueError(f"pack_rows: length {n} of item {i} is not in [1, {cap}]")
+            rows.append([i])
+            bisect.insort(free, (cap - n, len(rows) - 1))
+        else:
+            room, r = free.pop(k)
+            rows[r].append(i)
+            bisect.insort(free, (room - n, r))
+    return rows
 
 
 def check_request(tokens: Sequence[int], n_score: int, cfg: ModelConfig, max_input: int) -> None:
@@ -126,14 +157,17 @@ class Scorer:
     multiple of the mesh's data x fsdp size (rows beyond the requests are ignored filler), so each
     bucket compiles one program. shrink_partial: a bucket's last, partly filled batch runs with the
     smallest power-of-two multiple of the data x fsdp size that holds it instead (less padding when a
-    bucket has few requests; at most 1 + log2(rows) programs per bucket). chunk: output-head chunk in
-    positions.
+    bucket has few requests; at most 1 + log2(rows) programs per bucket). pack: requests share rows as
+    separate segments in rows of at least pack_length positions (see the module docstring). chunk:
+    output-head chunk in positions. attn_block: the blockwise attention block (model default 512).
     """
 
     def __init__(self, params: Any, cfg: ModelConfig, *, mesh: Mesh | None = None, dtype: Dtype = jnp.float32,
                  batch_size: int = 8, max_input: int | None = None, smallest_bucket: int = 64, chunk: int = 512,
-                 shrink_partial: bool = False):
-        for name, v in (("batch_size", batch_size), ("smallest_bucket", smallest_bucket), ("chunk", chunk)):
+                 shrink_partial: bool = True, pack: bool = True, pack_length: int = 256,
+                 attn_block: int = 128):
+        for name, v in (("batch_size", batch_size), ("smallest_bucket", smallest_bucket), ("chunk", chunk),
+                        ("pack_length", pack_length), ("attn_block", attn_block)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"Scorer: {name} must be an integer >= 1, got {v!r}")
         max_input = cfg.max_seq_len if max_input is None else max_input
@@ -145,11 +179,15 @@ class Scorer:
         self.buckets = length_buckets(max_input, min(smallest_bucket, max_input))
         shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self.rows = -(-batch_size // shards) * shards
-        self.shards, self.shrink_partial = shards, shrink_partial
+        self.shards, self.shrink_partial, self.pack = shards, shrink_partial, pack
+        self.pack_length = bucket_for(min(pack_length, max_input), self.buckets)
+        self.attn_block = attn_block
         if mesh is not None:
             params = jax.device_put(params, model_lib.param_shardings(cfg, mesh))
         self.params = params
         self.used_buckets: set[int] = set()
+        self.used_shapes: set[tuple[int, int]] = set()   # (rows, bucket) of every batch run
+        self.positions_run = 0                             # rows x length of every batch run, padding included
 
     def score(self, requests: Sequence[Request],
               on_batch: Callable[[list[int], list[Scored], int], None] | None = None) -> list[Scored]:
@@ -166,19 +204,28 @@ class Scorer:
             except ValueError as e:
                 raise ValueError(f"Scorer.score: request {i}: {e}") from None
         out: list[Scored | None] = [None] * len(reqs)
-        order = sorted(range(len(reqs)), key=lambda i: -len(reqs[i][0]))
-        by_bucket: dict[int, list[int]] = {}
-        for i in order:
-            by_bucket.setdefault(bucket_for(len(reqs[i][0]) - 1, self.buckets), []).append(i)
-        for T, idx in sorted(by_bucket.items(), reverse=True):
+        lengths = [len(t) - 1 for t, _ in reqs]
+        by_bucket: dict[int, list[list[int]]] = {}       # bucket -> rows, each a list of request indices
+        if self.pack:     # check_request: every request feeds at least one position
+            cap = lambda n: max(self.pack_length, bucket_for(n, self.buckets))  # noqa: E731
+            for row in pack_rows(lengths, cap):
+                by_bucket.setdefault(cap(lengths[row[0]]), []).append(row)
+        else:
+            for i in sorted(range(len(reqs)), key=lambda i: -lengths[i]):
+                by_bucket.setdefault(bucket_for(lengths[i], self.buckets), []).append([i])
+        for T, rows in sorted(by_bucket.items(), reverse=True):
             self.used_buckets.add(T)
-            for s in range(0, len(idx), self.rows):
-                batch = idx[s:s + self.rows]
-                results = self._run(T, [reqs[i] for i in batch], self.rows_for(len(batch)))
-                for i, r in zip(batch, results):
+            for s in range(0, len(rows), self.rows):
+                batch = rows[s:s + self.rows]
+                n_rows = self.rows_for(len(batch))
+                self.used_shapes.add((n_rows, T))
+                self.positions_run += n_rows * T
+                results = self._run(T, [[reqs[i] for i in row] for row in batch], n_rows)
+                done = [i for row in batch for i in row]
+                for i, r in zip(done, results):
                     out[i] = r
                 if on_batch is not None:
-                    on_batch(batch, results, sum(len(reqs[i][0]) - 1 for i in batch))
+                    on_batch(done, results, sum(lengths[i] for i in done))
         return out  # type: ignore[return-value]
 
     def rows_for(self, n: int) -> int:
@@ -190,26 +237,34 @@ class Scorer:
             r *= 2
         return min(r, self.rows)
 
-    def _run(self, T: int, batch: list[tuple[list[int], int]], rows: int) -> list[Scored]:
+    def _run(self, T: int, batch: list[list[tuple[list[int], int]]], rows: int) -> list[Scored]:
+        """Scores rows of requests (each row's requests packed as segments 1, 2, ...); results in row order."""
         inputs = np.zeros((rows, T), np.int32)
         targets = np.zeros((rows, T), np.int32)
         mask = np.zeros((rows, T), bool)
-        for r, (t, n) in enumerate(batch):
-            L = len(t) - 1
-            inputs[r, :L] = t[:-1]
-            targets[r, :L] = t[1:]
-            mask[r, L - n:L] = True
+        pos = np.zeros((rows, T), np.int32)
+        seg = np.zeros((rows, T), np.int32)      # 0: padding
+        spans = []
+        for r, row in enumerate(batch):
+            o = 0
+            for k, (t, n) in enumerate(row, 1):
+                L = len(t) - 1
+                inputs[r, o:o + L] = t[:-1]
+                targets[r, o:o + L] = t[1:]
+                mask[r, o + L - n:o + L] = True
+                pos[r, o:o + L] = np.arange(L)
+                seg[r, o:o + L] = k
+                spans.append((r, o + L - n, o + L))
+                o += L
         if self.mesh is None:
-            arrays = [jnp.asarray(a) for a in (inputs, targets, mask)]
+            arrays = [jnp.asarray(a) for a in (inputs, targets, mask, pos, seg)]
         else:   # every process holds the whole batch and places its own devices' rows
-            arrays = [distributed.global_array(a, sharding.batch_sharding(self.mesh, 2)) for a in (inputs, targets, mask)]
-        lp, gr = _score_batch(self.params, *arrays, cfg=self.cfg, dtype=self.dtype, chunk=self.chunk)
+            arrays = [distributed.global_array(a, sharding.batch_sharding(self.mesh, 2))
+                      for a in (inputs, targets, mask, pos, seg)]
+        lp, gr = _score_batch(self.params, *arrays, cfg=self.cfg, dtype=self.dtype, chunk=self.chunk,
+                              attn_block=self.attn_block, mesh=self.mesh)
         lp, gr = distributed.to_host(lp), distributed.to_host(gr)
-        res = []
-        for r, (t, n) in enumerate(batch):
-            L = len(t) - 1
-            res.append(Scored(lp[r, L - n:L].copy(), gr[r, L - n:L].copy()))
-        return res
+        return [Scored(lp[r, a:b].copy(), gr[r, a:b].copy()) for r, a, b in spans]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -86,6 +87,14 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
-def with_rules():
-    """Context manager installing LOGICAL_RULES for activation constraints inside jit."""
-    return nn.logical_axis_rules(LOGICAL_RULES)
+@contextlib.contextmanager
+def with_rules(mesh: Mesh | None = None) -> Iterator[None]:
+    """Context manager installing LOGICAL_RULES for activation constraints inside jit, and `mesh` as the
+    abstract mesh while tracing. Without a mesh, flax's logical constraints are silently dropped and the
+    partitioner chooses activation shardings itself: with params sharded over fsdp it replicated the
+    batch and split the embedding dim instead (every device computing the whole global batch)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(nn.logical_axis_rules(LOGICAL_RULES))
+        if mesh is not None:
+            stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+        yield

@@ -475,10 +475,7 @@ def evaluate(rc: rc_lib.RunConfig, cfg: ModelConfig, params: Any, mesh: Mesh, to
         log(f"{label}: {what} {val_loss:.4f} nats/token, perplexity {math.exp(val_loss):.2f} over {n} tokens")
         if sinks is not None:
             sinks.write({"step": step, "loss": val_loss}, prefix="heldout/")
-    multi = jax.process_count() > 1
-    if rc.eval.answers and data.answers and multi:
-        log("note: greedy answers are not scored in multi-process runs yet (decoding runs on one process)")
-    elif rc.eval.answers and data.answers:
+    if rc.eval.answers and data.answers:     # every process decodes; process 0 writes
         score, rows = answer_exact_match(plain, cfg, mesh, tokenizer, data.answers[:rc.eval.answers],
                                          rc.train.seed)
         out.update({f"{pre}heldout_exact_match": score, f"{pre}heldout_answers": len(rows)})
@@ -507,24 +504,21 @@ def evaluate_and_export(rc: rc_lib.RunConfig, cfg: ModelConfig, params: Any, mes
     if lora is not None:
         from mistral_jax import lora as lora_lib
         plain = lora_lib.merge(params, lora)
-    multi = jax.process_count() > 1
-    if multi and (rc.eval.export or rc.eval.sample_tokens):
-        log("note: the export and the sample are skipped in multi-process runs (not supported yet); the final "
-            "train state is in the last checkpoint")
-    if rc.eval.export and not multi:
+    if rc.eval.export:         # every process writes its shards of the params (a shared run dir)
         save_params(run_dir / "export", cfg, plain, force=True)
         summary["export"] = str(run_dir / "export")
         if lora is not None:
             summary["export_note"] = "LoRA adapters merged into the weights (W + alpha/rank * A B)"
     summary.update(evaluate(rc, cfg, params, mesh, tokenizer, data, run_dir, dtype, param_dtype, log, lora,
                             sinks, step))
-    if rc.eval.sample_tokens and not multi:
+    if rc.eval.sample_tokens:  # every process decodes; process 0 writes
         prompt_ids = tokenizer.encode(rc.eval.sample_prompt, bos=True)
         out = generate(plain, cfg, [prompt_ids], rc.eval.sample_tokens, temperature=rc.eval.sample_temperature,
                        top_k=rc.eval.sample_top_k, seed=rc.train.seed, mesh=mesh)
         text = tokenizer.decode(out[0])
         summary.update(sample_prompt=rc.eval.sample_prompt, sample=text)
-        (run_dir / "sample.txt").write_text(rc.eval.sample_prompt + text + "\n")
+        if distributed.is_main():
+            (run_dir / "sample.txt").write_text(rc.eval.sample_prompt + text + "\n")
         log(f"sample (temperature {rc.eval.sample_temperature}) for prompt {rc.eval.sample_prompt!r}:\n"
             f"{rc.eval.sample_prompt}{text}")
     return summary

@@ -146,23 +146,49 @@ def test_batched_buckets_mesh_and_greedy_flags(tiny, tok):
         _, am = hf_logprobs(hf, greedy_seq + [0])
         greedy_seq.append(int(am[-1]))
     reqs.append((greedy_seq, 4))
+    scoring._score_batch.clear_cache()          # earlier tests may have compiled some of these shapes
     before = scoring.compiled_programs()
-    sc = scoring.Scorer(params, cfg, batch_size=3, max_input=160)
+    sc = scoring.Scorer(params, cfg, batch_size=3, max_input=160, pack=False)
     batched = sc.score(reqs)
     assert sc.buckets == (64, 128, 160)
-    assert scoring.compiled_programs() - before == len(sc.used_buckets) == 3   # one program per bucket
+    # a bucket's full batches share one program; its last, part-filled batch runs with fewer rows:
+    # bucket 64 holds 7 requests (3 + 3 + 1 rows), 128 holds 2, 160 holds 1
+    assert sc.used_shapes == {(3, 64), (1, 64), (2, 128), (1, 160)}
+    assert scoring.compiled_programs() - before == len(sc.used_shapes)
+    # packed (the default): the 10 requests (505 input positions) share 4 rows of 160 as segments
+    pk = scoring.Scorer(params, cfg, batch_size=3, max_input=160)
+    packed = pk.score(reqs)
+    assert pk.used_shapes == {(3, 160), (1, 160)}
     single = scoring.Scorer(params, cfg, batch_size=1, max_input=160, smallest_bucket=160)
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     sharded = scoring.Scorer(params, cfg, batch_size=3, max_input=160, smallest_bucket=160, mesh=mesh).score(reqs)
-    for (t, n), b, s in zip(reqs, batched, sharded):
+    for (t, n), b, s, pkd in zip(reqs, batched, sharded, packed):
         alone = single.score([(t, n)])[0]
         np.testing.assert_allclose(b.logprobs, alone.logprobs, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(pkd.logprobs, alone.logprobs, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(pkd.greedy, alone.greedy)
         np.testing.assert_allclose(s.logprobs, alone.logprobs, atol=1e-5, rtol=0)
         want, am = hf_logprobs(hf, t)
         np.testing.assert_allclose(b.logprobs, want[-n:], atol=1e-4, rtol=0)
         np.testing.assert_array_equal(b.greedy, am[-n:] == np.array(t[1:])[-n:])
         np.testing.assert_array_equal(s.greedy, b.greedy)
     assert batched[-1].is_greedy and not batched[0].is_greedy
+
+
+def test_pack_rows_best_fit_decreasing():
+    lengths = [4, 69, 32, 11, 99, 63, 64, 1, 139, 23]
+    rows = scoring.pack_rows(lengths, lambda n: 160)
+    assert sorted(i for r in rows for i in r) == list(range(10))
+    assert all(sum(lengths[i] for i in r) <= 160 for r in rows)
+    assert len(rows) == 4 == -(-sum(lengths) // 160)       # 505 positions: 4 rows is the fewest possible
+    assert [[lengths[i] for i in r] for r in rows] == [[139, 11, 1], [99, 32], [69, 64, 23, 4], [63]]
+    # rows of 64 for short items, of the item's bucket for longer ones; short items fill the room left
+    cap = lambda n: max(64, 64 if n <= 64 else 128 if n <= 128 else 160)  # noqa: E731
+    rows = scoring.pack_rows(lengths, cap)
+    assert [[lengths[i] for i in r] for r in rows] == [[139, 11], [99], [69, 32, 23, 4], [64], [63, 1]]
+    assert all(sum(lengths[i] for i in r) <= cap(lengths[r[0]]) for r in rows)
+    with pytest.raises(ValueError, match="length 161 of item 1 is not in"):
+        scoring.pack_rows([3, 161], lambda n: 160)
 
 
 def test_wilson_interval():

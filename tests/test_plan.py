@@ -47,3 +47,14 @@ def test_7b_counts_and_cli(capsys):
     assert plan_cli.main(["--mesh", "data=1,fsdp=8,tensor=1", "--seq-len", "64", "--batch", "8",
                           "--device-memory", "lots"]) == 2
     assert "--device-memory: expected one of" in capsys.readouterr().err
+
+
+def test_fsdp_keeps_activations_split_over_the_batch():
+    """With params sharded over fsdp and one row per device, the step's temporaries must not exceed those of
+    pure data parallelism (same per-device rows): the model's activation constraints keep the batch split.
+    When they were silently dropped (no mesh while tracing), the partitioner replicated the batch and split
+    the embedding dim instead, and temp memory grew with the fsdp size (3x at fsdp=8)."""
+    cfg = ModelConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, hidden_dim=768, vocab_size=32000,
+                      sliding_window=4096, max_seq_len=512)
+    temp = {m: mp.plan(cfg, m, 512, 8, remat="none").compiled["temp"] for m in ((8, 1, 1), (1, 8, 1))}
+    assert temp[(1, 8, 1)] <= 1.05 * temp[(8, 1, 1)], temp
