@@ -12,8 +12,9 @@ vocab 32000, random weights, float32 on both sides: HF gets our weights through 
 (tokens, n_score) requests on both sides), in one process. Scored tokens = every document token after BOS.
 
 Rows: our Scorer (requests packed as segments into rows of 256 positions or their length bucket, one jit
-program per (rows, length)) on its first pass (compilation included) and a second pass (compiled); the CLI `infer.evaluate` run in-process on a saved native
-checkpoint (loading, tokenisation, compilation and output writing included); HF MistralForCausalLM eager
+program per (rows, length)) on its first pass (compilation included) and a second pass (compiled); the
+CLI `infer.evaluate` run in-process on a saved native checkpoint (loading, tokenisation, compilation and
+output writing included); HF MistralForCausalLM eager
 forward + float32 log-softmax + gather, batch 1 (no padding) and batches of --batch length-sorted requests
 padded to the longest in the batch. Also checks that both sides' per-token log-probabilities agree.
 """

@@ -73,7 +73,8 @@ def make_chat_data(rc: RunConfig, tokenizer: Tokenizer, run_dir: Path) -> DataSo
     except cd.ChatDataError as e:          # every process learns of it, and all stop with the same message
         error = str(e)
     limit = rc.eval.answers
-    mine = [[c.index, ids, ref] for c, (ids, ref) in zip(val_c, cd.answer_prompts(val_c, chat_tok, limit))] if limit else []
+    mine = ([[c.index, ids, ref] for c, (ids, ref) in zip(val_c, cd.answer_prompts(val_c, chat_tok, limit))]
+            if limit else [])
     n = d.shards
     mine_shards = ds.owned_shards(n, jax.process_index(), jax.process_count())
     per_shard = {s: sum(c.index % n == s for c in train_c) for s in mine_shards}

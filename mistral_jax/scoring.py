@@ -5,9 +5,9 @@ By default requests are packed best-fit-decreasing into rows (`pack_rows`), each
 with positions from 0, so a row holds several requests and attention never crosses them: a request opens
 a row of `pack_length` positions, or of its length bucket (`buckets.length_buckets`) when longer, and
 shorter requests fill the room left in any row. Short rows keep attention cheap (its cost per position
-grows with the row length). With pack=False each request gets a row of its own length bucket. Rows are split into batches of a fixed row count (padded
-with ignored rows to a multiple of the mesh's data x fsdp size) and scored by one jit program per
-(rows, length). The output head runs `chunk` positions at a time and skips chunks with no scored
+grows with the row length). With pack=False each request gets a row of its own length bucket. Rows are
+split into batches of a fixed row count (padded with ignored rows to a multiple of the mesh's data x fsdp
+size) and scored by one jit program per (rows, length). The output head runs `chunk` positions at a time and skips chunks with no scored
 position, so no more than (rows, chunk, V) float32 logits exist at once.
 
 Long documents are split by `rolling_windows` (the rolling rule, stated there).
