@@ -122,8 +122,8 @@ def _output_dir(dst: str | Path, force: bool) -> Iterator[Path]:
         if distributed.is_main():
             try:
                 tmp = stack.enter_context(atomic_dir(dst, force))
-            except CheckpointError as e:
-                error = str(e)
+            except (CheckpointError, OSError) as e:    # told to every process, so none waits for the others
+                error = f"{dst}: {e}" if isinstance(e, OSError) else str(e)
         shared = distributed.allgather_json({"tmp": None if tmp is None else str(tmp), "error": error})[0]
         if shared["error"]:
             raise CheckpointError(shared["error"])

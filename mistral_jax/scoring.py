@@ -7,8 +7,8 @@ a row of `pack_length` positions, or of its length bucket (`buckets.length_bucke
 shorter requests fill the room left in any row. Short rows keep attention cheap (its cost per position
 grows with the row length). With pack=False each request gets a row of its own length bucket. Rows are
 split into batches of a fixed row count (padded with ignored rows to a multiple of the mesh's data x fsdp
-size) and scored by one jit program per (rows, length). The output head runs `chunk` positions at a time and skips chunks with no scored
-position, so no more than (rows, chunk, V) float32 logits exist at once.
+size) and scored by one jit program per (rows, length). The output head runs `chunk` positions at a time
+and skips chunks with no scored position, so no more than (rows, chunk, V) float32 logits exist at once.
 
 Long documents are split by `rolling_windows` (the rolling rule, stated there).
 
