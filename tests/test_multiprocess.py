@@ -302,6 +302,32 @@ def test_evaluate_on_two_processes_equals_one(tmp_path):
     assert "scored" in outs[0] and "scored" not in outs[1]
 
 
+MESH_PROBE = """
+import json
+from mistral_jax import distributed, sharding
+distributed.initialize()
+for shape in ((2, 2, 1), (2, 1, 2)):
+    mesh = sharding.make_mesh(*shape)
+    # for each index along the data axis: the processes owning its devices
+    print(json.dumps([sorted({d.process_index for d in mesh.devices[i].flat}) for i in range(shape[0])]))
+"""
+
+
+def test_mesh_puts_the_data_axis_across_processes():
+    """2 processes x 2 devices: each data slice (its fsdp or tensor devices) lies within one process."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", MESH_PROBE], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**_env(2), "MISTRAL_JAX_COORDINATOR": f"127.0.0.1:{port}",
+                                   "MISTRAL_JAX_NUM_PROCESSES": "2", "MISTRAL_JAX_PROCESS_ID": str(i)})
+             for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    for out in outs:
+        rows = [json.loads(x) for x in out.splitlines() if x.startswith("[")]
+        assert rows == [[[0], [1]], [[0], [1]]], out
+
+
 def test_unreachable_coordinator_is_a_clear_error_not_a_hang(tmp_path):
     port = _free_port()     # nobody listens there
     t0 = time.time()
