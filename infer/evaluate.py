@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="perplexity: least context of the first scored token of each later window (default: "
                         "the sliding window, capped at half of --max-length)")
     p.add_argument("--smallest-bucket", type=_int_arg(1), default=64, help="smallest padded length bucket")
+    p.add_argument("--pack-length", type=_int_arg(0), default=256,
+                   help="scoring: requests share rows of at least this many positions as separate segments; "
+                        "0: one request per row of its length bucket")
     p.add_argument("--delimiter", default=" ",
                    help="choice/moderate: text between context and each choice or label word; few-shot: between "
                         "a shot's context and answer (default ' ')")
@@ -191,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                 ev.run_generate_task(todo, tok, params, cfg, mesh, args.dtype, st, out, progress)
             else:
                 scorer = scoring.Scorer(params, cfg, mesh=mesh, dtype=args.dtype, batch_size=args.batch_size,
-                                        max_input=max_input, smallest_bucket=min(args.smallest_bucket, max_input))
+                                        max_input=max_input, smallest_bucket=min(args.smallest_bucket, max_input),
+                                        pack=args.pack_length > 0, pack_length=max(args.pack_length, 1))
                 ev.run_scoring_task(args.task, todo, tok, scorer, st, out, progress)
         finally:
             bar.close()
@@ -201,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                                "skipped_already_scored": skipped}
         if args.task != "generate":
             summary["this_run"]["buckets"] = sorted(scorer.used_buckets)
+            summary["this_run"]["programs"] = sorted(scorer.used_shapes)        # (rows, row length)
+            summary["this_run"]["positions_run"] = scorer.positions_run       # padding included
             if args.task == "perplexity":
                 summary["rolling_rule"] = {"max_length": max_input, "overlap": overlap}
         out.write_summary(summary)

@@ -233,6 +233,15 @@ def test_choice_cli_equals_hf_and_reports_bad_lines(tiny, tok, tmp_path, capsys)
     summary = json.loads((tmp_path / "out/summary.json").read_text())
     assert summary["errors"] == 4 and summary["scored"] == 6
     assert summary["acc"]["correct"] == correct and summary["acc"]["ci95"] == list(scoring.wilson_interval(correct, 6))
+    # --pack-length 0: one request per bucket row, the same log-likelihoods as the packed rows above
+    assert cli.main(["--checkpoint", str(folder), "--task", "choice", "--data", str(data), "--output",
+                     str(tmp_path / "unpacked"), "--batch-size", "4", "--pack-length", "0"]) == 1
+    unpacked = {r["line"]: r for r in map(json.loads, (tmp_path / "unpacked/examples.jsonl").read_text().splitlines())}
+    for n in (1, 2, 3, 8, 9, 10):
+        np.testing.assert_allclose(unpacked[n]["loglik"], rows[n]["loglik"], atol=1e-5, rtol=0)
+    runs = [json.loads((tmp_path / d / "summary.json").read_text())["this_run"] for d in ("out", "unpacked")]
+    assert runs[0]["buckets"] == [256] and runs[1]["buckets"] == [64]      # 24 short requests: 3 rows vs 24
+    assert runs[0]["positions_run"] < runs[1]["positions_run"]
 
 
 def test_perplexity_cli_resumes_after_sigkill(tiny, tok, tmp_path):
