@@ -3,11 +3,12 @@
 A request is a token sequence and how many of its last tokens to score, each given the tokens before it.
 By default requests are packed best-fit-decreasing into rows (`pack_rows`), each request its own segment
 with positions from 0, so a row holds several requests and attention never crosses them: a request opens
-a row of `pack_length` positions, or of its length bucket (`buckets.length_buckets`) when longer, and
-shorter requests fill the room left in any row. Short rows keep attention cheap (its cost per position
-grows with the row length). With pack=False each request gets a row of its own length bucket. Rows are
-split into batches of a fixed row count (padded with ignored rows to a multiple of the mesh's data x fsdp
-size) and scored by one jit program per (rows, length). The output head runs `chunk` positions at a time
+a row of `pack_length` positions (or of the longest request's bucket when that is shorter), or of its
+length bucket (`buckets.length_buckets`) when longer, and shorter requests fill the room left in any row.
+Short rows keep attention cheap (its cost per position grows with the row length). With pack=False each
+request gets a row of its own length bucket. Rows are split into batches of a fixed row count (padded with
+ignored rows to a multiple of the mesh's data x fsdp size) and scored by one jit program per (rows,
+length). The output head runs `chunk` positions at a time
 and skips chunks with no scored position, so no more than (rows, chunk, V) float32 logits exist at once.
 
 Long documents are split by `rolling_windows` (the rolling rule, stated there).
@@ -206,8 +207,10 @@ class Scorer:
         out: list[Scored | None] = [None] * len(reqs)
         lengths = [len(t) - 1 for t, _ in reqs]
         by_bucket: dict[int, list[list[int]]] = {}       # bucket -> rows, each a list of request indices
-        if self.pack:     # check_request: every request feeds at least one position
-            cap = lambda n: max(self.pack_length, bucket_for(n, self.buckets))  # noqa: E731
+        if self.pack and reqs:     # check_request: every request feeds at least one position
+            # rows no longer than the longest request needs: short requests alone get short rows
+            plen = min(self.pack_length, bucket_for(max(lengths), self.buckets))
+            cap = lambda n: max(plen, bucket_for(n, self.buckets))  # noqa: E731
             for row in pack_rows(lengths, cap):
                 by_bucket.setdefault(cap(lengths[row[0]]), []).append(row)
         else:
