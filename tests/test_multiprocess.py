@@ -1,5 +1,7 @@
-"""Multi-process training: 2 processes x 2 CPU devices on localhost (jax.distributed, gloo collectives)
-against 1 process x 4 devices; kill and resume; a dead peer; each process reads its own data shards."""
+"""Multi-process programs: 2 processes x 2 CPU devices on localhost (jax.distributed, gloo collectives)
+against 1 process x 4 devices: pretraining with its export and sample, fine-tuning, generation and
+evaluation; kill and resume; a dead peer; each process reads its own data shards or chat lines; the mesh
+keeps each data slice within one process."""
 
 import json
 import os
