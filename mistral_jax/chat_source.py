@@ -101,11 +101,13 @@ def make_chat_data(rc: RunConfig, tokenizer: Tokenizer, run_dir: Path) -> DataSo
 
     train = ds.ShardedStream(n, mine_shards, lambda s: cd.ChatStream(shard(train_c, s), None, d.seq_len, per,
                                                                      d.seed, shuffle=True))
-    val = None
-    if n_val:
-        val = ds.ShardedStream(n, mine_shards, lambda s: (
-            cd.ChatStream(shard(val_c, s), None, d.seq_len, per, d.seed, shuffle=False)
-            if shard(val_c, s).conversations else ds.Exhausted(per, d.seq_len)), endless_padding=True)
+    def val_stream(s: int) -> cd.ChatStream | ds.Exhausted:
+        held = shard(val_c, s)
+        if not held.conversations:
+            return ds.Exhausted(per, d.seq_len)
+        return cd.ChatStream(held, None, d.seq_len, per, d.seed, shuffle=False)
+
+    val = ds.ShardedStream(n, mine_shards, val_stream, endless_padding=True) if n_val else None
     report = report_obj.to_dict()
     report.update(train_conversations=n_train, heldout_conversations=n_val)
     if distributed.is_main():

@@ -18,6 +18,7 @@ Axis letters: B rows, T positions, c chunk, D model dim, V vocab.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import math
@@ -115,8 +116,6 @@ def pack_rows(lengths: Sequence[int], capacity: Callable[[int], int]) -> list[li
     """Indices of `lengths` packed best-fit-decreasing into rows: an item goes into the open row with the
     least room that holds it, else opens a row of `capacity(length)` (>= length) positions. Returns the
     rows, each listing its items longest first; the room of row r is capacity(its first item's length)."""
-    import bisect
-
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     rows: list[list[int]] = []
     free: list[tuple[int, int]] = []           # (room left, row), sorted

@@ -60,19 +60,19 @@ def token_nll(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
 def summed_loss(params: Any, tokens_BT: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
                 cfg: ModelConfig, dtype: Any = jnp.float32, remat: str = "none",
                 loss_chunk: int = LOSS_CHUNK, scan_layers: bool = True, target_mask_BT: jax.Array | None = None,
-                lora: Any = None, mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
+                lora: Any = None) -> tuple[jax.Array, jax.Array]:
     """(sum of masked token NLLs, number of predicted tokens) for one micro-batch.
 
     A prediction counts when its target is in the same document and, given target_mask_BT, marked as a
     target (see `loss_mask`). The output head and the loss run `loss_chunk` positions at a time
     (`loss.chunked_nll`), so float32 (B, T, V) logits are never held at once. remat: "none" | "full" |
     "dots" (see model.Transformer); scan_layers=False runs the per-layer (unscanned) model on a per-layer
-    params tree; lora (a lora.LoraConfig) adds the low-rank adapters held in params; mesh: the mesh the
-    inputs are sharded over, so the model's activation constraints apply (`sharding.with_rules`).
+    params tree; lora (a lora.LoraConfig) adds the low-rank adapters held in params. Under a mesh, call it
+    inside `sharding.with_rules(mesh)` so the model's activation constraints apply.
     """
     extra = {} if lora is None else {"lora": lora}
     model = model_lib.Transformer(cfg, dtype=dtype, remat=remat, scan_layers=scan_layers, **extra)
-    with sharding.with_rules(mesh):
+    with sharding.with_rules():
         h_BTD, _ = model.apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT, return_hidden=True)
     out_DV = params["output"].astype(h_BTD.dtype)
     nll_BT = chunked_nll(h_BTD, out_DV, jnp.roll(tokens_BT, -1, axis=1), loss_chunk)
@@ -262,8 +262,8 @@ def make_eval_step(cfg: ModelConfig, mesh: Mesh, *, dtype: Any = jnp.float32,
                    ) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
     """jit(params, batch (1, B, T)) -> (summed NLL over targets, target count), for held-out loss."""
     def ev(params, batch):
-        return summed_loss(params, batch["tokens"][0], batch["positions"][0], batch["segment_ids"][0],
-                           cfg=cfg, dtype=dtype, target_mask_BT=batch["target_mask"][0], mesh=mesh,
-                           **_lora_kw(lora))
+        with sharding.with_rules(mesh):     # the model's activation constraints need the mesh while tracing
+            return summed_loss(params, batch["tokens"][0], batch["positions"][0], batch["segment_ids"][0],
+                               cfg=cfg, dtype=dtype, target_mask_BT=batch["target_mask"][0], **_lora_kw(lora))
     return jax.jit(ev, in_shardings=(model_lib.param_shardings(cfg, mesh, param_dtype, **_lora_kw(lora)),
                                      batch_shardings(mesh)))
