@@ -4,7 +4,9 @@
     python -m convert --to hf|mistral CKPT OUT [--dtype ...] [--max-shard-size 5GB] [--tokenizer PATH|none]
 
 The first form writes a native checkpoint; the second exports one (or any readable folder) to a
-PyTorch layout. Errors print one line naming the culprit and exit with status 1.
+PyTorch layout. A native SRC is verified against its checksums.json (params and config.json);
+`--no-verify` skips that, e.g. to adopt a deliberate edit of its config.json into DST's fresh checksums.
+Errors print one line naming the culprit and exit with status 1.
 (`python -m infer.convert` is an alias.)
 """
 
@@ -41,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None,
                    help="SentencePiece model to ship with --to hf/mistral (default: mistral-common's v1 model for "
                         "vocab 32000, v3 for 32768, none otherwise; 'none' writes no tokenizer)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="read a native SRC without checking its checksums (params and config.json), e.g. to adopt a "
+                        "deliberate edit of its config.json; DST gets fresh checksums")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="accept NaN/inf weights and values past the output dtype's range (default: refuse)")
     p.add_argument("--force", action="store_true",
@@ -63,7 +68,8 @@ def run(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     cfg, params, notes = checkpoint.load_params_with_notes(args.src, dtype=dtype, fmt=args.format,
                                                            rope_theta=args.rope_theta, progress=not args.quiet,
-                                                           allow_nonfinite=args.allow_nonfinite)
+                                                           allow_nonfinite=args.allow_nonfinite,
+                                                           verify=not args.no_verify)
     for note in notes:
         print(f"note: {note}")
     if args.to == "native":

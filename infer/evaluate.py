@@ -23,10 +23,12 @@ Few-shot (choice, generate): --num-fewshot K shots drawn with --fewshot-seed fro
 the evaluated data, never the example itself); each shot is its context + --delimiter + its answer, shots and
 context separated by a blank line (chat: user/assistant turns before the example's messages).
 
-Output folder: examples.jsonl (one row per example, written as examples finish, with "key" = FILE:LINE and
-"line"), summary.json (written at the end), run.json (task, data digest, checkpoint, settings). Rerunning
-with the same --output scores only the examples not yet in examples.jsonl (a torn last line from a killed
-run is dropped); a rerun with other data or settings is refused unless --overwrite.
+Output folder: examples.jsonl (one row per example, written as examples finish, with "key" = FILE:LINE, FILE
+resolved, and "line"), summary.json (written at the end), run.json (task, data digest, checkpoint and its
+identity, settings). Rerunning with the same --output scores only the examples not yet in examples.jsonl,
+however the data's path is spelled (a torn last line from a killed run is dropped; another line that is not a
+row is skipped with a note); a rerun with another task, data, checkpoint or settings is refused unless
+--overwrite. No input (--data, --fewshot-data, --tokenizer, the moderation prompt) may be a file the run writes.
 Exit status: 0 every example scored, 1 some example failed (its row holds "error": "FILE:LINE: reason"), 2 bad
 arguments, files or checkpoint.
 """
@@ -38,6 +40,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -95,6 +98,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class Progress:
+    """The progress callback of a task: the bar counts finished examples, and its tokens and tokens/s move
+    with every scored batch (each window of a long document), not only when an example finishes."""
+
+    def __init__(self, bar: Any):
+        self.bar, self.examples, self.tokens = bar, 0, 0
+        self.start = self._shown = time.perf_counter()
+
+    def __call__(self, examples_done: int, tokens: int) -> None:
+        self.examples += examples_done
+        self.tokens += tokens
+        now = time.perf_counter()
+        self.bar.set_postfix({"tokens": self.tokens, "tok_s": f"{self.tokens / max(now - self.start, 1e-9):.0f}"},
+                             refresh=False)
+        if examples_done:
+            self.bar.update(examples_done)
+        elif tokens and not self.bar.disable and now - self._shown >= self.bar.mininterval:
+            self.bar.refresh()      # tqdm redraws on update(0) only until its first finished example
+            self._shown = now
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from mistral_jax import distributed, prompts, scoring, sharding
@@ -106,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         for d in args.data:
             if not d.is_file():
                 raise ev.EvalError(f"--data {d}: not a file")
+        inputs = [("--data", d) for d in args.data]
+        inputs += [(flag, Path(v)) for flag, v in (("--fewshot-data", args.fewshot_data),
+                                                   ("--tokenizer", args.tokenizer)) if v is not None]
+        if args.task == "moderate":
+            inputs.append(("--moderation-prompt", prompts.prompt_path(args.moderation_prompt)))
+        ev.check_inputs_not_written(args.output, inputs, Path(args.checkpoint))
         system = prompts.system_prompt(args.system_prompt, args.safe_prompt)
         if system is not None and args.task not in ev.CHAT_TASKS:
             raise ev.EvalError(f"--system-prompt/--safe-prompt: only for the chat tasks ({', '.join(ev.CHAT_TASKS)}), "
@@ -142,7 +172,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from mistral_jax.checkpoint import load_params  # heavy imports only after argument and file checks
+    from mistral_jax.integrity import checkpoint_identity
     try:
+        run = {"task": args.task, "data": [str(d.resolve()) for d in args.data],
+               "data_sha256": ev.file_digest(args.data), "checkpoint": str(Path(args.checkpoint).resolve())}
+        if Path(args.checkpoint).is_dir():      # else load_params says what is wrong
+            run["checkpoint_id"] = checkpoint_identity(args.checkpoint)
+        old_run = ev.read_run(args.output) if writer and not args.overwrite and args.output.is_dir() else None
+        if old_run is not None:     # refuse another task, data or checkpoint before loading the model
+            ev.check_run(args.output / ev.RUN_FILE, old_run, run, keys=run)
         cfg, params = load_params(args.checkpoint, mesh=mesh, dtype=args.dtype, progress=False)
         if tok is None:
             tok = Tokenizer.for_vocab(cfg.vocab_size)
@@ -151,15 +189,17 @@ def main(argv: list[str] | None = None) -> int:
         if max_input > cfg.max_seq_len:
             raise ev.EvalError(f"--max-length {max_input} exceeds the model's max_seq_len {cfg.max_seq_len}")
         overlap = args.overlap or scoring.default_overlap(cfg, max_input)
-        if overlap >= max_input:
+        if args.task == "perplexity" and overlap >= max_input:
+            if args.overlap is None:
+                raise ev.EvalError(f"--max-length {max_input}: too short for perplexity windows, which need more "
+                                   f"than the default --overlap of {overlap} token(s); use --max-length "
+                                   f"{overlap + 1} or more")
             raise ev.EvalError(f"--overlap {overlap} must be smaller than --max-length {max_input}")
         st = ev.Settings(max_input=max_input, overlap=overlap, batch_size=args.batch_size, delimiter=args.delimiter,
                          chat=args.chat, system_prompt=system, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                          token_logprobs=args.token_logprobs, moderation_template=template, fewshot=fewshot)
-        run = {"task": args.task, "data": [str(d.resolve()) for d in args.data],
-               "data_sha256": ev.file_digest(args.data), "checkpoint": str(Path(args.checkpoint).resolve()),
-               "dtype": str(args.dtype), "tokenizer": str(tok.path)}
+        run.update(dtype=str(args.dtype), tokenizer=str(tok.path))
         keys = {"perplexity": ("max_input", "overlap", "token_logprobs"),
                 "choice": ("max_input", "delimiter"),
                 "moderate": ("max_input", "delimiter", "chat", "system_prompt", "moderation_template"),
@@ -175,18 +215,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
 
-    todo = [ex for ex in examples if ex.key not in out.done]
+    todo = out.resume(examples)
+    if writer:
+        for note in out.notes:
+            print(f"note: {note}", file=sys.stderr)
     skipped = len(examples) - len(todo)
     from tqdm import tqdm
     bar = tqdm(total=len(todo), desc=args.task, unit="ex", file=sys.stderr, disable=not (todo and writer))
-    t0, n_ex, n_tok = time.perf_counter(), 0, 0
-
-    def progress(examples_done: int, tokens: int) -> None:
-        nonlocal n_ex, n_tok
-        n_ex += examples_done
-        n_tok += tokens
-        bar.update(examples_done)
-        bar.set_postfix(tok_s=f"{n_tok / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
+    progress = Progress(bar)
+    t0 = progress.start
 
     try:
         try:
@@ -201,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.close()
             out.close()
         summary = ev.summarize(args.task, out.rows)
+        n_ex, n_tok = progress.examples, progress.tokens
         summary["this_run"] = {**ev.timing(t0, n_ex, n_tok), "examples": n_ex, "tokens": n_tok,
                                "skipped_already_scored": skipped}
         if args.task != "generate":

@@ -70,15 +70,12 @@ def _float_arg(text: str) -> float:
 
 
 def _mesh_arg(text: str) -> tuple[int, int, int]:
-    parts = text.split(",")
+    """--mesh of the infer programs: `sharding.parse_mesh` (D,F,T or data=D,fsdp=F,tensor=T; one axis may be
+    -1 for the remaining devices) as an argparse type."""
     try:
-        shape = tuple(int(x) for x in parts)
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or any(s == 0 or s < -1 for s in shape):
-        raise argparse.ArgumentTypeError(f"expected data,fsdp,tensor as three integers >= 1 (one may be -1), "
-                                         f"got {text!r}")
-    return shape  # type: ignore[return-value]
+        return sharding.parse_mesh(text, allow_rest=True)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _dtype_arg(text: str) -> Any:
@@ -121,7 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk", type=_int_arg(1), default=None,
                    help="prefill chunk in tokens (default: the window)")
     p.add_argument("--mesh", type=_mesh_arg, default=None,
-                   help="data,fsdp,tensor mesh shape, e.g. 1,1,8 (default: one device)")
+                   help="mesh shape as data,fsdp,tensor (e.g. 1,1,8) or data=D,fsdp=F,tensor=T; one axis may be -1 "
+                        "for the remaining devices (default: one device)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--system-prompt", default=None, metavar="TEXT",
                    help="a system message before every dialogue (implies --chat)")

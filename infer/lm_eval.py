@@ -6,6 +6,8 @@ lm-eval's results dict to DIR/results.json and each task's per-request sample di
 log-likelihoods) to DIR/samples_<task>.jsonl. Local tasks are YAML files (`dataset_path: json` with
 `dataset_kwargs: {data_files: ...}`); configs/eval holds two examples (`zen_choice`, `stdlib_docs`, data paths
 relative to the repository root). Offline use: HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1.
+--output is checked (created, writable) before the model loads; should writing still fail at the end, the results
+are printed on stdout.
 Exit status: 0 done, 1 evaluation or writing failed, 2 bad arguments, files, tasks or checkpoint.
 """
 
@@ -15,8 +17,9 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from infer.generate import _dtype_arg, _int_arg, _mesh_arg
 from mistral_jax.errors import first_line
@@ -76,6 +79,26 @@ def write_outputs(out: Path, results: dict[str, Any]) -> list[Path]:
     return written
 
 
+def check_output(out: Path, tasks: Sequence[str] = ()) -> None:
+    """ValueError (one line) unless `out` is a folder (created if missing) that the result files can be written
+    into: results.json and samples_<task>.jsonl of the named tasks must not be folders."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--output {out}: cannot create the folder ({e.strerror or e})") from None
+    for name in ["results.json"] + [f"samples_{t}.jsonl" for t in tasks]:
+        if (out / name).is_dir():
+            raise ValueError(f"--output {out}: {name} is a folder; the results could not be written there")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"--output {out}: not writable ({e.strerror or e})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -84,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--tasks {args.tasks!r}: no task names")
         if args.include_path is not None and not args.include_path.is_dir():
             raise ValueError(f"--include-path {args.include_path}: not a folder")
-        if args.output.exists() and not args.output.is_dir():
-            raise ValueError(f"--output {args.output}: exists and is not a folder")
+        check_output(args.output, tasks)     # before the model loads and the evaluation runs, not after
         import lm_eval
         from lm_eval.tasks import TaskManager
         tm = TaskManager(include_path=str(args.include_path) if args.include_path else None)
@@ -109,9 +131,18 @@ def main(argv: list[str] | None = None) -> int:
                                           apply_chat_template=args.apply_chat_template, random_seed=args.seed,
                                           numpy_random_seed=args.seed, torch_random_seed=args.seed,
                                           fewshot_random_seed=args.seed)
-        paths = write_outputs(args.output, results)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
+        return 1
+    try:
+        paths = write_outputs(args.output, results)
+    except (OSError, ValueError, TypeError) as e:    # keep the results: printed on stdout when they cannot be written
+        try:
+            print(json.dumps({k: v for k, v in results.items() if k != "samples"}, default=_jsonable))
+            kept = "; the results are printed on stdout"
+        except (ValueError, TypeError):
+            kept = ""
+        print(f"error: writing {args.output}: {first_line(e)}{kept}", file=sys.stderr)
         return 1
     for task, metrics in (results.get("results") or {}).items():
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))

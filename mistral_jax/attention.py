@@ -3,12 +3,14 @@
 One function serves training, chunked prefill and cached decode: keys carry their absolute
 positions (-1 marks an empty cache slot or padding), and the mask falls out of them.
 
-Implementations behind `multihead_attention`: "dense" (the full masked score tensor; the test
-oracle), "blockwise" (pure JAX, key blocks visited by reach; any positions), and, for self-attention
-over rows whose positions count up by one within each segment (training and evaluation rows, packed
-or not), "splash" (Pallas TPU splash attention with a local mask; runs in interpret mode elsewhere)
-and "xla" (`jax.nn.dot_product_attention` with `local_window_size`, cuDNN on GPU when it applies).
-"auto" picks splash on TPU and xla on GPU for such rows, blockwise otherwise.
+Implementations behind `multihead_attention`, all under the same position/segment mask: "dense"
+(the full masked score tensor; the test oracle), "blockwise" (pure JAX, key blocks visited by reach;
+any positions), "xla" (`jax.nn.dot_product_attention` given the mask of `attention_mask` explicitly,
+never its index-based `is_causal`/`local_window_size`, which would ignore positions and padding; any
+positions) and, for self-attention over rows whose positions count up by one within each segment
+(training and evaluation rows, packed or not, padded anywhere with position -1), "splash" (Pallas TPU
+splash attention with a local mask by index; runs in interpret mode elsewhere). "auto" picks splash on
+TPU and xla on GPU for self-attention rows (xla only without segment ids), blockwise otherwise.
 """
 
 from __future__ import annotations
@@ -77,11 +79,11 @@ def multihead_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
     """Attention output (B, T, N, H) under the position/segment mask, by the chosen implementation.
 
     All implementations agree for every query that sees at least one key. `self_attention` says the
-    keys are the queries' own row (no cache) with positions counting up by one within each segment,
-    which "splash" and "xla" require (their masks are index-based).
+    keys are the queries' own row (no cache) with positions counting up by one within each segment
+    (padding, position -1, anywhere), which "splash" requires (its window is by index).
     """
     impl = resolve_impl(impl, self_attention, q_seg_BT is not None)
-    if impl in ("splash", "xla") and not self_attention:
+    if impl == "splash" and not self_attention:
         raise ValueError(f"attention implementation {impl!r} serves self-attention rows only (no cache)")
     if impl == "dense":
         return attend(q_BTNH, k_BSKH, v_BSKH, attention_mask(q_pos_BT, k_pos_BS, window, q_seg_BT, k_seg_BS))
@@ -91,10 +93,11 @@ def multihead_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
                                 block_q=block, block_k=block, self_attention=self_attention)
     if impl == "splash":
         return splash_attend(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, window, q_seg_BT, block=block)
-    if q_seg_BT is not None:
-        raise ValueError("attention implementation 'xla' does not take segment ids; use 'blockwise' or 'splash'")
-    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True,
-                                        local_window_size=None if window is None else (window - 1, 0))
+    # is_causal and local_window_size mask by index: wrong for left-padded rows, positions that do not
+    # count up with the index, and packed segments. The explicit mask costs (B, T, S) booleans beside
+    # the (B, N, T, S) scores the XLA implementation materialises anyway.
+    mask_B1TS = attention_mask(q_pos_BT, k_pos_BS, window, q_seg_BT, k_seg_BS)[:, None]
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS)
 
 
 def splash_attend(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, pos_BT: jax.Array,
@@ -102,9 +105,10 @@ def splash_attend(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, pos_B
                   interpret: bool | None = None) -> jax.Array:
     """Self-attention (B, T, N, H) through Pallas splash attention with a causal or local mask.
 
-    The mask is by index: a query sees the W keys ending at itself, within its segment; rows are
-    right-padded (padding after every real token, so no real query reaches it). Runs as a TPU kernel
-    on TPU and in interpret mode elsewhere.
+    The mask is by index: a query sees the W keys ending at itself, within its segment, so positions
+    must count up by one within each segment. Padding (position -1) may sit anywhere: it is moved to a
+    segment of its own, which no real query sees. Runs as a TPU kernel on TPU and in interpret mode
+    elsewhere.
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
@@ -116,9 +120,11 @@ def splash_attend(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, pos_B
     G = N // K
     bq = min(block, -(-T // 128) * 128)
     Tp = -(-T // bq) * bq
-    seg = (jnp.where(pos_BT >= 0, 1, 0) if seg_BT is None else seg_BT).astype(jnp.int32)
+    pad_seg = jnp.iinfo(jnp.int32).min  # padding's own segment (a real segment id is never this)
+    seg = jnp.ones_like(pos_BT, jnp.int32) if seg_BT is None else seg_BT.astype(jnp.int32)
+    seg = jnp.where(pos_BT >= 0, seg, pad_seg)
     pad = ((0, 0), (0, Tp - T))
-    seg = jnp.pad(seg, pad, constant_values=-2)
+    seg = jnp.pad(seg, pad, constant_values=pad_seg)
     q_BKGTH = jnp.pad(q_BTNH, pad + ((0, 0), (0, 0))).reshape(B, Tp, K, G, H).transpose(0, 2, 3, 1, 4)
     k_BKTH = jnp.pad(k_BTKH, pad + ((0, 0), (0, 0))).transpose(0, 2, 1, 3)
     v_BKTH = jnp.pad(v_BTKH, pad + ((0, 0), (0, 0))).transpose(0, 2, 1, 3)

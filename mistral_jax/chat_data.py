@@ -11,7 +11,8 @@ turn (mistral-finetune's rule), False on BOS, system, user and `[INST]`/`[/INST]
 Conversation rules (one message in `CONVERSATION_RULES`): an optional first system message, then turns
 alternating user, assistant, user, ...; every content a non-empty string; a training conversation ends
 with an assistant answer (a trailing user turn is an error, not silently cut); an assistant message may
-carry mistral-finetune's `"weight": 0|1` (0: context only).
+carry mistral-finetune's `"weight": 0|1` (0: context only). A message with `tool_calls` is refused
+(reason "tool_calls"): tool use is not encoded, and dropping the calls would train on half a turn.
 
 Files: JSONL, one conversation per line, `{"messages": [...]}` or `{"prompt": str, "completion": str}`.
 A bad line gives `FILE:LINE: reason`; on_error="skip" skips and counts it (by reason, in `ChatReport`),
@@ -41,7 +42,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
-from mistral_jax.data import DataError
+from mistral_jax.data import DataError, file_identity
 from mistral_jax.errors import first_line
 
 ROLES = ("system", "user", "assistant")
@@ -55,9 +56,10 @@ SUPPORTED_VERSIONS = ("v1", "v2", "v3")   # SentencePiece instruct tokenizers (M
 # reason key -> what it means (the keys of ChatReport.skipped)
 REASONS = {
     "not_utf8": "line is not UTF-8 text",
-    "bad_json": "line is not valid JSON",
+    "bad_json": "line is not valid JSON (or nested too deeply to read)",
     "bad_fields": "not an object with 'messages', or with 'prompt' and 'completion'",
     "not_list": "'messages' is not a non-empty list of objects",
+    "tool_calls": "a message with 'tool_calls' (tool use is not encoded; the calls would be lost)",
     "unknown_role": "a role other than system, user, assistant",
     "not_string": "a content that is not a string",
     "not_unicode": "a content holding a lone surrogate",
@@ -134,6 +136,10 @@ def check_messages(messages: Any, end: Literal["user", "assistant", "any"] = "an
             raise ChatFormatError("not_list", f"messages[{i}]: expected an object with 'role' and 'content', "
                                               f"got {type(m).__name__}")
         role, content = m.get("role"), m.get("content")
+        if m.get("tool_calls"):          # null or [] (OpenAI-style exports) carry no call
+            raise ChatFormatError("tool_calls", f"messages[{i}]: a {role!r} message with 'tool_calls'; tool calls "
+                                                "are not supported (they would be dropped), so the conversation "
+                                                "is skipped")
         if role not in ROLES:
             raise ChatFormatError("unknown_role", f"messages[{i}]: 'role' must be one of {', '.join(ROLES)}, "
                                                   f"got {role!r}")
@@ -275,22 +281,45 @@ def fit_conversation(messages: Any, chat_tokenizer: Any, seq_len: int) -> Fitted
 
 # ----- files -----
 
+def shared_files(first: Sequence[Path], second: Sequence[Path]) -> list[tuple[Path, Path]]:
+    """(name in `first`, name in `second`) of each file that both lists name, however spelled."""
+    ids = {file_identity(f): f for f in first}
+    return [(ids[k], f) for f in second if (k := file_identity(f)) in ids]
+
+
 def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Files named by paths or globs (each glob's matches sorted), in order, without repeats; ChatDataError
-    for a name that matches no file."""
+    """Files named by paths or globs (each glob's matches sorted), in order, each file once however it is
+    spelled (the first name is kept; see `file_identity`); ChatDataError for a name that matches no file."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out: list[Path] = []
+    seen: set[Any] = set()
     for p in paths:
         s = str(p)
         found = sorted(glob.glob(s, recursive=True)) if any(c in s for c in "*?[") else [s]
         found = [f for f in found if Path(f).is_file()]
         if not found:
             raise ChatDataError(f"chat data: no file matches {s!r}")
-        out += [Path(f) for f in found if Path(f) not in out]
+        for f in found:
+            key = file_identity(f)
+            if key not in seen:
+                seen.add(key)
+                out.append(Path(f))
     if not out:
         raise ChatDataError("chat data: no files given")
     return out
+
+
+def overlap_message(train_files: Sequence[Path], val_files: Sequence[Path]) -> str | None:
+    """One line naming the first file that is both a training and a held-out file (None if none is)."""
+    both = shared_files(train_files, val_files)
+    if not both:
+        return None
+    tr, va = both[0]
+    named = "" if str(tr) == str(va) else f" (named {va} among the held-out files)"
+    more = f" (and {len(both) - 1} more)" if len(both) > 1 else ""
+    return (f"{tr} is both a training and a held-out file{named}{more}; a conversation cannot be trained "
+            "on and held out")
 
 
 def parse_line(raw: bytes) -> list[Message] | None:
@@ -307,6 +336,8 @@ def parse_line(raw: bytes) -> list[Message] | None:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ChatFormatError("bad_json", f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:               # e.g. 100,000 nested '[': Python's parser recurses per level
+        raise ChatFormatError("bad_json", "not valid JSON (nested too deeply to read)") from None
     if not isinstance(obj, dict):
         raise ChatFormatError("bad_fields", f"expected an object with 'messages' (or 'prompt' and 'completion'), "
                                             f"got {type(obj).__name__}")
@@ -346,6 +377,14 @@ class ChatReport:
     @property
     def n_skipped(self) -> int:
         return sum(self.skipped.values())
+
+    def counts(self) -> str:
+        """One line of what was read, e.g. '3 non-blank line(s), 2 blank; 3 skipped (bad_json: 2,
+        tool_calls: 1); 0 dropped as longer than seq_len=64'."""
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
+        return (f"{self.lines} non-blank line(s), {self.blank_lines} blank; {self.n_skipped} skipped"
+                + (f" ({reasons})" if reasons else "")
+                + f"; {self.dropped} dropped as longer than seq_len={self.seq_len}")
 
     def note(self, message: str) -> None:
         if len(self.messages) < MAX_MESSAGES:
@@ -565,9 +604,8 @@ class ChatStream:
             raise ValueError(f"ChatStream: split must be 'all', 'train' or 'val', got {split!r}")
         if not convs:
             which = "" if split == "all" else f"{split} (val_percent={val_percent}) "
-            raise ChatDataError(f"chat data: no {which}conversations left in {', '.join(data.report.files)}: "
-                                f"{data.report.lines} lines, {data.report.n_skipped} skipped, "
-                                f"{data.report.dropped} dropped as too long")
+            raise ChatDataError(f"chat data: no usable {which}conversations in {', '.join(data.report.files)}: "
+                                f"{data.report.counts()}")
         self.data, self.conversations = data, convs
         self.seq_len, self.batch_size, self.seed, self.shuffle = seq_len, batch_size, seed, shuffle
         self.n_tokens = int(sum(len(c.tokens) for c in convs))
@@ -662,9 +700,9 @@ def make_chat_streams(paths: str | os.PathLike | Sequence[str | os.PathLike], ch
     """
     train_files = expand_paths(paths)
     val_files = expand_paths(val_paths) if val_paths else []
-    both = sorted({str(f) for f in train_files} & {str(f) for f in val_files})
-    if both:
-        raise ChatDataError(f"chat data: {both[0]} is both a training and a held-out file")
+    overlap = overlap_message(train_files, val_files)
+    if overlap:
+        raise ChatDataError(f"chat data: {overlap}")
     data = read_chat_data(train_files + val_files, chat_tokenizer, seq_len, on_error)
     if val_files:
         names = {str(f) for f in val_files}

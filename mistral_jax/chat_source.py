@@ -16,7 +16,7 @@ from mistral_jax import data_shards as ds
 from mistral_jax import distributed
 from mistral_jax.chat_examples import write_examples
 from mistral_jax.data_source import DataSource
-from mistral_jax.run_config import RunConfig
+from mistral_jax.run_config import RunConfig, RunConfigError
 from mistral_jax.tokenizer import Tokenizer
 
 
@@ -63,9 +63,9 @@ def make_chat_data(rc: RunConfig, tokenizer: Tokenizer, run_dir: Path) -> DataSo
         paths, val_paths = list(d.paths), list(d.val_paths)
     train_files = cd.expand_paths(paths)
     val_files = cd.expand_paths(val_paths) if val_paths else []
-    both = sorted({str(f) for f in train_files} & {str(f) for f in val_files})
-    if both:
-        raise cd.ChatDataError(f"chat data: {both[0]} is both a training and a held-out file")
+    overlap = cd.overlap_message(train_files, val_files)    # compared as files, not as the names typed
+    if overlap:
+        raise RunConfigError(f"[data] fields 'paths' and 'val_paths': {overlap}")
     error, train_c, val_c, local = None, [], [], None
     try:
         train_c, val_c, local = read_share(rc, chat_tok, train_files, val_files, jax.process_index(),
@@ -84,13 +84,22 @@ def make_chat_data(rc: RunConfig, tokenizer: Tokenizer, run_dir: Path) -> DataSo
     errors = [q["error"] for q in parts if q["error"]]
     if errors:
         raise cd.ChatDataError(errors[0])
+    report_obj = cd.ChatReport.merged([q["report"] for q in parts])
+    n_train, n_val = sum(q["train"] for q in parts), sum(q["val"] for q in parts)
+    report = report_obj.to_dict()
+    report.update(train_conversations=n_train, heldout_conversations=n_val)
+    if distributed.is_main():     # also when the data is unusable: the report says why
+        (run_dir / "data_report.json").write_text(json.dumps(report, indent=1))
+    if not n_train:
+        where = "training file(s) " + ", ".join(str(f) for f in train_files[:3]) + (" ..." if len(train_files) > 3
+                                                                                 else "")
+        held = f" ({n_val} held out)" if n_val else ""
+        raise cd.ChatDataError(f"chat data: no usable conversations in {where}{held}: {report_obj.counts()}; "
+                               f"first problems in {run_dir / 'data_report.json'}")
     empty = sorted(int(s) for q in parts for s, k in q["per_shard"].items() if not k)
     if empty:
         raise cd.ChatDataError(f"chat data: shard(s) {empty[:5]} of data.shards={n} hold no training "
-                               f"conversation ({sum(q['train'] for q in parts)} in all, dealt by line); lower "
-                               "data.shards")
-    report_obj = cd.ChatReport.merged([q["report"] for q in parts])
-    n_train, n_val = sum(q["train"] for q in parts), sum(q["val"] for q in parts)
+                               f"conversation ({n_train} in all, dealt by line); lower data.shards")
     answers = [(ids, ref) for _, ids, ref in sorted((a for q in parts for a in q["answers"]),
                                                     key=lambda a: a[0])[:limit]] if limit else []
     per = d.batch_size // n
@@ -108,10 +117,6 @@ def make_chat_data(rc: RunConfig, tokenizer: Tokenizer, run_dir: Path) -> DataSo
         return cd.ChatStream(held, None, d.seq_len, per, d.seed, shuffle=False)
 
     val = ds.ShardedStream(n, mine_shards, val_stream, endless_padding=True) if n_val else None
-    report = report_obj.to_dict()
-    report.update(train_conversations=n_train, heldout_conversations=n_val)
-    if distributed.is_main():
-        (run_dir / "data_report.json").write_text(json.dumps(report, indent=1))
     desc = "\n".join([report_obj.summary(), f"chat data: {n_train} training and {n_val} held-out "
                       f"conversations, template {getattr(chat_tok.instruct_tokenizer.tokenizer.version, 'value', '?')}"])
     return DataSource(train, val, desc, report=report, answers=answers)

@@ -2,11 +2,12 @@
 native, HF and mistral-inference folders.
 
 Native format version 3 (FORMAT_VERSION): config.json holds the config fields, the format marker and the
-param dtype; checksums.json holds a sha256 of every param's bytes (in its stored dtype), verified on
-load; the params are the scanned tree (per-layer params stacked under "layers", leading axis n_layers).
-Versions 1 and 2 stored per-layer params ("layers_0", "layers_1", ...): they still load (version 2's
-checksums verified per stored param), and their layers are stacked on the host, one param at a time.
-Version-1 folders (no checksums) load with a note that they were not verified.
+param dtype; checksums.json holds a sha256 of every param's bytes (in its stored dtype) and a copy of
+config.json's fields ("config"), both verified on load; the params are the scanned tree (per-layer params
+stacked under "layers", leading axis n_layers). Versions 1 and 2 stored per-layer params ("layers_0",
+"layers_1", ...): they still load (version 2's checksums verified per stored param), and their layers are
+stacked on the host, one param at a time. Version-1 folders (no checksums) load with a note that they were
+not verified, and so do folders whose checksums.json predates its "config" copy (config not verified).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import flax.linen as nn
 import jax
@@ -35,12 +36,14 @@ from mistral_jax.integrity import ALGORITHM, tensor_digest
 from mistral_jax.model import abstract_params, param_shardings
 from mistral_jax.torch_read import (check_values_chunked, count_nonfinite_chunked, load_tensors, open_source,
                                    read_config)
+from mistral_jax.train_checkpoint import settle_orbax_event_loops
 from mistral_jax.weights import WeightError, aligned_empty, check_shape
 
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 SCANNED_SINCE = 3  # versions before this store per-layer ("layers_{i}") params
 CHECKSUMS = "checksums.json"
+CONFIG_COPY = "config"  # checksums.json's copy of config.json's fields
 log = logging.getLogger(__name__)
 
 
@@ -143,6 +146,7 @@ def save_params(dst: str | Path, cfg: ModelConfig, params: Any, force: bool = Fa
     """
     import orbax.checkpoint as ocp
 
+    settle_orbax_event_loops()
     flat = _flat(params)
     _check_tree(cfg, flat, "save_params")
     dtypes = sorted({str(np.dtype(v.dtype)) for v in flat.values()})
@@ -159,7 +163,8 @@ def save_params(dst: str | Path, cfg: ModelConfig, params: Any, force: bool = Fa
     with _output_dir(dst, force) as tmp:
         if jax.process_index() == 0:
             (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-            (tmp / CHECKSUMS).write_text(json.dumps({"algorithm": ALGORITHM, "tensors": digests}, indent=2) + "\n")
+            (tmp / CHECKSUMS).write_text(json.dumps({"algorithm": ALGORITHM, "tensors": digests, CONFIG_COPY: meta},
+                                                    indent=2) + "\n")
         # Synchronous, uncompressed, about one tensor in flight: compression doubled the save time and
         # added about half a model copy of host memory on a 7B-shaped model (see bench/bench_convert.py).
         gb = _in_flight_gb(params)
@@ -175,31 +180,8 @@ def save_params(dst: str | Path, cfg: ModelConfig, params: Any, force: bool = Fa
     return Path(dst)
 
 
-def _read_native_meta(path: str | Path) -> tuple[ModelConfig, str, int]:
-    """(config, stored param dtype name, format version) of a native checkpoint folder."""
-    source = Path(path) / "config.json"
-    try:
-        d = json.loads(source.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{source}: cannot read native config ({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{source}: expected a JSON object")
-    version = d.pop(NATIVE_MARKER, None)
-    if version not in READABLE_VERSIONS:
-        raise CheckpointError(f"{source}: field '{NATIVE_MARKER}' is {version!r}, this library reads "
-                              f"version(s) {', '.join(map(str, READABLE_VERSIONS))}")
-    dtype = d.pop("param_dtype", "float32")
-    return ModelConfig.from_dict(d, source=str(source)), dtype, version
-
-
-def read_native_config(path: str | Path) -> tuple[ModelConfig, str]:
-    """(config, stored param dtype name) of a native checkpoint folder."""
-    cfg, dtype, _ = _read_native_meta(path)
-    return cfg, dtype
-
-
-def _read_checksums(path: Path, names: list[str]) -> dict[str, str]:
-    """The stored digest of every param in `names`; CheckpointError if the file is missing or incomplete."""
+def _read_checksums_file(path: Path) -> dict[str, Any]:
+    """checksums.json of a native folder: {"algorithm", "tensors": {param: digest}, optional "config"}."""
     source = path / CHECKSUMS
     try:
         d = json.loads(source.read_text())
@@ -208,10 +190,109 @@ def _read_checksums(path: Path, names: list[str]) -> dict[str, str]:
         raise CheckpointError(f"{source}: cannot read checksums ({type(e).__name__}: {e})") from None
     if algorithm != ALGORITHM:
         raise CheckpointError(f"{source}: field 'algorithm' is {algorithm!r}, this library checks {ALGORITHM!r}")
+    if not isinstance(digests, dict):
+        raise CheckpointError(f"{source}: field 'tensors' must be an object, got {type(digests).__name__}")
+    if CONFIG_COPY in d and not isinstance(d[CONFIG_COPY], dict):
+        raise CheckpointError(f"{source}: field '{CONFIG_COPY}' must be an object, got "
+                              f"{type(d[CONFIG_COPY]).__name__}")
+    return d
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """JSON values equal in meaning (10000 and 10000.0 are; true and 1 are not)."""
+    return a == b and isinstance(a, bool) == isinstance(b, bool) and (a is None) == (b is None)
+
+
+def _check_config_copy(path: Path, fields: Mapping[str, Any], sums: Mapping[str, Any]) -> list[str]:
+    """CheckpointError naming the first field of config.json that differs from checksums.json's copy of it
+    (the config as saved); a note when the copy is absent (written before checksums covered the config)."""
+    source, sums_path = path / "config.json", path / CHECKSUMS
+    saved = sums.get(CONFIG_COPY)
+    if saved is None:
+        return [f"{sums_path}: holds no copy of config.json (written before checksums covered the config); "
+                "config.json not verified (save the checkpoint again to add it)"]
+    hint = (f"{source.name} was changed after the checkpoint was saved: restore it, or adopt the change with "
+            f"`python -m convert --no-verify {path} NEW_FOLDER`")
+    for k in [*fields, *(k for k in saved if k not in fields)]:
+        if k not in saved:
+            raise CheckpointError(f"{source}: field '{k}' ({fields[k]!r}) is not in the config saved with the "
+                                  f"checkpoint ({sums_path}); {hint}")
+        if k not in fields:
+            raise CheckpointError(f"{source}: field '{k}' is missing; {sums_path} recorded {saved[k]!r} when the "
+                                  f"checkpoint was saved; {hint}")
+        if not _same_value(fields[k], saved[k]):
+            raise CheckpointError(f"{source}: field '{k}' is {fields[k]!r}, but {sums_path} recorded {saved[k]!r} "
+                                  f"when the checkpoint was saved; {hint}")
+    return []
+
+
+def _read_native_meta(path: str | Path, verify: bool = True
+                      ) -> tuple[ModelConfig, str, int, dict[str, Any] | None, list[str]]:
+    """(config, stored param dtype name, format version, checksums.json or None, notes) of a native folder.
+
+    With `verify`, config.json is checked against checksums.json's copy of it (format versions 2-3); the
+    checksums are returned then (None for version 1 or without `verify`)."""
+    path = Path(path)
+    source = path / "config.json"
+    try:
+        d = json.loads(source.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{source}: cannot read native config ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{source}: expected a JSON object")
+    version = d.get(NATIVE_MARKER)
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        raise CheckpointError(f"{source}: field '{NATIVE_MARKER}' is {version!r}, this library reads "
+                              f"version(s) {', '.join(map(str, READABLE_VERSIONS))}")
+    sums, notes = None, []
+    if verify and version >= 2:
+        sums = _read_checksums_file(path)
+        notes = _check_config_copy(path, d, sums)
+    elif verify:
+        notes = [f"{path}: native format version {version} has no checksums; params and config not verified "
+                 "(save it again to add them)"]
+    d.pop(NATIVE_MARKER)
+    dtype = d.pop("param_dtype", "float32")
+    return ModelConfig.from_dict(d, source=str(source)), dtype, version, sums, notes
+
+
+def read_native_config(path: str | Path, verify: bool = True) -> tuple[ModelConfig, str]:
+    """(config, stored param dtype name) of a native checkpoint folder; with `verify`, CheckpointError when
+    config.json differs from the copy checksums.json holds of it (the config the params were saved with)."""
+    cfg, dtype, *_ = _read_native_meta(path, verify)
+    return cfg, dtype
+
+
+def _param_digests(path: Path, sums: Mapping[str, Any], names: list[str]) -> dict[str, str]:
+    """The stored digest of every param in `names`; CheckpointError if checksums.json lacks one."""
+    digests = sums["tensors"]
     missing = [k for k in names if k not in digests]
     if missing:
-        raise CheckpointError(f"{source}: no checksum for param(s) {missing[:5]} ({len(missing)} in all)")
+        raise CheckpointError(f"{path / CHECKSUMS}: no checksum for param(s) {missing[:5]} ({len(missing)} in all)")
     return digests
+
+
+@contextlib.contextmanager
+def _quiet_orbax_logs() -> Iterator[None]:
+    """Drops orbax's absl log records below CRITICAL while it reads a checkpoint: what fails is reported
+    as one CheckpointError, and what orbax recovers from (an unparsable _CHECKPOINT_METADATA) is harmless
+    since the params are verified by their checksums."""
+    absl_log = logging.getLogger("absl")
+
+    def drop(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.CRITICAL
+
+    absl_log.addFilter(drop)
+    try:
+        yield
+    finally:
+        absl_log.removeFilter(drop)
+
+
+def _orbax_error(e: BaseException) -> str:
+    """The first line of an orbax/tensorstore error, without tensorstore's pointer to its spec."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    return text.split(" See full TensorStore details")[0]
 
 
 def _stack_legacy(cfg: ModelConfig, params: dict, shardings: Any) -> dict:
@@ -241,25 +322,26 @@ def _stack_legacy(cfg: ModelConfig, params: dict, shardings: Any) -> dict:
     return out
 
 
-def _load_native(path: Path, shardings: Any, dtype: Any, rope_theta: float | None, verify: bool = True,
+def _load_native(path: Path, mesh: Mesh | None, dtype: Any, rope_theta: float | None, verify: bool = True,
                  allow_nonfinite: bool = False) -> tuple[ModelConfig, Any, list[str]]:
-    """Restores a native folder; with `verify`, checks each param's checksum and values in its stored dtype
-    (restored in that dtype, then cast param by param to `dtype`). Folders of format versions 1-2
-    (per-layer params) are restored, checked per stored param, then stacked into the scanned tree."""
+    """Restores a native folder (placed on `mesh` if given); with `verify`, checks config.json against its
+    saved copy and each param's checksum and values in its stored dtype (restored in that dtype, then cast
+    param by param to `dtype`). Folders of format versions 1-2 (per-layer params) are restored, checked per
+    stored param, then stacked into the scanned tree."""
     import orbax.checkpoint as ocp
 
-    cfg, stored, version = _read_native_meta(path)
-    cfg, notes = cfg.with_rope_theta(rope_theta, str(path / "config.json"))
+    settle_orbax_event_loops()  # a corrupt file fails with its error only, no "Event loop is closed" tracebacks
+    cfg, stored, version, sums, notes = _read_native_meta(path, verify)
+    shardings = param_shardings(cfg, mesh) if mesh is not None else None
+    cfg, theta_notes = cfg.with_rope_theta(rope_theta, str(path / "config.json"))
+    notes += theta_notes
     params_dir = (path / "params").absolute()
     if not params_dir.is_dir():
         raise CheckpointError(f"{params_dir}: missing (native checkpoint has no params folder)")
     stored_dt = parse_dtype(stored, f"{path / 'config.json'}: field 'param_dtype'")
     want_dt = parse_dtype(stored_dt if dtype is None else dtype, "dtype")
     digests: dict[str, str] | None = None
-    if verify and version < 2:
-        notes.append(f"{path}: native format version {version} has no checksums; params not verified "
-                     "(save it again to add them)")
-    check = verify and version >= 2
+    check = sums is not None
     scanned = version >= SCANNED_SINCE
     target_shardings = shardings
     restore_dt = stored_dt if (check or not allow_nonfinite) else want_dt
@@ -271,22 +353,29 @@ def _load_native(path: Path, shardings: Any, dtype: Any, rope_theta: float | Non
     ckptr = ocp.StandardCheckpointer(restore_concurrent_gb=_in_flight_gb(abstract, itemsize=itemsize))
     try:
         try:
-            stored_tree = ckptr.metadata(params_dir).item_metadata.tree
+            with _quiet_orbax_logs():
+                item = ckptr.metadata(params_dir).item_metadata
         except Exception as e:  # orbax raises various types for unreadable metadata
-            raise CheckpointError(f"{params_dir}: unreadable orbax metadata ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{params_dir}: unreadable orbax metadata ({type(e).__name__}: "
+                                  f"{_orbax_error(e)})") from None
+        if item is None:  # what orbax returns (after a logged warning) when a metadata file is unreadable
+            raise CheckpointError(f"{params_dir}: unreadable orbax metadata (its _METADATA, _sharding or "
+                                  "array metadata files are missing or corrupt)")
+        stored_tree = item.tree
         _check_tree(cfg, _flat(stored_tree), str(params_dir), scan_layers=scanned)
         if check:
-            digests = _read_checksums(path, list(_flat(abstract)))
+            digests = _param_digests(path, sums, list(_flat(abstract)))
         if shardings is None or not scanned:  # a per-layer tree is restored on the host, then stacked
             dev = jax.sharding.SingleDeviceSharding(jax.devices()[0] if scanned else _host_device())
             shardings = jax.tree_util.tree_map(lambda _: dev, abstract)
         target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, restore_dt, sharding=s),
                                         abstract, shardings)
         try:
-            params = ckptr.restore(params_dir, target)
+            with _quiet_orbax_logs():
+                params = ckptr.restore(params_dir, target)
         except Exception as e:  # truncated/corrupt array files surface as assorted tensorstore errors
             raise CheckpointError(f"{params_dir}: cannot restore params ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                                  f"{_orbax_error(e)})") from None
     finally:
         ckptr.close()
     if not (restore_dt == want_dt and not check and allow_nonfinite):
@@ -328,9 +417,7 @@ def load_params_with_notes(path: str | Path, mesh: Mesh | None = None, dtype: An
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint folder (does not exist or is a file)")
     if fmt == "native":
-        cfg, _ = read_native_config(path)
-        shardings = param_shardings(cfg, mesh) if mesh is not None else None
-        return _load_native(path, shardings, dtype, rope_theta, verify, allow_nonfinite)
+        return _load_native(path, mesh, dtype, rope_theta, verify, allow_nonfinite)
     cfg, notes = read_config(path, fmt, rope_theta)
     shardings = param_shardings(cfg, mesh) if mesh is not None else None
     with open_source(path, fmt) as source:
@@ -349,7 +436,8 @@ def load_params(path: str | Path, mesh: Mesh | None = None, dtype: Any = jnp.flo
 
     NaN/inf values (or values a cast to `dtype` overflows) are refused with a CheckpointError naming the
     tensor unless `allow_nonfinite`. A native checkpoint's params are checked against their stored
-    checksums unless `verify=False` (version-1 folders have none: a note says so).
+    checksums, and its config.json against the copy saved beside them, unless `verify=False` (version-1
+    folders have neither, older version 2-3 folders no config copy: a note says so).
     """
     cfg, params, notes = load_params_with_notes(path, mesh, dtype, fmt, rope_theta, progress, allow_nonfinite,
                                                 verify)

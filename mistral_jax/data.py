@@ -43,6 +43,7 @@ class Corpus:
     n_large: int  # skipped: larger than data.max_bytes
     n_excluded: int  # skipped: a path part below the corpus root is in data.exclude
     where: str  # the root directory or globs, for messages
+    n_duplicates: int = 0  # names of a file already listed (another spelling, a symlink): read once
 
     def describe(self, max_bytes: int) -> str:
         """One line, e.g. 'data: 1234 files (56 skipped: larger than data.max_bytes=200000; 12 excluded ...)'."""
@@ -51,6 +52,8 @@ class Corpus:
             notes.append(f"{self.n_large} skipped: larger than data.max_bytes={max_bytes}")
         if self.n_excluded:
             notes.append(f"{self.n_excluded} excluded by data.exclude")
+        if self.n_duplicates:
+            notes.append(f"{self.n_duplicates} duplicate name(s) of a listed file, read once")
         return f"data: {len(self.files)} files from {self.where}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
@@ -84,7 +87,9 @@ def list_files(data: DataSection) -> Corpus:
     """The corpus: Python's standard library sources or the configured globs, less excluded and large files.
 
     `data.exclude` is matched against the path parts below the corpus root (the stdlib directory, or
-    each glob's directory before its first wildcard), so the root's own location does not matter.
+    each glob's directory before its first wildcard), so the root's own location does not matter. A file
+    named twice (relative and absolute globs, a symlink or hard link) is listed once, under its first name
+    in sorted order: it is neither trained on twice nor both trained on and held out.
     """
     excluded = set(data.exclude)
     files, large, skipped = set(), set(), set()
@@ -98,12 +103,27 @@ def list_files(data: DataSection) -> Corpus:
             large.add(p)
         else:
             files.add(p)
+    unique: dict[Any, Path] = {}
+    for p in sorted(files):
+        unique.setdefault(file_identity(p), p)
+    n_duplicates = len(files) - len(unique)
+    files = set(unique.values())
     where = sysconfig.get_paths()["stdlib"] + "/" + data.pattern if data.source == "stdlib" else list(data.paths)
     if not files:
         raise DataError(f"data: no files found for source={data.source!r} ({where})"
                         + (f"; {len(skipped)} excluded by data.exclude={list(data.exclude)}" if skipped else "")
                         + (f"; {len(large)} larger than data.max_bytes={data.max_bytes}" if large else ""))
-    return Corpus(sorted(files), len(large), len(skipped), str(where))
+    return Corpus(sorted(files), len(large), len(skipped), str(where), n_duplicates)
+
+
+def file_identity(path: str | os.PathLike) -> tuple[int, int] | str:
+    """What makes two names the same file: (device, inode), so relative and absolute spellings, symlinks
+    and hard links agree; the resolved path where the file cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        return str(Path(path).resolve())
 
 
 def split_files(files: Sequence[Path], val_percent: float) -> tuple[list[Path], list[Path]]:
@@ -129,6 +149,8 @@ def _jsonl_texts(path: Path) -> list[str]:
                 rec = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise DataError(f"{path}:{i}: not a JSON line ({type(e).__name__}: {e})") from None
+            except RecursionError:         # e.g. 100,000 nested '[': the parser recurses per level
+                raise DataError(f"{path}:{i}: not a JSON line (nested too deeply to read)") from None
             text = rec.get("text") if isinstance(rec, dict) else None
             if not isinstance(text, str):
                 raise DataError(f"{path}:{i}: expected an object with a string \"text\" field, got "

@@ -3,8 +3,10 @@
 Each task turns input examples into rows of one JSONL file (`examples.jsonl` in the output folder),
 written as examples finish, and a `summary.json` computed from every row at the end. A rerun with the
 same output folder reads the rows already there and scores only the examples that have none (a line
-torn by a kill is dropped first); `run.json` records the task, data and settings and a rerun that
-differs in them is refused.
+torn by a kill is dropped first; other lines that are not rows are skipped, with a note). Examples are
+keyed by the resolved data file and line, so a rerun may spell the data's path differently. `run.json`
+records the task, data, checkpoint (its path and `integrity.checkpoint_identity`) and settings, and a
+rerun that differs in them is refused.
 
 Tokenisation follows lm-evaluation-harness: a (context, continuation) pair is encoded as BOS + the whole
 text, and the continuation is what follows the tokens of BOS + context; trailing spaces of the context
@@ -49,6 +51,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from mistral_jax import prompts, scoring
+from mistral_jax.errors import first_line
 from mistral_jax.tokenizer import Tokenizer
 
 TASKS = ("perplexity", "choice", "generate", "moderate")
@@ -67,8 +70,8 @@ class EvalError(ValueError):
 @dataclasses.dataclass
 class Example:
     """One input example: key (unique, used for resume), its source location, and the parsed object."""
-    key: str
-    where: str                     # "FILE:LINE" or "FILE"
+    key: str                       # "RESOLVED_FILE:LINE" or "RESOLVED_FILE": the same however --data is spelled
+    where: str                     # "FILE:LINE" or "FILE", the file as given (for messages)
     line: int | None
     obj: Any = None
     error: str | None = None
@@ -78,10 +81,16 @@ class Example:
 
 def read_examples(paths: Sequence[Path], task: str) -> list[Example]:
     """Examples from JSONL files (one object per non-blank line) or, for perplexity, plain text files (one
-    document per file). A bad line becomes an Example with `error` naming FILE:LINE; an unreadable file
-    raises EvalError."""
+    document per file). Keys name the resolved file, messages the file as given. A bad line becomes an
+    Example with `error` naming FILE:LINE; an unreadable file, or one given twice, raises EvalError."""
     out: list[Example] = []
+    seen: list[tuple[Path, Path]] = []         # (as given, resolved)
     for path in paths:
+        resolved = Path(path).resolve()
+        for given, other in seen:
+            if same_file(resolved, other):
+                raise EvalError(f"--data {path}: the same file as --data {given}; give each file once")
+        seen.append((Path(path), resolved))
         try:
             data = Path(path).read_bytes()
         except OSError as e:
@@ -92,7 +101,7 @@ def read_examples(paths: Sequence[Path], task: str) -> list[Example]:
             except UnicodeDecodeError as e:
                 raise EvalError(f"--data {path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") \
                     from None
-            out.append(Example(str(path), str(path), None, {"text": text.removeprefix("\ufeff")}))
+            out.append(Example(str(resolved), str(path), None, {"text": text.removeprefix("\ufeff")}))
             continue
         lines = data.split(b"\n")
         if lines and lines[-1] == b"":
@@ -103,7 +112,7 @@ def read_examples(paths: Sequence[Path], task: str) -> list[Example]:
                 raw = raw[3:]
             if not raw.strip():
                 continue
-            ex = Example(where, where, n)
+            ex = Example(f"{resolved}:{n}", where, n)
             try:
                 ex.obj = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
@@ -116,6 +125,16 @@ def read_examples(paths: Sequence[Path], task: str) -> list[Example]:
     return out
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: equal once resolved, or the same existing file (a hard link)."""
+    try:
+        if Path(a).resolve() == Path(b).resolve():
+            return True
+        return Path(a).exists() and Path(b).exists() and os.path.samefile(a, b)
+    except (OSError, RuntimeError):
+        return False
+
+
 def file_digest(paths: Sequence[Path]) -> str:
     """sha256 over the data files' bytes (resume refuses changed data)."""
     h = hashlib.sha256()
@@ -126,15 +145,80 @@ def file_digest(paths: Sequence[Path]) -> str:
 
 # ----- output folder: rows written as they finish, resume -----
 
+WRITTEN_FILES = (EXAMPLES_FILE, SUMMARY_FILE, RUN_FILE, f".{SUMMARY_FILE}.tmp", f".{RUN_FILE}.tmp")
+
+
+def check_inputs_not_written(folder: Path, inputs: Sequence[tuple[str, Path]], checkpoint: Path | None = None) -> None:
+    """EvalError unless no input (flag, path) is a file that a run in output `folder` writes or --overwrite
+    deletes, and the folder is not the checkpoint folder."""
+    folder = Path(folder)
+    for flag, path in inputs:
+        for name in WRITTEN_FILES:
+            if same_file(path, folder / name):
+                raise EvalError(f"{flag} {path}: is {folder / name}, a file this run writes in --output {folder}; "
+                                "use another --output")
+    if checkpoint is not None and same_file(folder, checkpoint):
+        raise EvalError(f"--output {folder}: is the --checkpoint folder; use another --output")
+
+
+def _checkpoint_named(run: dict[str, Any]) -> str:
+    ident = run.get("checkpoint_id")
+    return f"{run.get('checkpoint')}" + (f" (identity {ident})" if ident else " (identity not recorded)")
+
+
+def check_run(run_path: Path, old: dict[str, Any], new: dict[str, Any], keys: Iterable[str] | None = None) -> list[str]:
+    """EvalError (one line) when run.json's settings `old` differ from this run's `new` ones (only in `keys`,
+    when given): the task first, then the checkpoint (its path and identity), then any other field. Returns
+    notes: a run.json from before checkpoint identities were recorded resumes with one."""
+    hint = "use another --output or --overwrite"
+    keys = sorted(set(old) | set(new)) if keys is None else sorted(keys)
+    if "task" in keys and old.get("task") != new.get("task"):
+        raise EvalError(f"{run_path}: this output folder holds a {old.get('task')!r} evaluation, now --task "
+                        f"{new.get('task')}; {hint}")
+    notes = []
+    if "checkpoint" in keys or "checkpoint_id" in keys:
+        same_path = old.get("checkpoint") == new.get("checkpoint")
+        if same_path and "checkpoint_id" in new and "checkpoint_id" not in old:
+            notes.append(f"{run_path} predates checkpoint identities: cannot tell whether {new.get('checkpoint')} "
+                         f"changed since its rows were scored; recording its identity {new['checkpoint_id']} now")
+        elif not same_path or old.get("checkpoint_id") != new.get("checkpoint_id"):
+            what = "another checkpoint" if not same_path else "the checkpoint has changed since"
+            raise EvalError(f"{run_path}: this output folder holds rows scored with checkpoint "
+                            f"{_checkpoint_named(old)}, now {_checkpoint_named(new)} ({what}); {hint}")
+    for k in keys:
+        if k not in ("task", "checkpoint", "checkpoint_id") and old.get(k) != new.get(k):
+            raise EvalError(f"{run_path}: this output folder holds a run with {k}={old.get(k)!r}, now "
+                            f"{new.get(k)!r}; {hint}")
+    return notes
+
+
+def read_run(folder: Path) -> dict[str, Any] | None:
+    """The run.json of an output folder; None when there is none. EvalError if it is unreadable."""
+    run_path = Path(folder) / RUN_FILE
+    if not run_path.exists():
+        return None
+    try:
+        old = json.loads(run_path.read_text())
+    except (OSError, ValueError) as e:
+        raise EvalError(f"{run_path}: unreadable ({first_line(e)}); pass --overwrite to start again") from None
+    if not isinstance(old, dict):
+        raise EvalError(f"{run_path}: not a JSON object; pass --overwrite to start again")
+    return old
+
+
 class Output:
-    """The output folder: run.json (checked on resume), examples.jsonl (appended), summary.json."""
+    """The output folder: run.json (checked on resume), examples.jsonl (appended), summary.json.
+
+    `notes` lists what a resume noticed (rows skipped or dropped, fields an older run.json lacks), one line each.
+    """
 
     def __init__(self, folder: Path, run: dict[str, Any], overwrite: bool = False, writer: bool = True):
         """writer=False (processes other than 0 in a multi-process run): reads what is done, writes nothing."""
         self.folder, self.writer = Path(folder), writer
+        self.notes: list[str] = []
+        self.examples_path = self.folder / EXAMPLES_FILE
         if not writer:
-            self.examples_path = self.folder / EXAMPLES_FILE
-            self.rows = self._read_rows() if self.examples_path.exists() else []
+            self.rows = self._read_rows()
             self.done = {r["key"] for r in self.rows}
             self._fh = None
             return
@@ -143,21 +227,13 @@ class Output:
         self.folder.mkdir(parents=True, exist_ok=True)
         if not os.access(self.folder, os.W_OK | os.X_OK):
             raise EvalError(f"--output {folder}: folder is not writable")
-        self.examples_path = self.folder / EXAMPLES_FILE
         run_path = self.folder / RUN_FILE
         if overwrite:
             for name in (EXAMPLES_FILE, SUMMARY_FILE, RUN_FILE):
                 (self.folder / name).unlink(missing_ok=True)
-        if run_path.exists():
-            try:
-                old = json.loads(run_path.read_text())
-            except (OSError, ValueError) as e:
-                raise EvalError(f"{run_path}: unreadable ({e}); pass --overwrite to start again") from None
-            diff = [k for k in sorted(set(old) | set(run)) if old.get(k) != run.get(k)]
-            if diff:
-                k = diff[0]
-                raise EvalError(f"{run_path}: this output folder holds a run with {k}={old.get(k)!r}, now "
-                                f"{run.get(k)!r}; use another --output or --overwrite")
+        old = read_run(self.folder)
+        if old is not None:
+            self.notes += check_run(run_path, old, run)
         elif self.examples_path.exists():
             raise EvalError(f"--output {folder}: has {EXAMPLES_FILE} but no {RUN_FILE}; use another --output "
                             "or --overwrite")
@@ -167,32 +243,68 @@ class Output:
         self._fh = open(self.examples_path, "ab")
 
     def _read_rows(self) -> list[dict[str, Any]]:
-        """Rows already written; a torn or unreadable last line (a killed run) is cut off the file."""
+        """Rows already written, in file order. A torn last line (no newline: a run killed mid-write) is cut off
+        the file; a complete line that is not a row is skipped and left in place; each gets a note."""
         if not self.examples_path.exists():
             return []
         data = self.examples_path.read_bytes()
-        rows, keep, pos = [], 0, 0
-        for raw in data.split(b"\n"):
-            end = pos + len(raw) + 1
-            if end > len(data):           # no newline: torn last line
-                break
+        lines = data.split(b"\n")
+        torn = lines.pop()          # what follows the last newline: b"" unless a write was cut short
+        rows, bad = [], []
+        for n, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
             try:
                 row = json.loads(raw)
-                if not isinstance(row, dict) or "key" not in row:
-                    break
-            except ValueError:
-                break
+            except (ValueError, RecursionError):
+                bad.append(f"line {n}: not valid JSON")
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+                bad.append(f"line {n}: not an object with a 'key'")
+                continue
             rows.append(row)
-            keep, pos = end, end
-        if keep < len(data) and self.writer:
-            with open(self.examples_path, "r+b") as f:
-                f.truncate(keep)
-        seen: dict[str, dict[str, Any]] = {}
-        for r in rows:
-            seen.setdefault(r["key"], r)
-        return list(seen.values())
+        if bad:
+            shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+            self.notes.append(f"{self.examples_path}: skipped {len(bad)} line(s) that are not rows ({shown}); left in "
+                              "the file, their examples are scored again")
+        if torn:
+            self.notes.append(f"{self.examples_path}: dropped a torn last line ({len(torn)} bytes without a newline, "
+                              "from a run killed while writing); its example is scored again")
+            if self.writer:
+                with open(self.examples_path, "r+b") as f:
+                    f.truncate(len(data) - len(torn))
+        return rows
+
+    def resume(self, examples: Sequence[Example]) -> list[Example]:
+        """The examples that have no row yet. Keeps one row per example (the first), matching a row's key
+        however the data file was spelled when it was written; rows that match no example are not counted
+        (a note says how many)."""
+        valid = {ex.key for ex in examples}
+        files: dict[str, list[Path]] = {}           # file name -> resolved data files of that name
+        for ex in examples:
+            f = Path(ex.key if ex.line is None else ex.key.rsplit(":", 1)[0])
+            if f not in files.get(f.name, []):
+                files.setdefault(f.name, []).append(f)
+        kept: dict[str, dict[str, Any]] = {}
+        unmatched = duplicate = 0
+        for row in self.rows:
+            key = row["key"] if row["key"] in valid else _match_key(row["key"], valid, files)
+            if key is None:
+                unmatched += 1
+            elif key in kept:
+                duplicate += 1
+            else:
+                kept[key] = row if key == row["key"] else {**row, "key": key}
+        if duplicate:
+            self.notes.append(f"{self.examples_path}: {duplicate} row(s) repeat an example already there; the first "
+                              "row of each example is kept")
+        if unmatched:
+            self.notes.append(f"{self.examples_path}: {unmatched} row(s) match no example of --data; not counted")
+        self.rows, self.done = list(kept.values()), set(kept)
+        return [ex for ex in examples if ex.key not in self.done]
 
     def write(self, row: dict[str, Any]) -> None:
+        """Appends one example's row (flushed at once)."""
         if self._fh is not None:
             self._fh.write(_json_line(row))
             self._fh.flush()
@@ -200,13 +312,36 @@ class Output:
         self.done.add(row["key"])
 
     def close(self) -> None:
+        """Closes examples.jsonl."""
         if self._fh is not None:
             self._fh.close()
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        """Writes summary.json (atomically)."""
         if not self.writer:
             return
         _write_atomic(self.folder / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+
+
+def _match_key(key: str, valid: set[str], files: dict[str, list[Path]]) -> str | None:
+    """The key of `valid` that a row key written with another spelling of its data file means ("FILE:LINE" or
+    "FILE"; FILE relative to the working folder or absolute, else matched by a file name unique among the data
+    files), or None."""
+    forms = [(key, "")]
+    head, sep, tail = key.rpartition(":")
+    if sep and tail.isdigit():
+        forms.append((head, sep + tail))
+    for path, suffix in forms:
+        try:
+            cand = f"{Path(path).resolve()}{suffix}"
+        except (OSError, RuntimeError, ValueError):
+            cand = ""
+        if cand in valid:
+            return cand
+        same_name = files.get(Path(path).name, [])
+        if len(same_name) == 1 and f"{same_name[0]}{suffix}" in valid:
+            return f"{same_name[0]}{suffix}"
+    return None
 
 
 def _json_line(row: dict[str, Any]) -> bytes:
@@ -284,7 +419,7 @@ class FewShot:
         cands = [p for p in self.pool if not (self.same_file and p.key == ex.key)]
         if len(cands) < self.k:
             raise ValueError(f"--num-fewshot {self.k}: only {len(cands)} usable few-shot example(s) to draw from")
-        rng = random.Random(f"{self.seed}:{Path(ex.where.rsplit(':', 1)[0]).name}:{ex.line}")
+        rng = random.Random(f"{self.seed}:{Path(ex.key.rsplit(':', 1)[0]).name}:{ex.line}")
         return rng.sample(cands, self.k)
 
 

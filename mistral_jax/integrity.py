@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -57,3 +58,24 @@ def check_values(y: np.ndarray, name: str, source: str, allow_nonfinite: bool = 
     if not allow_nonfinite:
         raise CheckpointError(msg)
     log.warning(msg.split("; ")[0] + " (allowed)")
+
+
+def checkpoint_identity(path: str | Path) -> str:
+    """A short digest that changes when the checkpoint folder's model changes: for a native folder, its
+    config.json and checksums.json bytes; for other layouts, their JSON files' bytes and each weight file's
+    name, size and modification time (hashing the weights themselves would read the whole model)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    try:
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        for p in files:
+            h.update(p.name.encode() + b"\0")
+            if p.suffix == ".json":
+                h.update(p.read_bytes())
+            else:
+                st = p.stat()
+                h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+            h.update(b"\0")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint folder ({e})") from None
+    return h.hexdigest()[:16]

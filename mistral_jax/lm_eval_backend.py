@@ -50,7 +50,7 @@ class MistralJaxLM(TemplateLM):
 
         self._dtype = parse_dtype(dtype, "dtype") if isinstance(dtype, str) else jnp.dtype(dtype)
         if isinstance(mesh, str):
-            mesh = sharding.make_mesh(*(int(x) for x in mesh.split(",")))
+            mesh = sharding.make_mesh(*sharding.parse_mesh(mesh))
         self.mesh = mesh
         if checkpoint is not None:
             from mistral_jax.checkpoint import load_params

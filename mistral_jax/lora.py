@@ -142,6 +142,7 @@ def add_adapters(params: Mapping[str, Any], cfg: ModelConfig, lcfg: LoraConfig, 
         first = "/".join(next(p for p, _ in _leaf_paths(existing)))
         raise ValueError(f"lora.add_adapters: params already hold LoRA adapters (e.g. '{first}')")
     _check_against_model(params, cfg, None, "lora.add_adapters")
+    check_rank(cfg, lcfg, "lora.add_adapters")
     adapters: dict[str, Any] = {}
     n = 0
     for path, module in _modules(params):
@@ -164,6 +165,15 @@ def add_adapters(params: Mapping[str, Any], cfg: ModelConfig, lcfg: LoraConfig, 
     out = join(adapters, params)
     _check_against_model(out, cfg, lcfg, "lora.add_adapters")   # the adapters are the model's
     return out
+
+
+def check_rank(cfg: ModelConfig, lcfg: LoraConfig, who: str = "lora") -> None:
+    """Raises a ValueError naming the field when lcfg.rank exceeds min(in, out) of a targeted projection
+    of cfg (such a rank adds nothing; a huge one would try to allocate rank x dim adapters)."""
+    from mistral_jax.run_config import lora_rank_error
+    error = lora_rank_error(lcfg.rank, lcfg.targets, cfg)
+    if error:
+        raise ValueError(f"{who}: field 'rank': {error}")
 
 
 def _leaf_paths(tree: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], Any]]:

@@ -18,6 +18,32 @@ from mistral_jax.run_config import OptimSection
 
 GiB = 2 ** 30
 DEVICE_MEMORY = {"v5e": 16 * GiB, "v5p": 95 * GiB, "h100": 80 * GiB, "h200": 141 * GiB, "v4": 32 * GiB}
+# The most devices a plan simulates on the CPU (XLA's host platform): each costs about 0.1 MB and start-up time
+# (4096: ~0.6 GB, ~7 s); 100,000 took 18.8 GB before the kernel killed the process.
+MAX_SIMULATED_DEVICES = 4096
+
+
+def check_layout(mesh_shape: tuple[int, int, int], seq_len: int, batch: int, grad_accum: int = 1,
+                 lora_rank: int = 0, max_devices: int | None = MAX_SIMULATED_DEVICES) -> None:
+    """Raises ValueError (one line naming the flag) unless the layout can be planned: sizes >= 1, at most
+    `max_devices` devices, and a batch that splits into grad_accum micro-batches whose rows split over the
+    data x fsdp devices (what the train step requires). Pure arithmetic: safe before jax starts."""
+    for name, v, lo in (("--seq-len", seq_len, 1), ("--batch", batch, 1), ("--grad-accum", grad_accum, 1),
+                        ("--lora-rank", lora_rank, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if len(mesh_shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in mesh_shape):
+        raise ValueError(f"--mesh: expected three axis sizes >= 1 (data, fsdp, tensor), got {mesh_shape!r}")
+    n = math.prod(mesh_shape)
+    if max_devices is not None and n > max_devices:
+        raise ValueError(f"--mesh data={mesh_shape[0]},fsdp={mesh_shape[1]},tensor={mesh_shape[2]} needs {n} "
+                         f"devices; a plan simulates at most {max_devices} on the CPU")
+    if batch % grad_accum:
+        raise ValueError(f"--batch {batch} is not divisible by --grad-accum {grad_accum}")
+    rows, shards = batch // grad_accum, mesh_shape[0] * mesh_shape[1]
+    if rows % shards:
+        raise ValueError(f"--batch {batch} / --grad-accum {grad_accum} = {rows} rows per micro-batch cannot be "
+                         f"split over data*fsdp = {shards} devices; use a multiple of {shards * grad_accum}")
 
 
 @dataclasses.dataclass
@@ -55,6 +81,7 @@ def plan(cfg: ModelConfig, mesh_shape: tuple[int, int, int], seq_len: int, batch
          dtype: Any = jnp.bfloat16, param_dtype: Any = jnp.float32, grad_accum: int = 1, lora_rank: int = 0,
          compile: bool = True) -> Plan:
     """The memory plan of one train step of `batch` rows x `seq_len` tokens on a (data, fsdp, tensor) mesh."""
+    check_layout(mesh_shape, seq_len, batch, grad_accum, lora_rank, max_devices=None)
     n_dev = math.prod(mesh_shape)
     if len(jax.devices()) < n_dev:
         raise ValueError(f"mesh {mesh_shape} needs {n_dev} devices, {len(jax.devices())} exist (set "
@@ -87,14 +114,19 @@ def plan(cfg: ModelConfig, mesh_shape: tuple[int, int, int], seq_len: int, batch
 
 
 def parse_memory(text: str) -> int:
-    """Bytes from a device name (v5e, v5p, h100, h200, v4) or a size such as '16GiB', '80GB', '1.5e10'."""
+    """Bytes (> 0) from a device name (v5e, v5p, h100, h200, v4) or a finite size such as '16GiB', '80GB',
+    '1.5e10'; ValueError naming --device-memory otherwise."""
     t = text.strip().lower()
     if t in DEVICE_MEMORY:
         return DEVICE_MEMORY[t]
     for suffix, mult in (("gib", GiB), ("gb", 10 ** 9), ("mib", 2 ** 20), ("mb", 10 ** 6), ("", 1)):
         if t.endswith(suffix):
             try:
-                return int(float(t[:len(t) - len(suffix)] if suffix else t) * mult)
+                value = float(t[:len(t) - len(suffix)] if suffix else t) * mult
             except ValueError:
                 break
-    raise ValueError(f"--device-memory: expected one of {sorted(DEVICE_MEMORY)} or a size like 16GiB, got {text!r}")
+            if math.isfinite(value) and value >= 1:
+                return int(value)
+            break
+    raise ValueError(f"--device-memory: expected one of {sorted(DEVICE_MEMORY)} or a positive size like 16GiB, "
+                     f"got {text!r}")

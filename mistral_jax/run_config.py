@@ -46,7 +46,9 @@ RematName = Annotated[Literal["none", "full", "dots"], BeforeValidator(_remat_na
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    """A config section: unknown fields refused, values not coerced, and every float finite (no inf/nan:
+    TOML's `inf` and `nan` are valid literals, and an infinite lr or weight decay would train NaN params)."""
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -227,9 +229,11 @@ def _cross_check(rc: RunConfig, source: str) -> None:
     if d.source in ("files", "chat") and not d.paths:
         errors.append(f"{source}: [data] field 'paths': must list files/globs when data.source = '{d.source}'")
     bad_targets = [t for t in rc.lora.targets if t not in LORA_TARGETS]
-    if bad_targets or not rc.lora.targets:
+    repeated = sorted({t for t in rc.lora.targets if rc.lora.targets.count(t) > 1})
+    if bad_targets or not rc.lora.targets or repeated:
         errors.append(f"{source}: [lora] field 'targets': {list(rc.lora.targets)} must be a non-empty subset of "
-                      f"{list(LORA_TARGETS)}")
+                      f"{list(LORA_TARGETS)} without repeats"
+                      + (f" (repeated: {', '.join(repeated)})" if repeated else ""))
     if rc.train.profile_steps:
         try:
             profile_range(rc.train.profile_steps)
@@ -248,8 +252,33 @@ def _cross_check(rc: RunConfig, source: str) -> None:
     if cfg.max_seq_len < d.seq_len:
         errors.append(f"{source}: [model] max_seq_len={cfg.max_seq_len} is below data.seq_len={d.seq_len}; "
                       "lower data.seq_len or raise model.overrides.max_seq_len")
+    if rc.lora.rank > 0 and not bad_targets and rc.lora.targets:
+        error = lora_rank_error(rc.lora.rank, rc.lora.targets, cfg)
+        if error:
+            errors.append(f"{source}: [lora] field 'rank': {error}")
     if errors:
         raise RunConfigError("\n".join(errors))
+
+
+def lora_projection_dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(input features, output features) of each LoRA-targetable projection of a layer of `cfg` (heads
+    flattened: wq maps dim -> n_heads * head_dim)."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return {"wq": (cfg.dim, q), "wk": (cfg.dim, kv), "wv": (cfg.dim, kv), "wo": (q, cfg.dim),
+            "w1": (cfg.dim, cfg.hidden_dim), "w2": (cfg.hidden_dim, cfg.dim), "w3": (cfg.dim, cfg.hidden_dim)}
+
+
+def lora_rank_error(rank: int, targets: Sequence[str], cfg: ModelConfig) -> str | None:
+    """Why `rank` is too large for the targeted projections of `cfg` (None when it is not): a rank above
+    min(in, out) of a projection adds parameters but no expressiveness, and an absurd one would allocate
+    rank x dim adapters before failing."""
+    dims = lora_projection_dims(cfg)
+    name = min(targets, key=lambda t: min(dims[t]))
+    limit = min(dims[name])
+    if rank <= limit:
+        return None
+    return (f"{rank} exceeds {limit}, the smaller dimension of the targeted projection {name} "
+            f"({dims[name][0]} x {dims[name][1]} in this model); lora.rank must be <= min(in, out) of every target")
 
 
 def profile_range(text: str) -> tuple[int, int]:

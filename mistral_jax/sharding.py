@@ -33,6 +33,55 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+MESH_SYNTAX = "data,fsdp,tensor as D,F,T (e.g. 1,8,1) or data=D,fsdp=F,tensor=T (omitted axes are 1)"
+
+
+def parse_mesh(text: str, allow_rest: bool = True) -> tuple[int, int, int]:
+    """The (data, fsdp, tensor) shape written as `D,F,T` (e.g. `1,8,1`) or `data=D,fsdp=F,tensor=T` (any
+    order; an omitted axis is 1), the one mesh syntax of every program (train.plan, infer.*).
+
+    Sizes are integers >= 1; with allow_rest, one axis may be -1 (make_mesh gives it the remaining devices).
+    Raises ValueError (one line, starting "expected data,fsdp,tensor") for anything else: empty text,
+    unknown or repeated axis names, a mix of the two forms, a wrong count, non-integers, 0 or -2.
+    """
+    def fail(why: str) -> ValueError:
+        rest = " (one may be -1: the remaining devices)" if allow_rest else ""
+        return ValueError(f"expected {MESH_SYNTAX}, sizes >= 1{rest}; {why}, got {text!r}")
+
+    if not isinstance(text, str) or not text.strip():
+        raise fail("it is empty")
+    parts = [p.strip() for p in text.split(",")]
+    named = ["=" in p for p in parts]
+    if any(named) and not all(named):
+        raise fail("mixes D,F,T and name=size")
+    if all(named):
+        sizes: dict[str, str] = {}
+        for p in parts:
+            key, _, value = (s.strip() for s in p.partition("="))
+            if key not in MESH_AXES:
+                raise fail(f"unknown axis {key!r}")
+            if key in sizes:
+                raise fail(f"axis {key!r} given twice")
+            sizes[key] = value
+        raw = [sizes.get(k, "1") for k in MESH_AXES]
+    else:
+        if len(parts) != len(MESH_AXES):
+            raise fail(f"{len(parts)} size(s) instead of 3")
+        raw = parts
+    shape = []
+    for name, value in zip(MESH_AXES, raw):
+        try:
+            v = int(value)
+        except ValueError:
+            raise fail(f"{name} size {value!r} is not an integer") from None
+        if v < 1 and not (allow_rest and v == -1):
+            raise fail(f"{name} size {v} is not >= 1" + (" or -1" if allow_rest else ""))
+        shape.append(v)
+    if shape.count(-1) > 1:
+        raise fail("more than one axis is -1")
+    return shape[0], shape[1], shape[2]
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all); one axis may be -1 to take the rest.

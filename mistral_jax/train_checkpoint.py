@@ -6,18 +6,59 @@ enabled; only the last `keep` steps are kept.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
-from typing import Any
+from typing import Any, Coroutine
 
 import orbax.checkpoint as ocp
 
 ITEMS = ("state", "data", "meta")
+SETTLE_LIMIT_S = 60.0  # the longest a failed orbax call waits for its other reads and writes
+
+
+def _run_sync_settled(coro: Coroutine) -> Any:
+    """Runs `coro` on a fresh event loop, as orbax's own runner does; when it fails, the tasks still pending
+    may finish (60 s at most, then they are cancelled) before the loop is closed.
+
+    orbax runs each synchronous step (metadata, restore, save) as a coroutine on a new event loop and
+    closes the loop as soon as the coroutine ends. When one of its gathered reads fails (a corrupt
+    metadata or array file), the others are still in flight; tensorstore's threads then complete them
+    into the closed loop and print "RuntimeError: Event loop is closed" tracebacks below the error.
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(coro)
+    except BaseException:
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        if pending:  # their outcomes are dropped: the coroutine's own error is what counts
+            _, stuck = loop.run_until_complete(asyncio.wait(pending, timeout=SETTLE_LIMIT_S))
+            for t in stuck:  # waiting on something that will never come: cancelled, not waited for
+                t.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        raise
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def settle_orbax_event_loops() -> None:
+    """Makes orbax's synchronous calls wait for their in-flight reads and writes before closing their event
+    loop, also when the call fails (see `_run_sync_settled`). Idempotent; a no-op on orbax versions without
+    the private hook `asyncio_utils._run_sync_via_new_loop` (0.12 has it)."""
+    try:
+        from orbax.checkpoint._src import asyncio_utils
+    except ImportError:
+        return
+    if callable(getattr(asyncio_utils, "_run_sync_via_new_loop", None)):
+        asyncio_utils._run_sync_via_new_loop = _run_sync_settled
 
 
 class TrainCheckpointer:
     """Wraps an orbax CheckpointManager for (train state, data state, metadata) triples."""
 
     def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
+        settle_orbax_event_loops()  # a corrupt checkpoint fails with its error only, no loop tracebacks
         self.directory = Path(directory).resolve()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True, cleanup_tmp_directories=True)

@@ -36,7 +36,8 @@ from mistral_jax.train_checkpoint import TrainCheckpointer
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or gradient norm became NaN/inf; the message names the step and the last good checkpoint."""
+    """The loss, gradient norm or updated params became NaN/inf; the message names the step, which of them,
+    and the last good checkpoint."""
 
 
 PARAM_LAYOUT = "scanned"  # train-state params: layers stacked under "layers" (checkpoints before had none)
@@ -142,7 +143,7 @@ def run(rc: rc_lib.RunConfig, run_dir: str | Path, resume: bool = False, init_fr
     """Trains per `rc` in `run_dir`; returns the summary dict.
 
     Raises RunConfigError / RunError / DataError / FileExistsError before any compilation for bad input
-    or an incompatible checkpoint, and TrainingDiverged on a NaN/inf loss or gradient. profile_steps
+    or an incompatible checkpoint, and TrainingDiverged on a NaN/inf loss, gradient or updated param. profile_steps
     ("A:B") overrides train.profile_steps.
     """
     t_start = time.time()
@@ -365,11 +366,7 @@ def train(rc: rc_lib.RunConfig, state: ts.TrainState, step_fn: Callable,
             dt, clock["last"] = now - clock["last"], now
             if not bool(m["finite"]):
                 ckpt.wait()
-                raise TrainingDiverged(
-                    f"non-finite training loss at step {step} (loss={float(m['loss'])}, grad_norm="
-                    f"{float(m['grad_norm'])}); the update was not applied and training stopped. Last good "
-                    f"checkpoint: step {ckpt.latest_step()} in {ckpt.directory}. Lower optim.lr or raise "
-                    "optim.warmup_steps, then resume with --resume.")
+                raise TrainingDiverged(diverged_message(step, m, ckpt.latest_step(), ckpt.directory))
             since_log.append({"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
                               "tokens": float(m["tokens"]), "dt": dt, "timed": not clock["first"]})
             clock["first"] = False
@@ -420,6 +417,22 @@ def train(rc: rc_lib.RunConfig, state: ts.TrainState, step_fn: Callable,
             jax.profiler.stop_trace()
         bar.close()
     return state
+
+
+def diverged_message(step: int, m: dict[str, Any], last_good: int | None, directory: Path) -> str:
+    """The one line of a TrainingDiverged: what was non-finite at `step` (its fetched metrics `m`: the loss
+    or gradient norm, else the params the update would have made) and the last good checkpoint."""
+    loss, grad_norm, lr = float(m["loss"]), float(m["grad_norm"]), float(m["lr"])
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        what = (f"non-finite params after the update of step {step} (loss={loss}, grad_norm={grad_norm}, "
+                f"lr={lr}: the update itself overflowed)")
+    else:
+        what = f"non-finite training loss at step {step} (loss={loss}, grad_norm={grad_norm})"
+    last = (f"Last good checkpoint: step {last_good} in {directory}" if last_good is not None
+            else f"No checkpoint was written ({directory})")
+    return (f"{what}; the update was not applied and training stopped. {last}. Lower optim.lr (or "
+            "optim.weight_decay) or raise optim.warmup_steps, then "
+            + ("resume with --resume." if last_good is not None else "start again."))
 
 
 def heldout_loss(params: Any, cfg: ModelConfig, mesh: Mesh, val_stream: Iterator, n_batches: int, dtype: Any,

@@ -168,6 +168,12 @@ def check_batch_shape(mesh: Mesh, grad_accum: int, batch_size: int) -> None:
 
 # ----- the step -----
 
+def all_finite(tree: Any) -> jax.Array:
+    """A bool scalar: every element of every leaf of `tree` is finite (True for an empty tree)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return functools.reduce(jnp.logical_and, (jnp.all(jnp.isfinite(x)) for x in leaves), jnp.bool_(True))
+
+
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     mesh: Mesh, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                     remat: str = "none", loss_fn: LossFn | None = None, scan_layers: bool = True,
@@ -175,8 +181,9 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, s
     """Returns jit(step)(state, batch) -> (state, metrics), state donated, explicit in/out shardings.
 
     Gradients of the summed token loss are accumulated over the A micro-batches and divided by the
-    total token count, so A micro-batches equal one step on the A-times batch. A non-finite loss or
-    gradient norm leaves the state unchanged and reports finite=False. `loss_fn` (default
+    total token count, so A micro-batches equal one step on the A-times batch. A non-finite loss,
+    gradient norm or updated trained param leaves the state unchanged and reports finite=False (with
+    loss and grad_norm finite, it was the update). `loss_fn` (default
     `summed_loss`) has summed_loss's signature and returns (summed NLL, token count). scan_layers=False
     steps the per-layer (unscanned) model and params tree (kept for comparisons such as compile time).
     With `lora` only the adapters are differentiated and updated; the base weights pass through unchanged.
@@ -212,10 +219,14 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, s
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
         loss = loss_sum / denom
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         trained = trainable(params, lora)
         updates, new_opt = optimizer.update(grads, state["opt_state"], trained)
-        new_params = _with_trainable(params, optax.apply_updates(trained, updates), lora)
+        new_trained = optax.apply_updates(trained, updates)
+        # finite loss and gradients do not make finite params (an lr or weight decay past float32's range,
+        # an overflowing update): check what the step would keep, in the same program (frozen LoRA base
+        # weights do not change, so only the trained leaves are checked)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_trained)
+        new_params = _with_trainable(params, new_trained, lora)
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": new_opt}
         new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),

@@ -137,26 +137,30 @@ def test_model_blockwise_equals_dense_logits_and_grads():
         model_lib.Transformer(cfg, attn_impl="flash").apply({"params": params}, tokens)
 
 
-def _rows_with_segments(T, cut, pad_from):
-    """Row 0: two documents (positions restart at `cut`); row 1: one document right-padded from pad_from.
+def _rows_with_segments(T, cut, pad_from, left_pad=0):
+    """Row 0: two documents (positions restart at `cut`); row 1: one document right-padded from pad_from
+    and, with `left_pad`, left-padded too (its positions start at 0 after the padding).
 
     The padding keeps segment id 1: position -1 alone must keep it out of sight, as in the dense mask.
     """
-    pos = np.stack([np.concatenate([np.arange(cut), np.arange(T - cut)]), np.arange(T)]).astype(np.int32)
+    pos = np.stack([np.concatenate([np.arange(cut), np.arange(T - cut)]),
+                    np.arange(T) - left_pad]).astype(np.int32)
     seg = np.stack([np.concatenate([np.full(cut, 1), np.full(T - cut, 2)]), np.ones(T)]).astype(np.int32)
     pos[1, pad_from:] = -1
+    pos[1, :left_pad] = -1
     return jnp.asarray(pos), jnp.asarray(seg)
 
 
 @pytest.mark.parametrize("window", [37, None])
 def test_splash_interpret_matches_dense(window):
-    """Pallas splash attention (interpret mode on CPU) on packed and padded self-attention rows."""
+    """Pallas splash attention (interpret mode on CPU) on packed and padded self-attention rows; the padded
+    row is padded on both sides, its padding in the same segment as its tokens."""
     from mistral_jax.attention import multihead_attention
 
     rng = np.random.default_rng(6)
     T = 200                                          # padded to 256 inside: two 128-blocks
     q, k, v, ct = _qkv(rng, 2, T, T, 4, 2, 16)
-    pos, seg = _rows_with_segments(T, 90, 150)
+    pos, seg = _rows_with_segments(T, 90, 150, left_pad=20)
     mask = attention_mask(pos, pos, window, seg, seg)
     seen = jnp.any(mask, axis=-1) & (pos >= 0)
     ct = jnp.where(seen[:, :, None, None], ct, 0.0)
@@ -171,24 +175,50 @@ def test_splash_interpret_matches_dense(window):
     assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(gs, gd)) <= 2e-5
 
 
-def test_xla_dot_product_attention_path_matches_dense():
-    """jax.nn.dot_product_attention with local_window_size (the GPU path; XLA on CPU) on padded rows."""
+def _xla_rows(T: int) -> tuple[jax.Array, jax.Array]:
+    """(positions, segment ids) of four rows that index-based causal masks get wrong: offset positions,
+    left padding, packed segments (positions restart) and positions with a gap; -1 marks padding."""
+    t = np.arange(T)
+    pos = np.stack([t + 100,                                   # offset (a later window of a document)
+                    np.where(t < 13, -1, t - 13),               # left-padded
+                    np.where(t < 20, t, t - 20),                # two documents packed
+                    np.where(t < 10, t, t + 7)]).astype(np.int32)  # a gap of 7 positions after the 10th
+    seg = np.ones((4, T), np.int32)
+    seg[2, 20:] = 2
+    return jnp.asarray(pos), jnp.asarray(seg)
+
+
+@pytest.mark.parametrize("segments", [False, True], ids=["positions", "positions+segments"])
+def test_xla_dot_product_attention_path_matches_dense(segments):
+    """The "xla" path (jax.nn.dot_product_attention, what "auto" picks on GPU; XLA on CPU) follows the
+    position/segment mask, not the index: offset, left-padded, packed and gapped rows, and a cache."""
     from mistral_jax.attention import multihead_attention, resolve_impl
 
     rng = np.random.default_rng(7)
     T, W = 50, 11
-    q, k, v, ct = _qkv(rng, 2, T, T, 4, 2, 8)
-    pos = jnp.asarray(np.stack([np.arange(T), np.where(np.arange(T) < 30, np.arange(T), -1)]), jnp.int32)
-    seen = (pos >= 0)[:, :, None, None]
+    q, k, v, ct = _qkv(rng, 4, T, T, 4, 2, 8)
+    pos, seg = _xla_rows(T)
+    if not segments:  # without segment ids the packed row's documents see each other, by position
+        seg = None
+    mask = attention_mask(pos, pos, W, seg, seg)
+    seen = jnp.any(mask, axis=-1)[:, :, None, None]
     ct = jnp.where(seen, ct, 0.0)
 
     def run(impl, q, k, v):
-        return multihead_attention(q, k, v, pos, pos, W, impl=impl, self_attention=True)
+        return multihead_attention(q, k, v, pos, pos, W, seg, seg, impl=impl, self_attention=True)
 
     assert float(jnp.max(jnp.where(seen, jnp.abs(run("xla", q, k, v) - run("dense", q, k, v)), 0.0))) <= TOL
     gx = jax.grad(lambda *a: jnp.sum(run("xla", *a) * ct), argnums=(0, 1, 2))(q, k, v)
     gd = jax.grad(lambda *a: jnp.sum(run("dense", *a) * ct), argnums=(0, 1, 2))(q, k, v)
     assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(gx, gd)) <= TOL
+    if segments:
+        return
+    # over a cache: a chunk of 5 queries after 30 cached positions in a 40-slot buffer (10 slots empty)
+    qc, kc, vc = q[:, :5], k[:, :40], v[:, :40]
+    qpos = jnp.tile(jnp.arange(30, 35, dtype=jnp.int32), (4, 1))
+    kpos = jnp.tile(jnp.where(jnp.arange(40) < 35, jnp.arange(40), -1).astype(jnp.int32), (4, 1))
+    got, want = (multihead_attention(qc, kc, vc, qpos, kpos, W, impl=impl) for impl in ("xla", "dense"))
+    assert float(jnp.max(jnp.abs(got - want))) <= TOL
     # dispatch: accelerators get their kernels for self-attention rows, everything else blockwise
     assert resolve_impl("auto", True, True, "tpu") == "splash"
     assert resolve_impl("auto", True, False, "gpu") == "xla"
@@ -196,7 +226,7 @@ def test_xla_dot_product_attention_path_matches_dense():
     assert resolve_impl("auto", False, False, "tpu") == "blockwise"
     assert resolve_impl("auto", True, False, "cpu") == "blockwise"
     with pytest.raises(ValueError, match="self-attention rows only"):
-        multihead_attention(q, k, v, pos, pos, W, impl="xla", self_attention=False)
+        multihead_attention(q, k, v, pos, pos, W, impl="splash", self_attention=False)
 
 
 def test_memory_stays_linear_inside_a_differentiated_layer_scan():

@@ -53,10 +53,21 @@ def test_prompt_prefixes_and_full_sequence_match_mistral_common(chat_tok, system
     # v3 without one continue every earlier prompt too, v3 puts a system prompt on the last user turn only
     last = cd.encode_prompt(prefixes[-1], mt)
     assert ids[:len(last)] == last
+    sp = mt.instruct_tokenizer.tokenizer
     for prefix in prefixes[:-1]:
-        p, p_mask = cd.encode_conversation(prefix, mt)
-        assert (ids[:len(p)] == p) == (version == "v1" or not system)
-        assert p_mask == mask[:len(p)] or (version == "v3" and system)
+        p, p_mask = cd.encode_conversation(prefix, mt)      # p is mistral-common's prompt (checked above)
+        continues = version == "v1" or not system
+        assert (ids[:len(p)] == p) == continues
+        # Up to the prompt's last user turn the prompt and the training sequence agree, target mask included;
+        # with v3 and a system prompt that turn is [INST] system + "\n\n" + user [/INST] (3 ... 4), not a target
+        cut = len(p) if continues else max(i for i, t in enumerate(p) if t == 3)
+        assert p[:cut] == ids[:cut] and p_mask[:cut] == mask[:cut] and not any(p_mask[cut:])
+        if not continues:
+            text = f"{SYSTEM['content']}\n\n{prefix[-1]['content']}"
+            assert p[cut:] == [3] + sp.encode(text, bos=False, eos=False) + [4]
+        answers = [m for m in prefix if m["role"] == "assistant"]
+        assert sum(p_mask) == sum(len(sp.encode(m["content"].rstrip() if version == "v3" else m["content"],
+                                                bos=False, eos=False)) + 1 for m in answers)
 
 
 def test_target_mask_is_exactly_the_answers_and_their_eos():

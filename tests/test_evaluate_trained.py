@@ -31,6 +31,10 @@ BLUE = "sky ocean sapphire lake river wave whale glacier denim ink dolphin lagoo
 CALM = "garden music bread morning tea library bicycle picnic candle blanket lemon violin".split()
 HARSH = "weapon steal poison threat attack smuggle bomb fraud insult revenge explosive hostage".split()
 STEPS = 100
+# 96 training texts: with 32, held-out recall ranged 0.71-1.0 with the CPU's vector width alone (AVX-512,
+# AVX2, SSE4.2 on one Intel Xeon, via --xla_cpu_max_isa); with 96 every run over 3 seeds x 3 widths was
+# 48/48 with the right label ahead by >= 4.5 nats.
+N_MODERATE_TRAIN = 96
 
 
 def choice_rows():
@@ -43,14 +47,21 @@ def choice_rows():
     return rows
 
 
-def moderate_rows(seed, n):
+def moderate_rows(seed, n, exclude=frozenset()):
+    """n rows alternating acceptable/unacceptable, 4 words drawn from one list; texts in `exclude` skipped."""
     rs = random.Random(seed)
     rows = []
-    for i in range(n):
-        bad = i % 2 == 1
-        rows.append({"text": " ".join(rs.sample(HARSH if bad else CALM, 4)),
-                     "label": "unacceptable" if bad else "acceptable"})
+    while len(rows) < n:
+        bad = len(rows) % 2 == 1
+        text = " ".join(rs.sample(HARSH if bad else CALM, 4))
+        if text not in exclude:
+            rows.append({"text": text, "label": "unacceptable" if bad else "acceptable"})
     return rows
+
+
+def held_out_moderate_rows():
+    """48 rows whose texts never occur in the training rows."""
+    return moderate_rows(7, 48, exclude={r["text"] for r in moderate_rows(0, N_MODERATE_TRAIN)})
 
 
 def shuffled(rows, seed):
@@ -70,7 +81,7 @@ def training_sequences(tok, template):
     for row in choice_rows():
         ctx, cont = ev.encode_pair(tok, row["context"], " " + row["choices"][row["label"]])
         choice.append((ctx + cont, len(cont)))
-    for row in moderate_rows(0, 32):
+    for row in moderate_rows(0, N_MODERATE_TRAIN):
         ctx, cont = ev.encode_pair(tok, prompts.fill_template(template, row["text"]), " " + row["label"])
         moderate.append((ctx + cont, len(cont)))
     return choice, moderate
@@ -151,7 +162,7 @@ def test_choice_trained_above_chance_and_shuffled_at_chance(trained, tmp_path):
 
 def test_moderate_trained_precision_recall_and_shuffled(trained, tmp_path):
     ckpt, _ = trained
-    held_out = moderate_rows(7, 48)                   # new combinations of the two word lists
+    held_out = held_out_moderate_rows()               # new combinations of the two word lists
     bad = ["{oops", {"text": "garden tea", "label": "maybe"}, {"label": "acceptable"}, {"text": "", "label":
            "acceptable"}]
     data = write_jsonl(tmp_path / "m.jsonl", held_out[:10] + bad + held_out[10:])
@@ -161,26 +172,43 @@ def test_moderate_trained_precision_recall_and_shuffled(trained, tmp_path):
     assert f"{data}:12: 'label' must be one of 'acceptable', 'unacceptable', got 'maybe'" in rows[12]["error"]
     assert f"{data}:13: 'text' must be a non-empty string" in rows[13]["error"]
     assert f"{data}:14: 'text' must be a non-empty string" in rows[14]["error"]
+    # what the code guarantees: the confusion counts, rates and Wilson intervals follow from the rows
+    check_moderation_summary(s, rows)
+    c = s["confusion"]
+    assert c["tp"] + c["fn"] == 24 and c["fp"] + c["tn"] == 24
+    # the trained model's quality: measured 48/48 on every seed and vector width tried (see N_MODERATE_TRAIN);
+    # 0.9 leaves room for 2 misses of 24 positives and the interval still excludes chance
     for k in ("precision", "recall", "accuracy"):
         assert s[k]["value"] >= 0.9 and s[k]["ci95"][0] > 0.5, (k, s[k])
-    c = s["confusion"]
-    assert c["tp"] + c["fn"] == 24 and s["recall"]["n"] == 24 and s["precision"]["n"] == c["tp"] + c["fp"]
-    r = rows[1]
-    assert r["pred"] == ("unacceptable" if r["loglik"]["unacceptable"] > r["loglik"]["acceptable"] else "acceptable")
     # labels drawn at random, independent of the text (about 1/3 positive): precision at the positive rate,
     # recall and accuracy at 1/2 (the model still calls half of the texts unacceptable)
     rs = random.Random(3)
     sh = [{**r, "label": "unacceptable" if rs.random() < 0.35 else "acceptable"} for r in held_out]
     rc, s, rows = run_cli(ckpt, "moderate", write_jsonl(tmp_path / "ms.jsonl", sh), tmp_path / "ms")
     assert rc == 0
-    pairs = [(r["label"], r["pred"]) for r in rows.values()]
-    tp, fp, fn = (pairs.count(x) for x in (("unacceptable",) * 2, ("acceptable", "unacceptable"),
-                                            ("unacceptable", "acceptable")))
+    tp, fp, fn, _ = check_moderation_summary(s, rows)
     assert tp + fp != tp + fn and s["positive_rate"] == (tp + fn) / 48
-    assert (s["precision"]["correct"], s["precision"]["n"], s["recall"]["n"]) == (tp, tp + fp, tp + fn)
     for k, chance in (("precision", s["positive_rate"]), ("recall", 0.5), ("accuracy", 0.5)):
         lo, hi = s[k]["ci95"]
         assert lo <= chance <= hi, (k, chance, s[k])
+
+
+def check_moderation_summary(s, rows):
+    """Asserts the summary's confusion counts, rates and intervals from the scored rows; returns tp, fp, fn, tn."""
+    scored = [r for r in rows.values() if "error" not in r]
+    for r in scored:
+        ll = r["loglik"]
+        assert r["pred"] == ("unacceptable" if ll["unacceptable"] > ll["acceptable"] else "acceptable"), r
+    pairs = [(r["label"], r["pred"]) for r in scored]
+    pos, neg = "unacceptable", "acceptable"
+    tp, fp, fn, tn = (pairs.count(x) for x in ((pos, pos), (neg, pos), (pos, neg), (neg, neg)))
+    assert s["confusion"] == {"tp": tp, "fp": fp, "fn": fn, "tn": tn}
+    for k, (correct, n) in (("precision", (tp, tp + fp)), ("recall", (tp, tp + fn)),
+                            ("accuracy", (tp + tn, len(scored)))):
+        assert (s[k]["correct"], s[k]["n"]) == (correct, n), (k, s[k])
+        assert s[k]["value"] == pytest.approx(correct / n) and s[k]["ci95"] == pytest.approx(
+            list(scoring.wilson_interval(correct, n))), (k, s[k])
+    return tp, fp, fn, tn
 
 
 def _mc_chat(messages):

@@ -58,3 +58,50 @@ def test_fsdp_keeps_activations_split_over_the_batch():
                       sliding_window=4096, max_seq_len=512)
     temp = {m: mp.plan(cfg, m, 512, 8, remat="none").compiled["temp"] for m in ((8, 1, 1), (1, 8, 1))}
     assert temp[(1, 8, 1)] <= 1.05 * temp[(8, 1, 1)], temp
+
+
+def test_mesh_in_the_infer_syntax_plans_that_mesh(capsys):
+    """`--mesh 1,8,1` (the infer programs' form) plans 8 devices, exactly as data=1,fsdp=8,tensor=1 does; it was
+    read as a 1-device mesh (108 GiB: "does NOT fit" where 8 devices fit)."""
+    common = ["--seq-len", "4096", "--batch", "8", "--no-compile", "--device-memory", "20GiB"]
+    assert plan_cli.main(["--mesh", "1,8,1", *common]) == 0
+    short = capsys.readouterr().out
+    assert plan_cli.main(["--mesh", "data=1,fsdp=8,tensor=1", *common]) == 0
+    assert short == capsys.readouterr().out
+    assert "mesh data=1 fsdp=8 tensor=1" in short and "state fits" in short, short
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--mesh", "banana"], "argument --mesh: expected data,fsdp,tensor"),
+    (["--mesh", ""], "argument --mesh: expected data,fsdp,tensor"),
+    (["--mesh", "1,-1,1"], "argument --mesh: expected data,fsdp,tensor"),
+    (["--mesh", "data=100000"], "--mesh data=100000,fsdp=1,tensor=1 needs 100000 devices; a plan simulates at most "
+                                f"{mp.MAX_SIMULATED_DEVICES} on the CPU"),
+    (["--grad-accum", "0"], "argument --grad-accum: must be >= 1, got 0"),
+    (["--seq-len", "0"], "argument --seq-len: must be >= 1, got 0"),
+    (["--seq-len", "-5", "--no-compile"], "argument --seq-len: must be >= 1, got -5"),
+    (["--batch", "0", "--no-compile"], "argument --batch: must be >= 1, got 0"),
+    (["--lora-rank", "-1"], "argument --lora-rank: must be >= 0, got -1"),
+    (["--batch", "8", "--grad-accum", "3"], "--batch 8 is not divisible by --grad-accum 3"),
+    (["--mesh", "2,4,1", "--batch", "4", "--no-compile"],
+     "--batch 4 / --grad-accum 1 = 4 rows per micro-batch cannot be split over data*fsdp = 8 devices; use a "
+     "multiple of 8"),
+])
+def test_bad_layouts_are_one_line_errors_before_jax_starts(flags, msg, capsys):
+    """Each was a ZeroDivisionError, a nonsense plan with exit 0, or (data=100000) an 18.8 GB process the kernel
+    killed: now argparse's exit status 2 with one error line, from arithmetic before any device is made."""
+    with pytest.raises(SystemExit) as e:          # a later flag overrides the same earlier one
+        plan_cli.main(["--mesh", "1,8,1", "--seq-len", "64", "--batch", "8", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    lines = [x for x in err.splitlines() if "error:" in x]
+    assert len(lines) == 1 and lines[0].startswith(f"python -m train.plan: error: {msg}"), err
+
+
+@pytest.mark.parametrize("memory", ["inf", "-5GiB", "0", "nan", "1e400"])
+def test_device_memory_must_be_a_positive_finite_size(memory, capsys):
+    assert plan_cli.main(["--mesh", "1,8,1", "--seq-len", "64", "--batch", "8", "--no-compile",
+                          f"--device-memory={memory}"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"error: --device-memory: expected one of {sorted(mp.DEVICE_MEMORY)} or a positive size "
+                           f"like 16GiB, got {memory!r}")

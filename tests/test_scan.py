@@ -79,10 +79,13 @@ def test_remat_policy_is_applied(params):
 
     def policies(remat):
         f = lambda q: model.Transformer(CFG, remat=remat).apply({"params": q}, tokens)[0].sum()  # noqa: E731
-        return set(re.findall(r"policy=([^\n\]]*)", str(jax.make_jaxpr(jax.grad(f))(params))))
+        return {re.sub(r" at 0x[0-9a-f]+", "", m)
+                for m in re.findall(r"policy=([^\n\]]*)", str(jax.make_jaxpr(jax.grad(f))(params)))}
     assert policies("none") == set()
     assert policies("full") == {"None"}     # no residuals saved: everything recomputed
-    assert policies("dots") == {"DotsSaveable(only_if_no_batch_dims=True)"}
+    # the dots-without-batch-dims policy: jax 0.10.2 prints it as a DotsSaveable, earlier ones as the function
+    assert len(dots := policies("dots")) == 1 and next(iter(dots)) in (
+        "DotsSaveable(only_if_no_batch_dims=True)", "<function dots_with_no_batch_dims_saveable>")
     with pytest.raises(ValueError, match="remat must be one of.*'some'"):
         model.Transformer(CFG, remat="some").apply({"params": params}, tokens)
 

@@ -15,7 +15,7 @@ from mistral_jax.data import DataError
 from mistral_jax.train_loop import RunError, TrainingDiverged, run
 
 # Failures reported as `error: ...` lines (exit status 1) rather than tracebacks: bad input, an incompatible
-# checkpoint, a diverged run.
+# checkpoint, a diverged run. A RunConfigError (a bad config, also when found by the run) exits with 2.
 USER_ERRORS = (rc_lib.RunConfigError, RunError, DataError, TrainingDiverged, FileExistsError)
 
 
@@ -43,7 +43,8 @@ def _error(e: BaseException) -> None:
 
 
 def main(argv: Sequence[str] | None, prog: str, description: str, example: str, sources: Sequence[str]) -> int:
-    """Runs one training program; exit status 0 done, 1 run failed, 2 bad config, 143 stopped by SIGTERM."""
+    """Runs one training program; exit status 0 done, 1 run failed (bad data, checkpoint, divergence), 2 bad
+    config (a field's value, or data.paths and data.val_paths naming the same file), 143 stopped by SIGTERM."""
     args = parse_args(argv, prog, description, example)
     if not distributed.start_or_report(args):
         return 2
@@ -59,6 +60,9 @@ def main(argv: Sequence[str] | None, prog: str, description: str, example: str, 
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
     try:
         summary = run(rc, run_dir, resume=args.resume, init_from=args.init_from, profile_steps=args.profile_steps)
+    except rc_lib.RunConfigError as e:   # found once the files are known, e.g. a file both trained on and held out
+        _error(e)
+        return 2
     except USER_ERRORS as e:
         _error(e)
         return 1

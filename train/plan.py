@@ -13,48 +13,75 @@ import argparse
 import math
 import os
 import sys
+from typing import Callable, Sequence
 
 
 def _mesh(text: str) -> tuple[int, int, int]:
-    parts = dict(p.split("=", 1) for p in text.split(",") if "=" in p)
+    """--mesh: the mesh syntax of every program (`sharding.parse_mesh`: 1,8,1 or data=1,fsdp=8,tensor=1),
+    explicit sizes only (no -1: the plan simulates exactly that many devices)."""
+    from mistral_jax.sharding import parse_mesh   # imports jax, but starts no backend (XLA_FLAGS still apply)
     try:
-        shape = tuple(int(parts.pop(k, 1)) for k in ("data", "fsdp", "tensor"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected data=D,fsdp=F,tensor=T, got {text!r}") from None
-    if parts or any(s < 1 for s in shape):
-        raise argparse.ArgumentTypeError(f"expected data=D,fsdp=F,tensor=T with positive sizes, got {text!r}")
-    return shape  # type: ignore[return-value]
+        return parse_mesh(text, allow_rest=False)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def parse_args(argv):
+def _int_at_least(lo: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+    return parse
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parsed and checked flags (argparse exits with status 2 and a one-line error for a bad value or a
+    layout the plan cannot simulate: see `memory_plan.check_layout`)."""
+    from mistral_jax.memory_plan import MAX_SIMULATED_DEVICES, check_layout   # starts no jax backend
     p = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="mistral-7b-v0.1", help="model preset (configs/models/NAME.json)")
-    p.add_argument("--mesh", type=_mesh, required=True, metavar="data=D,fsdp=F,tensor=T")
-    p.add_argument("--seq-len", type=int, required=True)
-    p.add_argument("--batch", type=int, required=True, help="global rows per step")
-    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--mesh", type=_mesh, required=True, metavar="D,F,T",
+                   help="device mesh as data,fsdp,tensor (e.g. 1,8,1) or data=D,fsdp=F,tensor=T (omitted axes "
+                        "are 1), the same syntax as the infer programs' --mesh; at most "
+                        f"{MAX_SIMULATED_DEVICES} (simulated) devices")
+    p.add_argument("--seq-len", type=_int_at_least(1), required=True)
+    p.add_argument("--batch", type=_int_at_least(1), required=True,
+                   help="global rows per step (a multiple of grad_accum x data x fsdp)")
+    p.add_argument("--grad-accum", type=_int_at_least(1), default=1)
     p.add_argument("--remat", default="full", choices=("none", "full", "dots"))
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"), help="compute dtype")
     p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--lora-rank", type=int, default=0)
+    p.add_argument("--lora-rank", type=_int_at_least(0), default=0)
     p.add_argument("--device-memory", default="h100", help="v5e, v5p, h100, h200, v4 or a size such as 16GiB")
     p.add_argument("--no-compile", action="store_true", help="state bytes only (no XLA memory analysis)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:   # pure arithmetic, before any device exists
+        check_layout(args.mesh, args.seq_len, args.batch, args.grad_accum, args.lora_rank)
+    except ValueError as e:
+        p.error(str(e))
+    return args
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Prints the plan; exit status 0 planned (whether or not it fits), 2 bad arguments."""
     args = parse_args(argv)
     n = math.prod(args.mesh)
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:   # before jax starts
+    if "xla_force_host_platform_device_count" not in flags:   # before jax starts its backend
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        if not os.environ.get("JAX_PLATFORMS"):
+            import jax   # imported (by the --mesh parser) but not started: the platform can still be chosen
+            jax.config.update("jax_platforms", "cpu")
     from mistral_jax import memory_plan as mp
     from mistral_jax.config import ModelConfig
     from mistral_jax.dtypes import parse_dtype
     try:
         limit = mp.parse_memory(args.device_memory)
-        cfg = ModelConfig.preset(args.preset).replace(max_seq_len=max(args.seq_len, 1))
+        cfg = ModelConfig.preset(args.preset).replace(max_seq_len=args.seq_len)
         pl = mp.plan(cfg, args.mesh, args.seq_len, args.batch, remat=args.remat,
                      dtype=parse_dtype(args.dtype, "--dtype"), param_dtype=parse_dtype(args.param_dtype, "--param-dtype"),
                      grad_accum=args.grad_accum, lora_rank=args.lora_rank, compile=not args.no_compile)
