@@ -46,17 +46,7 @@ from mistral_jax.errors import first_line
 from mistral_jax.tokenizer import Tokenizer
 
 
-def _int_arg(lo: int, hi: int | None = None) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < lo or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"must be {f'in [{lo}, {hi}]' if hi is not None else f'>= {lo}'}, "
-                                             f"got {v}")
-        return v
-    return parse
+_int_arg = distributed.int_in  # an argparse type: an integer in [lo, hi]
 
 
 def _float_arg(text: str) -> float:

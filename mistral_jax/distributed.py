@@ -64,7 +64,7 @@ class DistributedError(RuntimeError):
     """The process group cannot start as asked; the message names the flag or variable and the value."""
 
 
-def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
+def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
     """An argparse type: an integer in [lo, hi]."""
     def parse(text: str) -> int:
         try:
@@ -84,13 +84,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("multi-process (one process per host; omit for a single process)")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help=f"address of process 0 (it listens on PORT, 1..65535) (or ${ENV['coordinator']})")
-    g.add_argument("--num-processes", type=_int_in(1), default=None, metavar="N",
+    g.add_argument("--num-processes", type=int_in(1), default=None, metavar="N",
                    help=f"or ${ENV['num_processes']}")
-    g.add_argument("--process-id", type=_int_in(0), default=None, metavar="I",
+    g.add_argument("--process-id", type=int_in(0), default=None, metavar="I",
                    help=f"0..N-1 (or ${ENV['process_id']})")
-    g.add_argument("--init-timeout", type=_int_in(1, MAX_TIMEOUT_S), default=120, metavar="S",
+    g.add_argument("--init-timeout", type=int_in(1, MAX_TIMEOUT_S), default=120, metavar="S",
                    help="seconds to wait for every process to join before failing with exit status 2 (default 120)")
-    g.add_argument("--heartbeat-timeout", type=_int_in(1, MAX_TIMEOUT_S), default=60, metavar="S",
+    g.add_argument("--heartbeat-timeout", type=int_in(1, MAX_TIMEOUT_S), default=60, metavar="S",
                    help="a process whose peer dies stops at once, one whose peer stops answering after S seconds, "
                         "with a one-line error and exit status 1 (default 60)")
 
