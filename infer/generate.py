@@ -41,6 +41,7 @@ from typing import IO, Any, Callable, Sequence
 import jax
 
 from mistral_jax import decode, distributed, sharding
+from mistral_jax.atomic import file_identity
 from mistral_jax.dtypes import parse_dtype
 from mistral_jax.errors import first_line
 from mistral_jax.tokenizer import Tokenizer
@@ -138,8 +139,7 @@ def check_output(out: Path, prompts: Path | None, overwrite: bool) -> None:
         raise ValueError(f"--output {out}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"--output {out}: folder {parent} is not writable")
-    if prompts is not None and (out.resolve() == prompts.resolve()
-                                or (out.exists() and prompts.exists() and os.path.samefile(out, prompts))):
+    if prompts is not None and file_identity(out) == file_identity(prompts):
         raise ValueError(f"--output {out} is the --prompts file; it would be overwritten")
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise ValueError(f"--output {out} exists; pass --overwrite to replace it")

@@ -81,3 +81,16 @@ def atomic_dir(dst: str | Path, force: bool = False, src: str | Path | None = No
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def file_identity(path: str | os.PathLike) -> tuple[int, int] | str:
+    """What makes two names the same file: (device, inode), so relative and absolute spellings, symlinks
+    and hard links agree; the resolved path where the file cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        try:
+            return str(Path(path).resolve())
+        except (OSError, RuntimeError):   # a symlink loop
+            return str(Path(path).absolute())

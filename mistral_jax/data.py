@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from mistral_jax.atomic import file_identity
 from mistral_jax.run_config import DataSection
 
 Row = dict[str, np.ndarray]  # 'tokens', 'positions', 'segment_ids': int32 (T,); segment 0 = padding
@@ -114,16 +115,6 @@ def list_files(data: DataSection) -> Corpus:
                         + (f"; {len(skipped)} excluded by data.exclude={list(data.exclude)}" if skipped else "")
                         + (f"; {len(large)} larger than data.max_bytes={data.max_bytes}" if large else ""))
     return Corpus(sorted(files), len(large), len(skipped), str(where), n_duplicates)
-
-
-def file_identity(path: str | os.PathLike) -> tuple[int, int] | str:
-    """What makes two names the same file: (device, inode), so relative and absolute spellings, symlinks
-    and hard links agree; the resolved path where the file cannot be stat'ed."""
-    try:
-        st = os.stat(path)
-        return (st.st_dev, st.st_ino)
-    except OSError:
-        return str(Path(path).resolve())
 
 
 def split_files(files: Sequence[Path], val_percent: float) -> tuple[list[Path], list[Path]]:

@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from mistral_jax import prompts, scoring
+from mistral_jax.atomic import file_identity
 from mistral_jax.errors import first_line
 from mistral_jax.tokenizer import Tokenizer
 
@@ -126,13 +127,8 @@ def read_examples(paths: Sequence[Path], task: str) -> list[Example]:
 
 
 def same_file(a: Path, b: Path) -> bool:
-    """Whether two paths name one file: equal once resolved, or the same existing file (a hard link)."""
-    try:
-        if Path(a).resolve() == Path(b).resolve():
-            return True
-        return Path(a).exists() and Path(b).exists() and os.path.samefile(a, b)
-    except (OSError, RuntimeError):
-        return False
+    """Whether two paths name one file (relative or absolute, a link, a hard link; see `file_identity`)."""
+    return file_identity(a) == file_identity(b)
 
 
 def file_digest(paths: Sequence[Path]) -> str:
