@@ -6,7 +6,8 @@
 The first form writes a native checkpoint; the second exports one (or any readable folder) to a
 PyTorch layout. A native SRC is verified against its checksums.json (params and config.json);
 `--no-verify` skips that, e.g. to adopt a deliberate edit of its config.json into DST's fresh checksums.
-Errors print one line naming the culprit and exit with status 1.
+Errors print one line naming the culprit and exit with status 1; running out of memory prints one line naming
+the stage, the bytes requested and available, and what to change, and exits with status 3.
 (`python -m infer.convert` is an alias.)
 """
 
@@ -17,6 +18,7 @@ import os
 import sys
 import time
 
+from mistral_jax import oom
 from mistral_jax.config import ConfigError
 from mistral_jax.dtypes import DtypeError
 from mistral_jax.formats import CheckpointError
@@ -27,7 +29,10 @@ PROG = "python -m convert"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG,
-                                description="Convert Mistral checkpoints between PyTorch layouts and this library.")
+                                description="Convert Mistral checkpoints between PyTorch layouts and this library.",
+                                epilog="exit status: 0 converted, 1 error (one line naming the culprit), 2 bad "
+                                       "arguments, 3 out of memory (one line naming the stage, the bytes requested "
+                                       "and available, and what to change)")
     p.add_argument("src", help="checkpoint folder to read (native, Hugging Face or mistral-inference)")
     p.add_argument("dst", help="folder to write (a symlink is written through)")
     p.add_argument("--to", choices=("native", "hf", "mistral"), default="native",
@@ -54,8 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def oom_advice(args: argparse.Namespace) -> list[str]:
+    """What shrinks a conversion: 16-bit params (the whole model is held in host memory once)."""
+    if args.dtype in ("bfloat16", "float16"):
+        return ["more free host memory (the params are held in host memory once, in --dtype)"]
+    return ["--dtype bfloat16 (half the host memory of float32)",
+            "more free host memory (the params are held in host memory once)"]
+
+
 def run(args: argparse.Namespace) -> None:
-    """Performs the conversion described by parsed CLI arguments."""
+    """Performs the conversion described by parsed CLI arguments; out of memory exits (status 3) with one
+    line on stderr."""
     from mistral_jax import checkpoint, torch_write
     from mistral_jax.atomic import check_dst
     from mistral_jax.formats import detect_format
@@ -66,14 +80,17 @@ def run(args: argparse.Namespace) -> None:
         fmt = args.format or detect_format(args.src)
         dtype = None if fmt == "native" else "float32"
     t0 = time.perf_counter()
-    cfg, params, notes = checkpoint.load_params_with_notes(args.src, dtype=dtype, fmt=args.format,
-                                                           rope_theta=args.rope_theta, progress=not args.quiet,
-                                                           allow_nonfinite=args.allow_nonfinite,
-                                                           verify=not args.no_verify)
+    guard = oom.Reporter(PROG, oom_advice(args))
+    with guard.stage(f"reading {args.src}"):
+        cfg, params, notes = checkpoint.load_params_with_notes(args.src, dtype=dtype, fmt=args.format,
+                                                               rope_theta=args.rope_theta, progress=not args.quiet,
+                                                               allow_nonfinite=args.allow_nonfinite,
+                                                               verify=not args.no_verify)
     for note in notes:
         print(f"note: {note}")
     if args.to == "native":
-        checkpoint.save_params(args.dst, cfg, params, force=args.force)
+        with guard.stage(f"writing {args.dst}"):
+            checkpoint.save_params(args.dst, cfg, params, force=args.force)
     else:
         if args.tokenizer is None:
             tokenizer = torch_write.tokenizer_for_vocab(cfg.vocab_size)
@@ -84,16 +101,19 @@ def run(args: argparse.Namespace) -> None:
             tokenizer = None if args.tokenizer.lower() == "none" else args.tokenizer
         write = torch_write.write_hf if args.to == "hf" else torch_write.write_mistral
         kw = {"max_shard_size": args.max_shard_size} if args.to == "hf" else {}
-        write(args.dst, cfg, params, dtype=args.dtype, force=args.force, progress=not args.quiet,
-              tokenizer=tokenizer, allow_nonfinite=args.allow_nonfinite, **kw)
+        with guard.stage(f"writing {args.dst}"):
+            write(args.dst, cfg, params, dtype=args.dtype, force=args.force, progress=not args.quiet,
+                  tokenizer=tokenizer, allow_nonfinite=args.allow_nonfinite, **kw)
     print(f"wrote {args.to} checkpoint to {args.dst} ({time.perf_counter() - t0:.1f}s)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the CLI; returns the exit status (0 ok, 1 error reported on one line)."""
+    """Runs the CLI; returns the exit status (0 ok, 1 error reported on one line); out of memory exits with
+    status 3 (`oom.EXIT_CODE`) after its one line."""
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        with oom.Reporter(PROG, oom_advice(args)).stage("converting"):   # run() names its own stages
+            run(args)
     except (CheckpointError, ConfigError, WeightError, DtypeError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1

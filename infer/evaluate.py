@@ -30,7 +30,8 @@ however the data's path is spelled (a torn last line from a killed run is droppe
 row is skipped with a note); a rerun with another task, data, checkpoint or settings is refused unless
 --overwrite. No input (--data, --fewshot-data, --tokenizer, the moderation prompt) may be a file the run writes.
 Exit status: 0 every example scored, 1 some example failed (its row holds "error": "FILE:LINE: reason"), 2 bad
-arguments, files or checkpoint.
+arguments, files or checkpoint, 3 out of memory (one line naming the stage, the bytes requested and available, and
+what to change; the examples already in examples.jsonl are kept, and a rerun scores the rest).
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ from typing import Any
 
 import jax
 
-from infer.generate import _dtype_arg, _float_arg, _int_arg, _mesh_arg
+from infer.generate import _dtype_arg, _float_arg, _int_arg, _mesh_arg, oom_advice
 from mistral_jax import evaluate as ev
+from mistral_jax import oom
 from mistral_jax.errors import first_line
 
 
@@ -121,9 +123,16 @@ class Progress:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from mistral_jax import distributed, prompts, scoring, sharding
+    from mistral_jax import distributed
     if not distributed.start_or_report(args):
         return 2
+    guard = oom.Reporter("python -m infer.evaluate", lambda stage: oom_advice(args, stage))
+    with guard.stage("running"):          # the stages below name themselves; this catches the rest
+        return _main(args, guard)
+
+
+def _main(args: argparse.Namespace, guard: oom.Reporter) -> int:
+    from mistral_jax import distributed, prompts, scoring, sharding
     writer = distributed.is_main()   # with several processes, all score; process 0 writes and reports
     from mistral_jax.tokenizer import Tokenizer
     try:
@@ -143,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.chat and args.task not in ev.CHAT_TASKS:
             raise ev.EvalError(f"--chat: only for the chat tasks ({', '.join(ev.CHAT_TASKS)}), not {args.task}")
         template = prompts.load_template(args.moderation_prompt) if args.task == "moderate" else ""
-        examples = ev.read_examples(args.data, args.task)
+        with guard.stage("reading the data"):
+            examples = ev.read_examples(args.data, args.task)
         fewshot, fewshot_run = None, {}
         if args.fewshot_data is not None and not args.num_fewshot:
             raise ev.EvalError("--fewshot-data needs --num-fewshot K >= 1")
@@ -181,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         old_run = ev.read_run(args.output) if writer and not args.overwrite and args.output.is_dir() else None
         if old_run is not None:     # refuse another task, data or checkpoint before loading the model
             ev.check_run(args.output / ev.RUN_FILE, old_run, run, keys=run)
-        cfg, params = load_params(args.checkpoint, mesh=mesh, dtype=args.dtype, progress=False)
+        with guard.stage("loading the checkpoint"):
+            cfg, params = load_params(args.checkpoint, mesh=mesh, dtype=args.dtype, progress=False)
         if tok is None:
             tok = Tokenizer.for_vocab(cfg.vocab_size)
         tok.check_model_vocab(cfg.vocab_size)
@@ -228,12 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             if args.task == "generate":
-                ev.run_generate_task(todo, tok, params, cfg, mesh, args.dtype, st, out, progress)
+                with guard.stage("generating"):
+                    ev.run_generate_task(todo, tok, params, cfg, mesh, args.dtype, st, out, progress)
             else:
-                scorer = scoring.Scorer(params, cfg, mesh=mesh, dtype=args.dtype, batch_size=args.batch_size,
-                                        max_input=max_input, smallest_bucket=min(args.smallest_bucket, max_input),
-                                        pack=args.pack_length > 0, pack_length=max(args.pack_length, 1))
-                ev.run_scoring_task(args.task, todo, tok, scorer, st, out, progress)
+                with guard.stage(f"scoring ({args.task})"):
+                    scorer = scoring.Scorer(params, cfg, mesh=mesh, dtype=args.dtype, batch_size=args.batch_size,
+                                            max_input=max_input, smallest_bucket=min(args.smallest_bucket, max_input),
+                                            pack=args.pack_length > 0, pack_length=max(args.pack_length, 1))
+                    ev.run_scoring_task(args.task, todo, tok, scorer, st, out, progress)
         finally:
             bar.close()
             out.close()

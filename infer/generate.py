@@ -23,7 +23,8 @@ up to a few buckets, so a file of many lengths compiles a handful of programs (c
 Sampling: greedy by default. Line N draws with its own key fold_in(key(seed), N), so sampled outputs are
 reproducible from --seed and do not depend on --batch-size or on the other lines.
 Exit status: 0 every line generated, 1 some line failed or the output could not be written, 2 bad
-arguments, files or checkpoint.
+arguments, files or checkpoint, 3 out of memory (host or device, loading, compiling or generating: one line
+naming the stage, the bytes requested and available, and what to change).
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any, Callable, Sequence
+from typing import IO, Any, Sequence
 
 import jax
 
-from mistral_jax import decode, distributed, sharding
+from mistral_jax import decode, distributed, oom, sharding
 from mistral_jax.atomic import file_identity
 from mistral_jax.dtypes import parse_dtype
 from mistral_jax.errors import first_line
@@ -238,10 +239,42 @@ def _open_temp(out: Path) -> tuple[Path, IO[bytes]]:
     return Path(name), os.fdopen(fd, "wb")
 
 
+def oom_advice(args: argparse.Namespace, stage: str = "", rows: int | None = None) -> list[str]:
+    """What to change when an infer program (generate, evaluate, lm_eval) runs out of memory at `stage`:
+    --dtype bfloat16, a smaller --batch-size (`rows`: the rows of the batch that failed, default
+    --batch-size), fewer --max-new-tokens (generating) or a smaller --max-length (scoring), a larger --mesh.
+    Loading the checkpoint needs no smaller batch."""
+    advice = []
+    if str(getattr(args, "dtype", "")) == "float32":
+        advice.append("--dtype bfloat16")
+    rows = getattr(args, "batch_size", 1) if rows is None else rows
+    if not stage.startswith(("loading", "reading")) and rows > 1:
+        advice.append(f"a smaller --batch-size (now {rows} rows)")
+    if stage.startswith("generating") and getattr(args, "max_new_tokens", 1) > 1:
+        advice.append(f"fewer --max-new-tokens (now {args.max_new_tokens}; the cache holds prompt and answer)")
+    if stage.startswith(("scoring", "evaluating")) and hasattr(args, "max_length"):
+        advice.append("a smaller --max-length (the longest rows scored)")
+    n = jax.device_count() if "jax" in sys.modules else 1
+    mesh = getattr(args, "mesh", None)
+    if mesh is None and n > 1:
+        advice.append(f"a larger mesh (--mesh 1,-1,1 shards over all {n} devices)")
+    elif mesh is not None and -1 not in mesh and math.prod(mesh) < n:
+        advice.append(f"a larger mesh (--mesh uses {math.prod(mesh)} of {n} devices)")
+    else:
+        advice.append("a larger mesh (--mesh over more devices)")
+    return advice
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not distributed.start_or_report(args):
         return 2
+    guard = oom.Reporter("python -m infer.generate", lambda stage: oom_advice(args, stage))
+    with guard.stage("running"):          # the stages below name themselves; this catches the rest
+        return _main(args, guard)
+
+
+def _main(args: argparse.Namespace, guard: oom.Reporter) -> int:
     main_process = distributed.is_main()   # with several processes, all generate; process 0 writes
     try:
         if args.output is not None:
@@ -249,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.prompt is not None:
             rows, blank, where = [{"line": 1, "prompt": args.prompt}], 0, "--prompt"
         else:
-            rows, blank = read_requests(args.prompts)
+            with guard.stage("reading the prompts"):
+                rows, blank = read_requests(args.prompts)
             where = str(args.prompts)
         tok = Tokenizer(args.tokenizer) if args.tokenizer is not None else None
         mesh = sharding.make_mesh(*args.mesh) if args.mesh else None
@@ -267,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from mistral_jax.checkpoint import load_params  # heavy imports only after argument and file checks
     try:
-        cfg, params = load_params(args.checkpoint, mesh=mesh, dtype=args.dtype)
+        with guard.stage("loading the checkpoint"):
+            cfg, params = load_params(args.checkpoint, mesh=mesh, dtype=args.dtype)
         if tok is None:
             tok = Tokenizer.for_vocab(cfg.vocab_size)
         tok.check_model_vocab(cfg.vocab_size)
@@ -313,16 +348,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             flush()
-            for batch in tqdm(batches, desc="generate", unit="batch", disable=len(batches) < 2, file=sys.stderr):
+            for k, batch in enumerate(tqdm(batches, desc="generate", unit="batch", disable=len(batches) < 2,
+                                           file=sys.stderr), 1):
                 ids = [b[1] for b in batch]
                 lines = [rows[i]["line"] for i, _ in batch]
                 t0 = time.perf_counter()
                 # one batch shape for every batch (filler rows start finished and cost no decode steps)
-                gen = decode.generate(params, cfg, ids, args.max_new_tokens, temperature=args.temperature,
-                                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, row_ids=lines, mesh=mesh,
-                                      dtype=args.dtype, prefill_chunk=args.prefill_chunk, eos_id=tok.eos_id,
-                                      pad_batch_to=args.batch_size if len(batches) > 1 else None,
-                                      return_info=True)
+                stage = f"generating (batch {k} of {len(batches)}, {args.max_new_tokens} new tokens)"
+                n_rows = args.batch_size if len(batches) > 1 else len(batch)
+                with guard.stage(stage, oom_advice(args, stage, n_rows)):
+                    gen = decode.generate(params, cfg, ids, args.max_new_tokens, temperature=args.temperature,
+                                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, row_ids=lines,
+                                          mesh=mesh, dtype=args.dtype, prefill_chunk=args.prefill_chunk,
+                                          eos_id=tok.eos_id, return_info=True,
+                                          pad_batch_to=args.batch_size if len(batches) > 1 else None)
                 t_gen += time.perf_counter() - t0
                 for (i, _), comp, eos in zip(batch, gen.tokens, gen.stopped_on_eos):
                     rows[i].update(completion=tok.decode(comp), completion_ids=comp,

@@ -8,7 +8,8 @@ log-likelihoods) to DIR/samples_<task>.jsonl. Local tasks are YAML files (`datas
 relative to the repository root). Offline use: HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1.
 --output is checked (created, writable) before the model loads; should writing still fail at the end, the results
 are printed on stdout.
-Exit status: 0 done, 1 evaluation or writing failed, 2 bad arguments, files, tasks or checkpoint.
+Exit status: 0 done, 1 evaluation or writing failed, 2 bad arguments, files, tasks or checkpoint, 3 out of memory
+(one line naming the stage, the bytes requested and available, and what to change).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from infer.generate import _dtype_arg, _int_arg, _mesh_arg
+from infer.generate import _dtype_arg, _int_arg, _mesh_arg, oom_advice
+from mistral_jax import oom
 from mistral_jax.errors import first_line
 
 
@@ -101,6 +103,12 @@ def check_output(out: Path, tasks: Sequence[str] = ()) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    guard = oom.Reporter("python -m infer.lm_eval", lambda stage: oom_advice(args, stage))
+    with guard.stage("running"):          # the stages below name themselves; this catches the rest
+        return _main(args, guard)
+
+
+def _main(args: argparse.Namespace, guard: oom.Reporter) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
         if not tasks:
@@ -119,18 +127,20 @@ def main(argv: list[str] | None = None) -> int:
         from mistral_jax import sharding
         from mistral_jax.lm_eval_backend import MistralJaxLM
         mesh = sharding.make_mesh(*args.mesh) if args.mesh else None
-        lm = MistralJaxLM(args.checkpoint, batch_size=args.batch_size, max_length=args.max_length,
-                          max_gen_toks=args.max_gen_toks, rolling_overlap=args.rolling_overlap, dtype=args.dtype,
-                          mesh=mesh, seed=args.seed)
+        with guard.stage("loading the checkpoint"):
+            lm = MistralJaxLM(args.checkpoint, batch_size=args.batch_size, max_length=args.max_length,
+                              max_gen_toks=args.max_gen_toks, rolling_overlap=args.rolling_overlap, dtype=args.dtype,
+                              mesh=mesh, seed=args.seed)
     except (OSError, ValueError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     try:
-        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=args.limit,
-                                          num_fewshot=args.num_fewshot, log_samples=True,
-                                          apply_chat_template=args.apply_chat_template, random_seed=args.seed,
-                                          numpy_random_seed=args.seed, torch_random_seed=args.seed,
-                                          fewshot_random_seed=args.seed)
+        with guard.stage(f"evaluating {', '.join(tasks)}"):
+            results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=args.limit,
+                                              num_fewshot=args.num_fewshot, log_samples=True,
+                                              apply_chat_template=args.apply_chat_template, random_seed=args.seed,
+                                              numpy_random_seed=args.seed, torch_random_seed=args.seed,
+                                              fewshot_random_seed=args.seed)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mistral_jax import packing
 from mistral_jax.config import ModelConfig
 
 LayerCache = dict[str, jax.Array]   # one layer: k/v (B, C, K, H), pos (B, C)
@@ -28,9 +29,18 @@ def cache_size(cfg: ModelConfig, max_len: int) -> int:
     return min(cfg.sliding_window, max_len) if cfg.sliding_window is not None else max_len
 
 
+def storage_dtype(dtype: Any) -> Any:
+    """The dtype k/v are stored in for compute dtype `dtype`: bfloat16 as its uint16 bits on the CPU backend
+    (packing.py: XLA:CPU would otherwise widen the whole stacked cache to float32 to slice one layer)."""
+    dtype = jnp.dtype(dtype)
+    return packing.PACKED if dtype == jnp.bfloat16 and jax.default_backend() == "cpu" else dtype
+
+
 def init_cache(cfg: ModelConfig, batch: int, size: int, dtype: Any = jnp.float32) -> Cache:
-    """An empty cache: layer-stacked k/v (L, B, C, K, H) and slot positions (L, B, C), all -1."""
+    """An empty cache: layer-stacked k/v (L, B, C, K, H) and slot positions (L, B, C), all -1. k/v are
+    stored in `storage_dtype(dtype)` (zero bits are 0.0 either way); read them with `read`."""
     L, K, H = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+    dtype = storage_dtype(dtype)
     return {"k": jnp.zeros((L, batch, size, K, H), dtype),
             "v": jnp.zeros((L, batch, size, K, H), dtype),
             "pos": jnp.full((L, batch, size), -1, jnp.int32)}
@@ -54,9 +64,20 @@ def write(cache: LayerCache, k_BTKH: jax.Array, v_BTKH: jax.Array, pos_BT: jax.A
     keep_BT = (pos_BT >= 0) & (pos_BT > last_B1 - C)
     slot_BT = jnp.where(keep_BT, pos_BT % C, C)  # slot C is out of range: dropped
     b_B1 = jnp.arange(B)[:, None]
-    return {"k": cache["k"].at[b_B1, slot_BT].set(k_BTKH.astype(cache["k"].dtype), mode="drop"),
-            "v": cache["v"].at[b_B1, slot_BT].set(v_BTKH.astype(cache["v"].dtype), mode="drop"),
+    return {"k": cache["k"].at[b_B1, slot_BT].set(_stored(k_BTKH, cache["k"].dtype), mode="drop"),
+            "v": cache["v"].at[b_B1, slot_BT].set(_stored(v_BTKH, cache["v"].dtype), mode="drop"),
             "pos": cache["pos"].at[b_B1, slot_BT].set(pos_BT.astype(jnp.int32), mode="drop")}
+
+
+def _stored(x: jax.Array, dtype: Any) -> jax.Array:
+    if dtype == packing.PACKED:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), packing.PACKED)
+    return x.astype(dtype)
+
+
+def read(x: jax.Array, dtype: Any) -> jax.Array:
+    """Stored k or v (any leading shape) as `dtype`."""
+    return packing.unpack(x).astype(dtype)
 
 
 def cache_bytes(cache: Any) -> int:

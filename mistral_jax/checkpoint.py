@@ -27,13 +27,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
+from tqdm import tqdm
 
+from mistral_jax import distributed
 from mistral_jax.atomic import atomic_dir
 from mistral_jax.config import ConfigError, ModelConfig
 from mistral_jax.dtypes import parse_dtype
 from mistral_jax.formats import FORMATS, NATIVE_MARKER, CheckpointError, detect_format
 from mistral_jax.integrity import ALGORITHM, tensor_digest
 from mistral_jax.model import abstract_params, param_shardings
+from mistral_jax.native_read import ParamReader, first_line
 from mistral_jax.torch_read import (check_values_chunked, count_nonfinite_chunked, load_tensors, open_source,
                                    read_config)
 from mistral_jax.train_checkpoint import settle_orbax_event_loops
@@ -76,8 +79,7 @@ def _cast(x: jax.Array, dtype: np.dtype) -> jax.Array:
 def _host(leaf: Any) -> np.ndarray:
     """One param as a host numpy array (gathered from its devices if sharded)."""
     if jax.process_count() > 1:   # a param sharded over several processes: gathered from all of them
-        from mistral_jax.distributed import to_host
-        return to_host(leaf)
+        return distributed.to_host(leaf)
     return np.asarray(jax.device_get(leaf))
 
 
@@ -119,7 +121,6 @@ def _output_dir(dst: str | Path, force: bool) -> Iterator[Path]:
         with atomic_dir(dst, force) as tmp:
             yield tmp
         return
-    from mistral_jax import distributed
     with contextlib.ExitStack() as stack:
         tmp, error = None, None
         if distributed.is_main():
@@ -173,7 +174,10 @@ def save_params(dst: str | Path, cfg: ModelConfig, params: Any, force: bool = Fa
         threads_before = set(threading.enumerate())
         try:
             with ocp.Checkpointer(handler) as ckptr:
-                ckptr.save((tmp / "params").absolute(), args=ocp.args.PyTreeSave(params))
+                # one chunk per param, however large (orbax splits arrays over 2 GiB into chunks by default,
+                # and a chunked write copies the array: +3.9 GiB converting 7B): nothing is copied to save
+                ckptr.save((tmp / "params").absolute(),
+                           args=ocp.args.PyTreeSave(params, ocdbt_target_data_file_size=0))
         except BaseException:
             _wait_for_threads(threads_before)
             raise
@@ -289,10 +293,18 @@ def _quiet_orbax_logs() -> Iterator[None]:
         absl_log.removeFilter(drop)
 
 
-def _orbax_error(e: BaseException) -> str:
-    """The first line of an orbax/tensorstore error, without tensorstore's pointer to its spec."""
-    text = str(e).splitlines()[0] if str(e) else ""
-    return text.split(" See full TensorStore details")[0]
+def _at(tree: Any, kpath: tuple) -> Any:
+    for k in kpath:
+        tree = tree[getattr(k, "key", k)]
+    return tree
+
+
+def _place(x: np.ndarray, sharding: Any, scanned: bool) -> jax.Array:
+    """A host param on its device(s) (the default device, or the host for a per-layer tree to be stacked);
+    the CPU device shares the aligned host buffer instead of copying it."""
+    if sharding is None:
+        return jax.device_put(x, jax.devices()[0] if scanned else _host_device())
+    return distributed.global_array(x, sharding)
 
 
 def _stack_legacy(cfg: ModelConfig, params: dict, shardings: Any) -> dict:
@@ -323,7 +335,7 @@ def _stack_legacy(cfg: ModelConfig, params: dict, shardings: Any) -> dict:
 
 
 def _load_native(path: Path, mesh: Mesh | None, dtype: Any, rope_theta: float | None, verify: bool = True,
-                 allow_nonfinite: bool = False) -> tuple[ModelConfig, Any, list[str]]:
+                 allow_nonfinite: bool = False, progress: bool = True) -> tuple[ModelConfig, Any, list[str]]:
     """Restores a native folder (placed on `mesh` if given); with `verify`, checks config.json against its
     saved copy and each param's checksum and values in its stored dtype (restored in that dtype, then cast
     param by param to `dtype`). Folders of format versions 1-2 (per-layer params) are restored, checked per
@@ -340,68 +352,50 @@ def _load_native(path: Path, mesh: Mesh | None, dtype: Any, rope_theta: float | 
         raise CheckpointError(f"{params_dir}: missing (native checkpoint has no params folder)")
     stored_dt = parse_dtype(stored, f"{path / 'config.json'}: field 'param_dtype'")
     want_dt = parse_dtype(stored_dt if dtype is None else dtype, "dtype")
-    digests: dict[str, str] | None = None
-    check = sums is not None
     scanned = version >= SCANNED_SINCE
-    target_shardings = shardings
-    restore_dt = stored_dt if (check or not allow_nonfinite) else want_dt
     abstract = nn.unbox(abstract_params(cfg, scan_layers=scanned))
-    # Restoring holds a read buffer besides each placed param, so the budget is the largest param's bytes
-    # in the wider of the stored and restored dtypes (not always float32's, which doubled a bfloat16 7B's
-    # transient host memory).
-    itemsize = max(stored_dt.itemsize, restore_dt.itemsize)
-    ckptr = ocp.StandardCheckpointer(restore_concurrent_gb=_in_flight_gb(abstract, itemsize=itemsize))
+    ckptr = ocp.StandardCheckpointer()
     try:
         try:
             with _quiet_orbax_logs():
                 item = ckptr.metadata(params_dir).item_metadata
         except Exception as e:  # orbax raises various types for unreadable metadata
             raise CheckpointError(f"{params_dir}: unreadable orbax metadata ({type(e).__name__}: "
-                                  f"{_orbax_error(e)})") from None
-        if item is None:  # what orbax returns (after a logged warning) when a metadata file is unreadable
-            raise CheckpointError(f"{params_dir}: unreadable orbax metadata (its _METADATA, _sharding or "
-                                  "array metadata files are missing or corrupt)")
-        stored_tree = item.tree
-        _check_tree(cfg, _flat(stored_tree), str(params_dir), scan_layers=scanned)
-        if check:
-            digests = _param_digests(path, sums, list(_flat(abstract)))
-        if shardings is None or not scanned:  # a per-layer tree is restored on the host, then stacked
-            dev = jax.sharding.SingleDeviceSharding(jax.devices()[0] if scanned else _host_device())
-            shardings = jax.tree_util.tree_map(lambda _: dev, abstract)
-        target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, restore_dt, sharding=s),
-                                        abstract, shardings)
-        try:
-            with _quiet_orbax_logs():
-                params = ckptr.restore(params_dir, target)
-        except Exception as e:  # truncated/corrupt array files surface as assorted tensorstore errors
-            raise CheckpointError(f"{params_dir}: cannot restore params ({type(e).__name__}: "
-                                  f"{_orbax_error(e)})") from None
+                                  f"{first_line(e)})") from None
     finally:
         ckptr.close()
-    if not (restore_dt == want_dt and not check and allow_nonfinite):
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-        del params
-        out = []
-        for i, (kpath, leaf) in enumerate(leaves):
-            name = "/".join(str(getattr(k, "key", k)) for k in kpath)
-            x = _host(leaf)
-            if digests is not None and tensor_digest(x) != digests[name]:
-                raise CheckpointError(f"{params_dir}: param '{name}' does not match its {ALGORITHM} checksum in "
-                                      f"{CHECKSUMS}: the params files are corrupt")
-            check_values_chunked(x, name, str(params_dir), allow_nonfinite)
-            if want_dt != stored_dt:
-                cast = _cast(leaf, want_dt)
-                if want_dt.itemsize < stored_dt.itemsize:  # narrowing can overflow to inf
-                    check_values_chunked(_host(cast), name, f"{params_dir} (cast to {want_dt.name})",
-                                         allow_nonfinite, before=x)
-                leaf.delete()
-                leaf = cast
-            out.append(leaf)
-            leaves[i] = None
-            del x
-        params = jax.tree_util.tree_unflatten(treedef, out)
+    if item is None:  # what orbax returns (after a logged warning) when a metadata file is unreadable
+        raise CheckpointError(f"{params_dir}: unreadable orbax metadata (its _METADATA, _sharding or "
+                              "array metadata files are missing or corrupt)")
+    _check_tree(cfg, _flat(item.tree), str(params_dir), scan_layers=scanned)
+    digests = _param_digests(path, sums, list(_flat(abstract))) if sums is not None else None
+    # per-layer trees are stacked on the host first; a scanned one goes straight to its devices
+    place = (shardings if scanned and shardings is not None
+             else jax.tree_util.tree_map(lambda _: None, abstract))
+    reader = ParamReader(params_dir)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    out = []
+    # a bar on a terminal only (disable=None): programs whose stderr is a log keep it to their own lines
+    for kpath, spec in tqdm(leaves, desc=f"reading {path.name}", unit="param", disable=None if progress else True):
+        name = "/".join(str(getattr(k, "key", k)) for k in kpath)
+        x = reader.read(name.replace("/", "."), spec.shape, stored_dt)  # one host buffer, one chunk on top
+        if digests is not None and tensor_digest(x) != digests[name]:
+            raise CheckpointError(f"{params_dir}: param '{name}' does not match its {ALGORITHM} checksum in "
+                                  f"{CHECKSUMS}: the params files are corrupt")
+        check_values_chunked(x, name, str(params_dir), allow_nonfinite)
+        leaf = _place(x, _at(place, kpath) if scanned else None, scanned)
+        del x
+        if want_dt != stored_dt:
+            cast = _cast(leaf, want_dt)
+            if want_dt.itemsize < stored_dt.itemsize:  # narrowing can overflow to inf
+                check_values_chunked(_host(cast), name, f"{params_dir} (cast to {want_dt.name})",
+                                     allow_nonfinite, before=_host(leaf))
+            leaf.delete()
+            leaf = cast
+        out.append(leaf)
+    params = jax.tree_util.tree_unflatten(treedef, out)
     if not scanned:
-        params = _stack_legacy(cfg, params, target_shardings)
+        params = _stack_legacy(cfg, params, shardings)
     return cfg, params, notes
 
 
@@ -417,7 +411,7 @@ def load_params_with_notes(path: str | Path, mesh: Mesh | None = None, dtype: An
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint folder (does not exist or is a file)")
     if fmt == "native":
-        return _load_native(path, mesh, dtype, rope_theta, verify, allow_nonfinite)
+        return _load_native(path, mesh, dtype, rope_theta, verify, allow_nonfinite, progress)
     cfg, notes = read_config(path, fmt, rope_theta)
     shardings = param_shardings(cfg, mesh) if mesh is not None else None
     with open_source(path, fmt) as source:

@@ -23,6 +23,7 @@ from mistral_jax import cache as kv_cache
 from mistral_jax import distributed
 from mistral_jax.buckets import bucket_for, length_buckets
 from mistral_jax import model as model_lib
+from mistral_jax import packing
 from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
 
@@ -147,7 +148,7 @@ def forward_cached(params: Any, tokens_BT: jax.Array, *, cfg: ModelConfig, chunk
         window = f"the window {cfg.sliding_window}" if cfg.sliding_window is not None else "no window"
         raise ValueError(f"forward_cached: cache_len {cache_len} is smaller than the {need} slots required for "
                          f"{T} tokens with {window}")
-    return _forward_cached(params, tokens_BT, cfg=cfg, chunk=chunk, cache_len=cache_len or need, dtype=dtype)
+    return _forward_cached(packing.pack(params), tokens_BT, cfg=cfg, chunk=chunk, cache_len=cache_len or need, dtype=dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk", "cache_len"))
@@ -321,7 +322,7 @@ def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], ma
         params = jax.device_put(params, model_lib.param_shardings(cfg, mesh))
         tokens, lengths, live, keys = (distributed.global_array(x, sharding.batch_sharding(mesh, x.ndim))
                                        for x in (tokens, lengths, live, keys))
-    out, cache, steps = _generate(params, tokens, lengths, keys, live, jnp.int32(max_new_tokens), cfg=cfg,
+    out, cache, steps = _generate(packing.pack(params), tokens, lengths, keys, live, jnp.int32(max_new_tokens), cfg=cfg,
                                   dtype=dtype, chunk=shapes.chunk, cache_len=shapes.cache_len,
                                   max_new=shapes.out_len, sampling=sampling, eos_id=jnp.int32(eos), mesh=mesh)
     out = distributed.to_host(out)[:n_real, :max_new_tokens]

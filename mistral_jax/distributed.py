@@ -631,6 +631,9 @@ def global_array(host: np.ndarray, sharding: Any) -> jax.Array:
 
 def to_host(x: jax.Array) -> np.ndarray:
     """The whole value of a (possibly multi-process sharded) array as numpy, on every process."""
+    # waiting first: on XLA:CPU (jaxlib 0.10.2) np.asarray of the output of a program whose allocation failed
+    # after dispatch waits forever, while block_until_ready raises the error
+    jax.block_until_ready(x)
     if jax.process_count() == 1 or getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
         return np.asarray(x)
     from jax.experimental import multihost_utils

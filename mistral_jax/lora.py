@@ -209,12 +209,11 @@ def _merged(w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array, nb: int)
     return (w.astype(jnp.float32) + scale * ab).astype(w.dtype)
 
 
-def merge(params: Mapping[str, Any], lcfg: LoraConfig) -> dict[str, Any]:
-    """The plain model's params: every targeted W replaced by W + (alpha / rank) A B (computed in float32,
-    cast to W's dtype, in W's sharding), adapter leaves dropped; for any checkpoint writer or export."""
-    out = split(params)[1]
-    scale = jnp.float32(lcfg.scale)
-    for path, module in _modules(params):
+def _adapted(params: Mapping[str, Any], lcfg: LoraConfig
+             ) -> Iterator[tuple[tuple[str, ...], Any, Any, Any, int]]:
+    """(path of W, W, A, B, number of leading layer axes) of every adapted weight of `params` (base weights
+    and adapters in one tree); ValueError naming the weight when the tree does not match lcfg."""
+    for path, module in list(_modules(params)):
         for name in TARGETS:
             where = "/".join((*path, name))
             found = [k for k in (name, name + A_SUFFIX, name + B_SUFFIX) if k in module]
@@ -232,11 +231,109 @@ def merge(params: Mapping[str, Any], lcfg: LoraConfig) -> dict[str, Any]:
             if a.shape[-1] != lcfg.rank:
                 raise ValueError(f"lora.merge: '{where}{A_SUFFIX}' has rank {a.shape[-1]}, the config's rank is "
                                  f"{lcfg.rank}")
-            merged = _merged(w, a, b, scale, nb=_n_batch(name, where, tuple(w.shape)))
-            if isinstance(w, jax.Array) and merged.sharding != w.sharding:
-                merged = jax.device_put(merged, w.sharding)
-            out = _replace(out, (*path, name), merged)
+            yield (*path, name), w, a, b, _n_batch(name, where, tuple(w.shape))
+
+
+def merge(params: Mapping[str, Any], lcfg: LoraConfig) -> dict[str, Any]:
+    """The plain model's params: every targeted W replaced by W + (alpha / rank) A B (computed in float32,
+    cast to W's dtype, in W's sharding), adapter leaves dropped; for any checkpoint writer or export.
+
+    Each merged W is a new array beside the old one (two copies of the adapted weights at once); a run's
+    final export uses `merge_in_place` instead."""
+    out = split(params)[1]
+    scale = jnp.float32(lcfg.scale)
+    for path, w, a, b, nb in _adapted(params, lcfg):
+        merged = _merged(w, a, b, scale, nb=nb)
+        if isinstance(w, jax.Array) and merged.sharding != w.sharding:
+            merged = jax.device_put(merged, w.sharding)
+        out = _replace(out, path, merged)
     return out
+
+
+def merge_in_place(params: Mapping[str, Any], lcfg: LoraConfig) -> dict[str, Any]:
+    """Like `merge`, but consumes the base weights: each adapted W is overwritten with W + (alpha / rank) A B
+    (float32 sum, cast to W's dtype) where it lies, one layer at a time, so the model is never held twice.
+
+    On the CPU backend each of W's device buffers is rewritten on the host through a writable view of its
+    memory (the arrays, and any `packing.pack`ed views of them, then hold the merged weights; a packed W is
+    merged as the bfloat16 it stands for); elsewhere W is donated to a jitted per-layer update (the old
+    array is deleted). Nothing may still be computing from W. Extra memory: about two float32 copies of one
+    layer's W, plus A and B in float32. Returns the plain model's params (adapter leaves dropped)."""
+    out = split(params)[1]
+    scale = np.float32(lcfg.scale)
+    for path, w, a, b, nb in _adapted(params, lcfg):
+        views = _host_views(w)
+        if views is not None:
+            _merge_on_host(views, _host_f32(a), _host_f32(b), scale, nb)
+            merged = w
+        else:
+            merged = _merge_donated(w, a, b, jnp.float32(scale), nb=nb, out_sharding=w.sharding)
+        out = _replace(out, path, merged)
+    return out
+
+
+_BF16 = np.dtype(jnp.bfloat16)
+# (read-only numpy view that keeps the buffer alive, writable view of the same memory, the shard's index)
+_View = tuple[np.ndarray, np.ndarray, tuple]
+
+
+def _host_views(w: Any) -> list[_View] | None:
+    """Writable numpy views of each distinct device buffer of w when all are host memory (the CPU backend)
+    and viewable without a copy; else None. A packed (uint16) array is viewed as the bfloat16 it holds."""
+    if not isinstance(w, jax.Array) or any(d.platform != "cpu" for d in w.sharding.device_set):
+        return None
+    jax.block_until_ready(w)
+    views, seen = [], set()
+    for shard in w.addressable_shards:
+        ptr = shard.data.unsafe_buffer_pointer()
+        if ptr in seen:     # one buffer placed on several devices: rewritten once
+            continue
+        seen.add(ptr)
+        ro = np.asarray(shard.data)
+        if ro.__array_interface__["data"][0] != ptr or not ro.flags.c_contiguous:
+            return None     # the host view is a copy, or not C-ordered
+        holder = type("_Buffer", (), {"__array_interface__": {**ro.__array_interface__, "data": (ptr, False)}})()
+        rw = np.asarray(holder).view(ro.dtype)
+        views.append((ro, rw.view(_BF16) if ro.dtype == np.uint16 else rw, tuple(shard.index)))
+    return views
+
+
+def _host_f32(x: Any) -> np.ndarray:
+    """An adapter factor as a float32 host array (gathered from every process when sharded over several)."""
+    if isinstance(x, jax.Array) and jax.process_count() > 1:
+        from mistral_jax.distributed import to_host
+        return np.asarray(to_host(x), np.float32)
+    return np.asarray(jax.device_get(x), np.float32)
+
+
+def _merge_on_host(views: list[_View], a_f32: np.ndarray, b_f32: np.ndarray, scale: np.float32, nb: int) -> None:
+    """Adds scale * A B (float32) to W through the writable views of its buffers, one layer at a time when
+    W is stacked (nb = 1), rounding once to W's dtype."""
+    for _keep, x, index in views:
+        layers = range(a_f32.shape[0])[index[0]] if nb else [None]
+        for j, layer in enumerate(layers):
+            a_l, b_l = (a_f32, b_f32) if layer is None else (a_f32[layer], b_f32[layer])
+            rows = x[j] if nb else x
+            ab = a_l.reshape(-1, a_l.shape[-1]) @ b_l.reshape(b_l.shape[0], -1)
+            ab = ab.reshape(*a_l.shape[:-1], *b_l.shape[1:])[index[nb:]]
+            ab *= scale
+            ab += rows.astype(np.float32)
+            np.copyto(rows, ab, casting="unsafe")
+
+
+@functools.partial(jax.jit, static_argnames=("nb", "out_sharding"), donate_argnums=(0,))
+def _merge_donated(w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array, nb: int,
+                   out_sharding: Any) -> jax.Array:
+    """W + scale * A B with W donated, a layer at a time (a loop of in-place dynamic-update-slices over the
+    leading layer axis when nb = 1): for backends where W is not host memory."""
+    if nb == 0:
+        return jax.lax.with_sharding_constraint(_merged(w, a, b, scale, nb=0), out_sharding)
+
+    def body(i: jax.Array, w: jax.Array) -> jax.Array:
+        layer = _merged(jax.lax.dynamic_index_in_dim(w, i, keepdims=False), a[i], b[i], scale, nb=0)
+        return jax.lax.dynamic_update_index_in_dim(w, layer, i, 0)
+
+    return jax.lax.with_sharding_constraint(jax.lax.fori_loop(0, w.shape[0], body, w), out_sharding)
 
 
 def _replace(tree: Mapping[str, Any], path: tuple[str, ...], leaf: Any) -> dict[str, Any]:

@@ -12,10 +12,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mistral_jax import packing
+
 
 def _chunk_nll(h_BcD: jax.Array, w_DV: jax.Array, targets_Bc: jax.Array) -> jax.Array:
-    """Float32 NLL (B, c) of the targets under logits h @ w."""
-    logits_BcV = jnp.einsum("bcd,dv->bcv", h_BcD, w_DV, preferred_element_type=jnp.float32)
+    """Float32 NLL (B, c) of the targets under logits h @ w (w in any float dtype, or packed)."""
+    w_DV, h_BcD = packing.unpack_after(w_DV, h_BcD)   # a packed head is widened per chunk, never whole
+    logits_BcV = jnp.einsum("bcd,dv->bcv", h_BcD, w_DV.astype(h_BcD.dtype), preferred_element_type=jnp.float32)
     lse_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
     # a one-hot contraction, not a gather: its gradient is elementwise rather than a scatter, and it
     # partitions cleanly when the vocab axis is sharded.
@@ -26,7 +29,8 @@ def _chunk_nll(h_BcD: jax.Array, w_DV: jax.Array, targets_Bc: jax.Array) -> jax.
 def chunked_nll(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array, chunk: int = 512) -> jax.Array:
     """Float32 NLL (B, T) of `targets_BT` under logits `h_BTD @ w_DV`, computed `chunk` positions at a time.
 
-    h_BTD: final hidden states (after the last norm), in the compute dtype; w_DV: output head.
+    h_BTD: final hidden states (after the last norm), in the compute dtype; w_DV: output head (cast to the
+    compute dtype chunk by chunk; a packed head, see `packing`, is unpacked chunk by chunk).
     Equal to the unchunked computation (values and gradients) up to float32 rounding.
     """
     B, T, D = h_BTD.shape

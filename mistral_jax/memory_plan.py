@@ -99,18 +99,22 @@ def plan(cfg: ModelConfig, mesh_shape: tuple[int, int, int], seq_len: int, batch
     bsh = ts.batch_shardings(mesh)
     abatch = {k: jax.ShapeDtypeStruct((grad_accum, batch // grad_accum, seq_len), jnp.int32, sharding=bsh[k])
               for k in ts.BATCH_KEYS}
+    # LoRA's frozen base is a separate argument of the step (not in the state): counted with the params
+    base = None if lora is None else ts.abstract_base(cfg, mesh, lora, param_dtype)
     compiled = None
     if compile:
         step = ts.make_train_step(cfg, opt, optim.learning_rate_schedule(o, 1000), mesh, dtype=dtype,
                                   param_dtype=param_dtype, remat=remat, lora=lora)
-        m = step.lower(state, abatch).compile().memory_analysis()
+        lowered = step.lower(state, abatch) if base is None else step.lower(state, base, abatch)
+        m = lowered.compile().memory_analysis()
         compiled = {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
                     "alias": int(m.alias_size_in_bytes), "temp": int(m.temp_size_in_bytes),
                     "code": int(m.generated_code_size_in_bytes)}
     size = lambda t: sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(t))  # noqa: E731
-    return Plan(params=per_device_bytes(state["params"]), opt_state=per_device_bytes(state["opt_state"]),
+    params = state["params"] if base is None else (state["params"], base)
+    return Plan(params=per_device_bytes(params), opt_state=per_device_bytes(state["opt_state"]),
                 grads=per_device_bytes(trained), batch=per_device_bytes(abatch), compiled=compiled,
-                n_params=size(state["params"]), n_trained=size(trained))
+                n_params=size(params), n_trained=size(trained))
 
 
 def parse_memory(text: str) -> int:

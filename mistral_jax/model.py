@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from mistral_jax import cache as kv_cache
+from mistral_jax import packing
 from mistral_jax import sharding
 from mistral_jax.attention import multihead_attention
 from mistral_jax.config import ModelConfig
@@ -31,8 +32,11 @@ LORA_B_SUFFIX = "_lora_b"
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
-           init=_init) -> jax.Array:
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, module.param_dtype)
+           init=_init, packed: bool = False) -> jax.Array:
+    """The param `name`; a weight passed packed (packing.pack: bfloat16 as uint16 bits) comes back as
+    bfloat16 unless `packed` asks for the bits (to gather rows before unpacking them)."""
+    w = module.param(name, nn.with_logical_partitioning(init, axes), shape, module.param_dtype)
+    return w if packed else packing.unpack(w)
 
 
 def _constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
@@ -150,11 +154,11 @@ class Attention(nn.Module):
             if T == 1 or c.sliding_window is None or C >= c.sliding_window + T - 1:
                 # nothing a query still needs is overwritten by the chunk: attend over the updated
                 # buffer itself (a decode step reads the cache once and writes one slot)
-                k_BSKH, v_BSKH = new_cache["k"].astype(self.dtype), new_cache["v"].astype(self.dtype)
+                k_BSKH, v_BSKH = (kv_cache.read(new_cache[n], self.dtype) for n in "kv")
                 kpos_BS = new_cache["pos"]
             else:  # a chunk that wraps the buffer: its early queries need keys the chunk overwrites
-                k_BSKH = jnp.concatenate([cache["k"].astype(self.dtype), k_BTKH], axis=1)
-                v_BSKH = jnp.concatenate([cache["v"].astype(self.dtype), v_BTKH], axis=1)
+                k_BSKH = jnp.concatenate([kv_cache.read(cache["k"], self.dtype), k_BTKH], axis=1)
+                v_BSKH = jnp.concatenate([kv_cache.read(cache["v"], self.dtype), v_BTKH], axis=1)
                 kpos_BS = jnp.concatenate([cache["pos"], pos_BT.astype(jnp.int32)], axis=1)
         out_BTNH = multihead_attention(q_BTNH, k_BSKH, v_BSKH, pos_BT, kpos_BS, c.sliding_window, seg_BT, kseg_BS,
                                        impl=self.attn_impl, block=self.attn_block, self_attention=cache is None)
@@ -242,8 +246,8 @@ class Transformer(nn.Module):
             raise ValueError(f"Transformer: cache has {cache['k'].shape[0]} layers, model has {c.n_layers}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block_kw = dict(attn_impl=self.attn_impl, attn_block=self.attn_block, lora=self.lora, **kw)
-        emb_VD = _param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"))
-        h_BTD = jnp.take(emb_VD, tokens_BT, axis=0).astype(self.dtype)
+        emb_VD = _param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"), packed=True)
+        h_BTD = packing.unpack(jnp.take(emb_VD, tokens_BT, axis=0)).astype(self.dtype)
         h_BTD = _constrain(h_BTD, ("batch", "length", "act_embed"))
         block_cls = self._block_cls()
         if self.scan_layers:
@@ -263,9 +267,11 @@ class Transformer(nn.Module):
         if logit_index_B is not None:
             h_BTD = jnp.take_along_axis(h_BTD, logit_index_B[:, None, None].astype(jnp.int32), axis=1)
         h_BTD = RMSNorm(c.norm_eps, name="norm", **kw)(h_BTD)
-        out_DV = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab")).astype(self.dtype)
         if return_hidden:
             return h_BTD, new_cache
+        out_DV, h_BTD = packing.unpack_after(
+            _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), packed=True), h_BTD)
+        out_DV = out_DV.astype(self.dtype)
         logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, out_DV, preferred_element_type=jnp.float32)
         return _constrain(logits_BTV, ("batch", "length", "act_vocab")), new_cache
 
@@ -334,12 +340,17 @@ def init_params(cfg: ModelConfig, rng: jax.Array, mesh: Mesh | None = None,
     return jax.jit(init, out_shardings=param_shardings(cfg, mesh, param_dtype, lora=lora))(rng)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "lora"))
 def forward(params: Any, tokens_BT: jax.Array, cfg: ModelConfig, dtype: Dtype = jnp.float32,
             positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
             lora: "LoraConfig | None" = None) -> jax.Array:
     """Jitted full-sequence forward pass returning float32 logits (B, T, V) (with `lora`, params hold
-    the adapters too)."""
+    the adapters too). bfloat16 params are passed packed (packing.py), so no float32 copy is made."""
+    return _forward(packing.pack(params), tokens_BT, cfg, dtype, positions_BT, segment_ids_BT, lora)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "lora"))
+def _forward(params: Any, tokens_BT: jax.Array, cfg: ModelConfig, dtype: Dtype, positions_BT: jax.Array | None,
+             segment_ids_BT: jax.Array | None, lora: "LoraConfig | None") -> jax.Array:
     with sharding.with_rules():
         logits, _ = Transformer(cfg, dtype=dtype, lora=lora).apply({"params": params}, tokens_BT, positions_BT,
                                                                    segment_ids_BT)

@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 
 from mistral_jax import distributed
 from mistral_jax import model as model_lib
+from mistral_jax import packing
 from mistral_jax import sharding
 from mistral_jax.buckets import bucket_for, length_buckets
 from mistral_jax.config import ModelConfig
@@ -57,8 +58,9 @@ class Scored:
 
 
 def _chunk_scores(h_BcD: jax.Array, w_DV: jax.Array, targets_Bc: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(log-prob (B, c) float32, is-argmax (B, c)) of the targets under logits h @ w."""
-    logits_BcV = jnp.einsum("bcd,dv->bcv", h_BcD, w_DV, preferred_element_type=jnp.float32)
+    """(log-prob (B, c) float32, is-argmax (B, c)) of the targets under logits h @ w (w may be packed)."""
+    w_DV, h_BcD = packing.unpack_after(w_DV, h_BcD)
+    logits_BcV = jnp.einsum("bcd,dv->bcv", h_BcD, w_DV.astype(h_BcD.dtype), preferred_element_type=jnp.float32)
     lse_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
     # a gather, not a one-hot sum over V: 12% faster for the whole head on CPU, identical values
     tgt_Bc = jnp.take_along_axis(logits_BcV, targets_Bc[..., None], axis=-1)[..., 0]
@@ -102,8 +104,7 @@ def _score_batch(params, inputs_BT, targets_BT, mask_BT, pos_BT, seg_BT, *, cfg:
     with sharding.with_rules(mesh):
         h_BTD, _ = model_lib.Transformer(cfg, dtype=dtype, attn_block=attn_block).apply(
             {"params": params}, inputs_BT, pos_BT, seg_BT, return_hidden=True)
-        lp_BT, greedy_BT = chunked_logprob_greedy(h_BTD, params["output"].astype(h_BTD.dtype), targets_BT, mask_BT,
-                                                  chunk)
+        lp_BT, greedy_BT = chunked_logprob_greedy(h_BTD, params["output"], targets_BT, mask_BT, chunk)
     return jnp.where(mask_BT, lp_BT, 0.0), greedy_BT & mask_BT
 
 
@@ -184,7 +185,7 @@ class Scorer:
         self.attn_block = attn_block
         if mesh is not None:
             params = jax.device_put(params, model_lib.param_shardings(cfg, mesh))
-        self.params = params
+        self.params = packing.pack(params)
         self.used_buckets: set[int] = set()
         self.used_shapes: set[tuple[int, int]] = set()   # (rows, bucket) of every batch run
         self.positions_run = 0                             # rows x length of every batch run, padding included

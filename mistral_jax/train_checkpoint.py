@@ -2,17 +2,28 @@
 
 Saves are atomic (orbax writes to a temporary directory and renames it) and asynchronous when
 enabled; only the last `keep` steps are kept.
+
+A LoRA run's train state holds the adapters and their optimizer state, not the frozen base weights; its
+metadata records the base's identity instead (`BASE_META`: `folder_base_record` for a checkpoint folder,
+`random_base_record` for random weights), which `--resume` checks before it reloads the base.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from pathlib import Path
 from typing import Any, Coroutine
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from mistral_jax.formats import detect_format
+from mistral_jax.integrity import checkpoint_identity, tensor_digest
+
 ITEMS = ("state", "data", "meta")
+BASE_META = "lora_base"  # metadata key of a LoRA run's base record
 SETTLE_LIMIT_S = 60.0  # the longest a failed orbax call waits for its other reads and writes
 
 
@@ -99,6 +110,15 @@ class TrainCheckpointer:
             meta=ocp.args.JsonRestore()))
         return out["state"], dict(out["data"]), dict(out["meta"])
 
+    def state_keys(self, step: int | None = None) -> list[str]:
+        """The '/'-joined paths of the arrays in the saved train state of `step` (default: latest), from
+        the checkpoint's metadata (no array is read)."""
+        step = self._check_step(step)
+        with ocp.StandardCheckpointer() as reader:
+            tree = reader.metadata(self.directory / str(step) / "state").item_metadata.tree
+        return ["/".join(str(getattr(k, "key", k)) for k in path)
+                for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
     def wait(self) -> None:
         """Blocks until pending async saves are committed."""
         self._manager.wait_until_finished()
@@ -113,3 +133,50 @@ class TrainCheckpointer:
         if await_cleanup is not None:
             await_cleanup()
         self._manager.close()
+
+
+# ----- a LoRA run's frozen base: what identifies it -----
+
+def folder_base_record(path: str | Path) -> dict[str, Any]:
+    """The record of a base read from a checkpoint folder: its format, resolved path and
+    `integrity.checkpoint_identity` (for a native folder a digest of its config.json and checksums.json,
+    for HF / mistral-inference folders of their JSON files and each weight file's name, size and mtime).
+    CheckpointError (a ValueError naming the folder) when it is not a readable checkpoint folder."""
+    path = Path(path)
+    return {"kind": "checkpoint", "format": detect_format(path), "path": str(path.resolve()),
+            "identity": checkpoint_identity(path)}
+
+
+def params_identity(params: Any) -> str:
+    """A short digest of a params tree's per-tensor sha256 checksums (each param's name and digest, in tree
+    order): what `checkpoint_identity` is of a native folder's checksums, for weights that have no folder.
+    Reads one param at a time to the host (no copy on the CPU device)."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if jax.process_count() > 1:
+            from mistral_jax.distributed import to_host
+            x = to_host(leaf)
+        else:
+            x = np.asarray(jax.device_get(leaf))
+        h.update(f"{name}\0{np.dtype(x.dtype).name}\0{tensor_digest(x)}\n".encode())
+        del x
+    return h.hexdigest()[:16]
+
+
+def random_base_record(params: Any, seed: int) -> dict[str, Any]:
+    """The record of random base weights drawn from `seed` (no --init-from): the seed that remakes them with
+    the run's model config and param dtype, and `params_identity` of the weights drawn, which a resume
+    compares with the weights it draws again."""
+    return {"kind": "random", "seed": int(seed), "path": None, "identity": params_identity(params)}
+
+
+def base_mismatch(recorded: dict[str, Any], found: str, where: str) -> str | None:
+    """None when `found` (the identity of the base at hand) is the recorded one; else one line naming
+    `where` (the base's path, or how it was drawn) and both digests."""
+    if recorded.get("identity") == found:
+        return None
+    what = ("a digest of its config and checksums" if recorded.get("format") == "native" else
+            "a digest of its files" if recorded.get("kind") == "checkpoint" else "a digest of its weights' checksums")
+    return (f"the LoRA base {where} is not the base this run trained on: recorded identity "
+            f"{recorded.get('identity')}, found {found} ({what})")

@@ -3,6 +3,12 @@ checkpoints, then held-out evaluation, export and a sample. Shared by pretrainin
 
 A run directory holds config.json, metrics.jsonl (one record per log step), checkpoints/ (orbax;
 train state + data position + metadata), export/ (final params), loss_curve.png and summary.json.
+
+A LoRA run (lora.rank > 0) keeps its frozen base weights out of the train state: they are loaded (or drawn)
+once, packed once (`packing.pack`) and passed to every step and evaluation as a separate, non-donated
+argument; checkpoints hold the adapters, their optimizer state and the data position, and their metadata
+records the base's identity (`train_checkpoint.BASE_META`), checked when `--resume` reloads it. The final
+export merges the adapters into the base in place (`lora.merge_in_place`), never holding the model twice.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from mistral_jax import data as data_lib
-from mistral_jax import data_shards, distributed, flops, optim, sharding
+from mistral_jax import data_shards, distributed, flops, optim, packing, sharding
+from mistral_jax import train_checkpoint as tc
 from mistral_jax import run_config as rc_lib
 from mistral_jax.data_source import DataSource, make_data
 from mistral_jax.prefetch import Prefetcher
@@ -90,8 +97,9 @@ NON_ARCH_FIELDS = ("max_seq_len",)
 
 
 def load_init_params(path: str, cfg: ModelConfig, mesh: Mesh, param_dtype: Any,
-                     log: Callable[[str], None] = print) -> Any:
-    """Params of a saved checkpoint for `cfg`, placed on `mesh`; RunError naming the path otherwise.
+                     log: Callable[[str], None] = print, what: str = "--init-from") -> Any:
+    """Params of a saved checkpoint for `cfg`, placed on `mesh`; RunError naming `what` and the path
+    otherwise.
 
     The checkpoint's architecture must equal the run's; fields outside it (max_seq_len) may differ, with
     a note: the run's value applies.
@@ -99,14 +107,62 @@ def load_init_params(path: str, cfg: ModelConfig, mesh: Mesh, param_dtype: Any,
     try:
         loaded_cfg, params = load_params(path, mesh=mesh, dtype=param_dtype)
     except (OSError, ValueError) as e:  # CheckpointError, ConfigError, WeightError are ValueErrors
-        raise RunError(f"--init-from {path}: {first_line(e)}") from None
+        raise RunError(f"{what} {path}: {first_line(e)}") from None
     diff = {k: v for k, v in loaded_cfg.to_dict().items() if getattr(cfg, k) != v}
     arch = [f"{k} {v!r} (run: {getattr(cfg, k)!r})" for k, v in diff.items() if k not in NON_ARCH_FIELDS]
     if arch:
-        raise RunError(f"--init-from {path}: its model architecture differs from the run's: {', '.join(arch)}")
+        raise RunError(f"{what} {path}: its model architecture differs from the run's: {', '.join(arch)}")
     for k, v in diff.items():
-        log(f"--init-from {path}: checkpoint {k} is {v!r}, the run uses {getattr(cfg, k)!r}")
+        log(f"{what} {path}: checkpoint {k} is {v!r}, the run uses {getattr(cfg, k)!r}")
     return params
+
+
+def lora_base(rc: rc_lib.RunConfig, cfg: ModelConfig, mesh: Mesh, param_dtype: Any, init_from: str | None,
+              log: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+    """(frozen base weights, their record for the checkpoints) of a fresh LoRA run: the --init-from
+    checkpoint (its identity taken before it is read), else random weights from train.seed."""
+    if init_from:
+        try:
+            record = tc.folder_base_record(init_from)
+        except (OSError, ValueError) as e:
+            raise RunError(f"--init-from {init_from}: {first_line(e)}") from None
+        return load_init_params(init_from, cfg, mesh, param_dtype, log), record
+    log("note: LoRA (lora.rank > 0) without --init-from trains adapters on random base weights")
+    base = ts.init_base(cfg, jax.random.key(rc.train.seed), mesh, param_dtype)
+    return base, tc.random_base_record(base, rc.train.seed)
+
+
+def resumed_lora_base(saved_meta: dict[str, Any], init_from: str | None, cfg: ModelConfig, mesh: Mesh,
+                      param_dtype: Any, where: str, log: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+    """(frozen base weights, their record) for resuming a LoRA run from the checkpoint at `where`: reloaded
+    from the recorded path (or --init-from, when given) or drawn again from the recorded seed; RunError
+    (one line) when the base is missing or its identity differs from the recorded one, naming both."""
+    record = saved_meta.get(tc.BASE_META)
+    if not isinstance(record, dict) or "identity" not in record:
+        raise RunError(f"--resume: the checkpoint ({where}) holds the LoRA base weights in its train state (written "
+                       "before LoRA checkpoints kept only the adapters) and cannot be resumed; use another "
+                       "--run-dir with --init-from the base")
+    if record.get("kind") == "random":
+        seed = record.get("seed")
+        base = ts.init_base(cfg, jax.random.key(seed), mesh, param_dtype)
+        error = tc.base_mismatch(record, tc.params_identity(base), f"drawn again from seed {seed}")
+        if error:
+            raise RunError(f"--resume: {error}")
+        log(f"LoRA base: random weights drawn again from seed {seed} (identity {record['identity']})")
+        return base, record
+    path = init_from or record.get("path") or ""
+    if not Path(path).is_dir():
+        raise RunError(f"--resume: the LoRA base {path} that the checkpoint ({where}) was trained on is missing; "
+                       "restore it there or pass --init-from the folder that holds it now")
+    try:
+        found = tc.folder_base_record(path)
+    except (OSError, ValueError) as e:
+        raise RunError(f"--resume: the LoRA base {path}: {first_line(e)}") from None
+    error = tc.base_mismatch(record, found["identity"], f"at {path}")
+    if error:
+        raise RunError(f"--resume: {error}")
+    log(f"LoRA base: {path} (identity {found['identity']}, as recorded)")
+    return load_init_params(path, cfg, mesh, param_dtype, log, what="--resume: the LoRA base"), found
 
 
 def _schedule_steps(rc: rc_lib.RunConfig, saved_meta: dict[str, Any] | None) -> tuple[int, list[str]]:
@@ -185,6 +241,7 @@ def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, 
          data: DataSource, ckpt: TrainCheckpointer) -> dict[str, Any]:
     train_stream = data.train
     lora = lora_config(rc)
+    cli_init_from = init_from   # on resume only an explicit --init-from moves a LoRA run's recorded base
     latest = ckpt.latest_step()
     if latest is not None and not resume:
         raise FileExistsError(f"{ckpt.directory} already has checkpoints (latest step {latest}); "
@@ -213,7 +270,7 @@ def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, 
             train_stream.restore(data_state)
         except (ValueError, KeyError, TypeError) as e:
             raise RunError(f"--resume: checkpoint step {latest}: {e}") from None
-        if init_from:
+        if init_from and lora is None:
             log(f"--init-from {init_from} ignored: resuming from checkpoint step {latest}")
 
     schedule_steps, notes = _schedule_steps(rc, saved_meta)
@@ -229,28 +286,13 @@ def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, 
             log(f"train.init_from {rc.train.init_from} does not exist (train.init_from_optional): random init")
     if init_from and saved_meta is None:
         log(f"initial params from {init_from}")
-    init_params = (load_init_params(init_from, cfg, mesh, param_dtype, log)
-                   if init_from and saved_meta is None else None)
-    if lora is not None and init_params is None and saved_meta is None:
-        log("note: LoRA (lora.rank > 0) without --init-from trains adapters on random base weights")
+    where = f"step {latest} in {ckpt.directory}"
+    init_params, base, base_record = _initial_params(rc, cfg, mesh, param_dtype, lora,
+                                                     init_from if saved_meta is None else cli_init_from,
+                                                     saved_meta, where, log)
     first = next(train_stream)  # fails here, before compiling anything, for a corpus without text
-
-    if saved_meta is not None:
-        try:
-            state, _, _ = ckpt.restore(ts.abstract_state(cfg, optimizer, mesh, param_dtype, lora=lora), latest)
-        except Exception as e:  # orbax raises assorted types for unreadable or mismatched arrays
-            raise RunError(f"--resume: cannot restore the train state of step {latest} in {ckpt.directory} "
-                           f"({type(e).__name__}: {first_line(e)})") from None
-        log(f"resumed from step {int(state['step'])} ({ckpt.directory})")
-    else:
-        state = ts.init_state(cfg, optimizer, jax.random.key(rc.train.seed), mesh, param_dtype, init_params,
-                              lora=lora)
-    if lora is not None:
-        from mistral_jax import lora as lora_lib
-        n_train = sum(x.size for x in jax.tree_util.tree_leaves(ts.trainable(state["params"], lora)))
-        n_all = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
-        log(f"LoRA rank {lora.rank}, alpha {lora.alpha} on {', '.join(lora.targets)}: {n_train:,} trained of "
-            f"{n_all:,} params; optimizer state {lora_lib.count_bytes(state['opt_state']) / 2**20:.1f} MiB")
+    state = _initial_state(rc, cfg, mesh, param_dtype, optimizer, lora, ckpt, latest if saved_meta else None,
+                           init_params, base, log)
 
     if rc.train.peak_flops > 0:
         peak, peak_source = rc.train.peak_flops, "train.peak_flops"
@@ -261,12 +303,16 @@ def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, 
     meta = {"model": cfg.to_dict(), "run_config": rc.to_dict(), "param_layout": PARAM_LAYOUT,
             "schedule_steps": schedule_steps,
             "peak_flops": peak, "peak_source": peak_source}
+    if base_record is not None:
+        meta[tc.BASE_META] = base_record
     main = distributed.is_main()
     if main:
         (run_dir / "config.json").write_text(json.dumps(rc.to_dict(), indent=1))
 
     step_fn = ts.make_train_step(cfg, optimizer, schedule, mesh, dtype=dtype, param_dtype=param_dtype,
                                  remat=rc.model.remat, lora=lora)
+    if lora is not None:    # the base packed once (no copy) and passed to every step, never donated
+        step_fn = _with_frozen_base(step_fn, packing.pack(base))
     flops_per_token = flops.train_flops_per_token(cfg, rc.data.seq_len)
     log(f"model {cfg.dim}d x {cfg.n_layers} layers, mesh {dict(mesh.shape)}, {flops_per_token / 1e6:.1f} "
         f"MFLOP/token, peak {peak / 1e9:.1f} GFLOP/s ({peak_source})")
@@ -288,8 +334,9 @@ def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, 
         raise RunError(str(e)) from None
     baseline: dict[str, Any] = {}
     if rc.eval.before and saved_meta is None:
+        # fresh adapters (B = 0) leave the base's outputs bit for bit: its answers are the base's own
         baseline = evaluate(rc, cfg, state["params"], mesh, tokenizer, data, run_dir, dtype, param_dtype, log,
-                            lora, sinks, step=0, tag="before")
+                            lora, sinks, step=0, tag="before", base=base, plain=base)
         if data.val is not None:
             data.val.restore(data.val_start)
     stop = {"sigterm": False}
@@ -311,12 +358,14 @@ def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, 
 
     try:
         summary = evaluate_and_export(rc, cfg, state["params"], mesh, tokenizer, data, run_dir, dtype,
-                                      param_dtype, log, lora=lora, sinks=sinks, step=int(state["step"]))
+                                      param_dtype, log, lora=lora, sinks=sinks, step=int(state["step"]), base=base)
     finally:
         sinks.close()
     summary.update(steps=int(state["step"]), wall_s=round(time.time() - t_start, 1), schedule_steps=schedule_steps,
                    peak_flops=peak, peak_source=peak_source, flops_per_token=flops_per_token)
     summary.update(baseline)
+    if base_record is not None:
+        summary[tc.BASE_META] = base_record
     if data.report:
         summary["data"] = data.report
     records = read_metrics(run_dir / "metrics.jsonl") if main else []
@@ -329,6 +378,51 @@ def _run(rc, cfg, run_dir, resume, init_from, log, t_start, dtype, param_dtype, 
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _initial_params(rc: rc_lib.RunConfig, cfg: ModelConfig, mesh: Mesh, param_dtype: Any, lora: Any,
+                    init_from: str | None, saved_meta: dict[str, Any] | None, where: str,
+                    log: Callable[[str], None]) -> tuple[Any, Any, dict[str, Any] | None]:
+    """(--init-from params of a fresh full-training run or None, LoRA's frozen base or None, the base's
+    record or None): what a run's train state starts from besides its checkpoint (at `where`, when resuming)."""
+    if lora is None:
+        init_params = (load_init_params(init_from, cfg, mesh, param_dtype, log)
+                       if init_from and saved_meta is None else None)
+        return init_params, None, None
+    if saved_meta is not None:
+        return (None, *resumed_lora_base(saved_meta, init_from, cfg, mesh, param_dtype, where, log))
+    return (None, *lora_base(rc, cfg, mesh, param_dtype, init_from, log))
+
+
+def _initial_state(rc: rc_lib.RunConfig, cfg: ModelConfig, mesh: Mesh, param_dtype: Any, optimizer: Any, lora: Any,
+                   ckpt: TrainCheckpointer, latest: int | None, init_params: Any, base: Any,
+                   log: Callable[[str], None]) -> ts.TrainState:
+    """The train state restored from checkpoint step `latest`, or fresh (None): from `init_params` (random
+    when None), or with LoRA fresh adapters for `base`."""
+    if latest is not None:
+        try:
+            state, _, _ = ckpt.restore(ts.abstract_state(cfg, optimizer, mesh, param_dtype, lora=lora), latest)
+        except Exception as e:  # orbax raises assorted types for unreadable or mismatched arrays
+            raise RunError(f"--resume: cannot restore the train state of step {latest} in {ckpt.directory} "
+                           f"({type(e).__name__}: {first_line(e)})") from None
+        log(f"resumed from step {int(state['step'])} ({ckpt.directory})")
+    else:
+        state = ts.init_state(cfg, optimizer, jax.random.key(rc.train.seed), mesh, param_dtype,
+                              init_params if lora is None else base, lora=lora)
+    if lora is not None:
+        from mistral_jax import lora as lora_lib
+        n_train = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
+        n_all = n_train + sum(x.size for x in jax.tree_util.tree_leaves(base))
+        log(f"LoRA rank {lora.rank}, alpha {lora.alpha} on {', '.join(lora.targets)}: {n_train:,} trained of "
+            f"{n_all:,} params; optimizer state {lora_lib.count_bytes(state['opt_state']) / 2**20:.1f} MiB")
+    return state
+
+
+def _with_frozen_base(step_fn: Callable, base_packed: Any) -> Callable:
+    """step(state, batch) of a LoRA train step jit(state, base, batch), with the packed base bound."""
+    def step(state: ts.TrainState, batch: ts.Batch) -> tuple[ts.TrainState, dict[str, Any]]:
+        return step_fn(state, base_packed, batch)
+    return step
 
 
 def train(rc: rc_lib.RunConfig, state: ts.TrainState, step_fn: Callable,
@@ -436,16 +530,18 @@ def diverged_message(step: int, m: dict[str, Any], last_good: int | None, direct
 
 
 def heldout_loss(params: Any, cfg: ModelConfig, mesh: Mesh, val_stream: Iterator, n_batches: int, dtype: Any,
-                 param_dtype: Any, lora: Any = None) -> tuple[float, int]:
-    """(mean NLL per target token, target count) over the first n_batches held-out batches."""
+                 param_dtype: Any, lora: Any = None, base: Any = None) -> tuple[float, int]:
+    """(mean NLL per target token, target count) over the first n_batches held-out batches; with LoRA,
+    `params` are the adapters and `base` the frozen base weights (packed here: no copy)."""
     eval_fn = ts.make_eval_step(cfg, mesh, dtype=dtype, param_dtype=param_dtype, lora=lora)
+    args = (params,) if lora is None else (params, packing.pack(base))
     total, count = 0.0, 0.0
     for _ in range(n_batches):
         try:
             batch = next(val_stream)
         except StopIteration:
             break
-        s, n = jax.device_get(eval_fn(params, ts.put_batch(batch, mesh, 1, len(getattr(val_stream, "shards", [0])))))
+        s, n = jax.device_get(eval_fn(*args, ts.put_batch(batch, mesh, 1, len(getattr(val_stream, "shards", [0])))))
         total, count = total + float(s), count + float(n)
     if count == 0:
         raise data_lib.DataError("held-out set produced no tokens (data.val_percent too small?)")
@@ -468,62 +564,90 @@ def answer_exact_match(params: Any, cfg: ModelConfig, mesh: Mesh, tokenizer: Tok
 
 def evaluate(rc: rc_lib.RunConfig, cfg: ModelConfig, params: Any, mesh: Mesh, tokenizer: Tokenizer,
              data: DataSource, run_dir: Path, dtype: Any, param_dtype: Any, log: Callable[[str], None],
-             lora: Any = None, sinks: ScalarSinks | None = None, step: int = 0, tag: str = "") -> dict[str, Any]:
+             lora: Any = None, sinks: ScalarSinks | None = None, step: int = 0, tag: str = "",
+             base: Any = None, plain: Any = None) -> dict[str, Any]:
     """Held-out loss (on the answers for fine-tuning) and greedy answers' exact match, per rc.eval.
 
+    With LoRA, `params` are the adapters and `base` the frozen base weights. `plain` are the plain model's
+    params for the greedy answers, or a function making them (called after the held-out loss); by default
+    `params`, or with LoRA `lora.merge` of adapters and base (a copy of the adapted weights).
     tag "" is the final evaluation; another tag (e.g. "before") prefixes the summary fields and files.
     """
-    out: dict[str, Any] = {}
-    plain = params
-    if lora is not None:
-        from mistral_jax import lora as lora_lib
-        plain = lora_lib.merge(params, lora)
-    what = "answer loss" if rc.data.source in rc_lib.CHAT_SOURCES else "loss"
-    pre = f"{tag}_" if tag else ""
-    label = f"held-out ({tag})" if tag else "held-out"
-    if rc.eval.batches and data.val is not None:
-        val_loss, n = heldout_loss(params, cfg, mesh, data.val, rc.eval.batches, dtype, param_dtype, lora)
-        out.update({f"{pre}heldout_loss": val_loss, f"{pre}heldout_perplexity": math.exp(val_loss),
-                    f"{pre}heldout_tokens": n})
-        log(f"{label}: {what} {val_loss:.4f} nats/token, perplexity {math.exp(val_loss):.2f} over {n} tokens")
-        if sinks is not None:
-            sinks.write({"step": step, "loss": val_loss}, prefix="heldout/")
-    if rc.eval.answers and data.answers:     # every process decodes; process 0 writes
-        score, rows = answer_exact_match(plain, cfg, mesh, tokenizer, data.answers[:rc.eval.answers],
-                                         rc.train.seed)
-        out.update({f"{pre}heldout_exact_match": score, f"{pre}heldout_answers": len(rows)})
-        if distributed.is_main():
-            with open(run_dir / f"{pre}answers.jsonl", "w") as f:
-                for r in rows:
-                    f.write(json.dumps(r) + "\n")
-        log(f"{label} greedy answers: exact match {score:.3f} over {len(rows)} conversations "
-            f"({pre}answers.jsonl)")
-        if rows:
-            log(f"{label} example dialogue:\n{tokenizer.decode(data.answers[0][0])}\n  -> model: "
-                f"{rows[0]['answer']!r} (reference {rows[0]['reference']!r})")
-        if sinks is not None:
-            sinks.write({"step": step, "exact_match": score}, prefix="heldout/")
+    out = heldout_summary(rc, cfg, params, mesh, data, dtype, param_dtype, log, lora, sinks, step, tag, base)
+    if rc.eval.answers and data.answers:
+        if plain is None and lora is not None:
+            from mistral_jax import lora as lora_lib
+            plain = lora_lib.merge(lora_lib.join(params, base), lora)
+        plain = plain() if callable(plain) else params if plain is None else plain
+        out.update(answers_summary(rc, cfg, plain, mesh, tokenizer, data, run_dir, log, sinks, step, tag))
     return out
+
+
+def _label(tag: str) -> tuple[str, str]:
+    """(summary field prefix, log label) of an evaluation's tag."""
+    return (f"{tag}_" if tag else ""), (f"held-out ({tag})" if tag else "held-out")
+
+
+def heldout_summary(rc: rc_lib.RunConfig, cfg: ModelConfig, params: Any, mesh: Mesh, data: DataSource,
+                    dtype: Any, param_dtype: Any, log: Callable[[str], None], lora: Any = None,
+                    sinks: ScalarSinks | None = None, step: int = 0, tag: str = "", base: Any = None
+                    ) -> dict[str, Any]:
+    """The held-out loss fields of `evaluate` (none without held-out data or eval.batches)."""
+    if not (rc.eval.batches and data.val is not None):
+        return {}
+    pre, label = _label(tag)
+    what = "answer loss" if rc.data.source in rc_lib.CHAT_SOURCES else "loss"
+    val_loss, n = heldout_loss(params, cfg, mesh, data.val, rc.eval.batches, dtype, param_dtype, lora, base)
+    log(f"{label}: {what} {val_loss:.4f} nats/token, perplexity {math.exp(val_loss):.2f} over {n} tokens")
+    if sinks is not None:
+        sinks.write({"step": step, "loss": val_loss}, prefix="heldout/")
+    return {f"{pre}heldout_loss": val_loss, f"{pre}heldout_perplexity": math.exp(val_loss), f"{pre}heldout_tokens": n}
+
+
+def answers_summary(rc: rc_lib.RunConfig, cfg: ModelConfig, plain: Any, mesh: Mesh, tokenizer: Tokenizer,
+                    data: DataSource, run_dir: Path, log: Callable[[str], None], sinks: ScalarSinks | None = None,
+                    step: int = 0, tag: str = "") -> dict[str, Any]:
+    """The greedy answers' fields of `evaluate`, decoded with the plain model's params `plain`; writes
+    <tag_>answers.jsonl (process 0)."""
+    pre, label = _label(tag)
+    score, rows = answer_exact_match(plain, cfg, mesh, tokenizer, data.answers[:rc.eval.answers], rc.train.seed)
+    if distributed.is_main():       # every process decodes; process 0 writes
+        with open(run_dir / f"{pre}answers.jsonl", "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    log(f"{label} greedy answers: exact match {score:.3f} over {len(rows)} conversations ({pre}answers.jsonl)")
+    if rows:
+        log(f"{label} example dialogue:\n{tokenizer.decode(data.answers[0][0])}\n  -> model: "
+            f"{rows[0]['answer']!r} (reference {rows[0]['reference']!r})")
+    if sinks is not None:
+        sinks.write({"step": step, "exact_match": score}, prefix="heldout/")
+    return {f"{pre}heldout_exact_match": score, f"{pre}heldout_answers": len(rows)}
 
 
 def evaluate_and_export(rc: rc_lib.RunConfig, cfg: ModelConfig, params: Any, mesh: Mesh, tokenizer: Tokenizer,
                         data: DataSource, run_dir: Path, dtype: Any, param_dtype: Any,
                         log: Callable[[str], None], lora: Any = None, sinks: ScalarSinks | None = None,
-                        step: int = 0) -> dict[str, Any]:
-    """Per rc.eval: export the params (LoRA merged into the weights), `evaluate`, a sample; returns their
-    summary fields."""
-    summary: dict[str, Any] = {}
+                        step: int = 0, base: Any = None) -> dict[str, Any]:
+    """Per rc.eval: the held-out loss, then the export of the plain params, the greedy answers and a sample;
+    returns their summary fields.
+
+    With LoRA (`params` the adapters, `base` the frozen base weights) the held-out loss is taken with the
+    adapters unmerged; then, if anything needs the plain model, the adapters are merged into the base in
+    place (`lora.merge_in_place`: the base arrays become the merged model, nothing is held twice).
+    """
+    summary = heldout_summary(rc, cfg, params, mesh, data, dtype, param_dtype, log, lora, sinks, step, "", base)
+    answers = bool(rc.eval.answers and data.answers)
     plain = params
-    if lora is not None:
+    if lora is not None and (rc.eval.export or answers or rc.eval.sample_tokens):
         from mistral_jax import lora as lora_lib
-        plain = lora_lib.merge(params, lora)
+        plain = lora_lib.merge_in_place(lora_lib.join(params, base), lora)
     if rc.eval.export:         # every process writes its shards of the params (a shared run dir)
         save_params(run_dir / "export", cfg, plain, force=True)
         summary["export"] = str(run_dir / "export")
         if lora is not None:
             summary["export_note"] = "LoRA adapters merged into the weights (W + alpha/rank * A B)"
-    summary.update(evaluate(rc, cfg, params, mesh, tokenizer, data, run_dir, dtype, param_dtype, log, lora,
-                            sinks, step))
+    if answers:
+        summary.update(answers_summary(rc, cfg, plain, mesh, tokenizer, data, run_dir, log, sinks, step))
     if rc.eval.sample_tokens:  # every process decodes; process 0 writes
         prompt_ids = tokenizer.encode(rc.eval.sample_prompt, bos=True)
         out = generate(plain, cfg, [prompt_ids], rc.eval.sample_tokens, temperature=rc.eval.sample_temperature,

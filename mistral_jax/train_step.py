@@ -20,11 +20,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mistral_jax import model as model_lib
-from mistral_jax import sharding
+from mistral_jax import packing, sharding
 from mistral_jax.config import ModelConfig
 from mistral_jax.loss import chunked_nll
 
-TrainState = dict[str, Any]  # {'step': int32 scalar, 'params': tree, 'opt_state': optax state}
+# {'step': int32 scalar, 'params': the trained params (with LoRA: the adapters only), 'opt_state': optax state}
+TrainState = dict[str, Any]
 Batch = dict[str, jax.Array]
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "target_mask")
 LOSS_CHUNK = 512  # sequence positions per output-head/loss chunk
@@ -74,15 +75,16 @@ def summed_loss(params: Any, tokens_BT: jax.Array, positions_BT: jax.Array, segm
     model = model_lib.Transformer(cfg, dtype=dtype, remat=remat, scan_layers=scan_layers, **extra)
     with sharding.with_rules():
         h_BTD, _ = model.apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT, return_hidden=True)
-    out_DV = params["output"].astype(h_BTD.dtype)
-    nll_BT = chunked_nll(h_BTD, out_DV, jnp.roll(tokens_BT, -1, axis=1), loss_chunk)
+    nll_BT = chunked_nll(h_BTD, params["output"], jnp.roll(tokens_BT, -1, axis=1), loss_chunk)
     mask_BT = loss_mask(segment_ids_BT, target_mask_BT)
     return jnp.sum(jnp.where(mask_BT, nll_BT, 0.0)), jnp.sum(mask_BT).astype(jnp.float32)
 
 
 # ----- state and shardings -----
-# With LoRA (`lora` a lora.LoraConfig) the params tree holds the frozen base weights and the adapters; only
-# the adapters are differentiated and only they have optimizer state. Without it, every param trains.
+# With LoRA (`lora` a lora.LoraConfig) the frozen base weights live outside the train state: the state holds
+# the adapters (its 'params'), their optimizer state and the step, and the base is a separate, non-donated
+# argument of the jitted programs (packed: see `mistral_jax.packing`), so no step copies or checkpoints it.
+# Without LoRA the state's 'params' are the whole model and every param trains.
 
 def trainable(tree: Any, lora: Any = None) -> Any:
     """The trained part of a params-shaped tree: all of it, or with LoRA the adapter leaves only."""
@@ -92,11 +94,21 @@ def trainable(tree: Any, lora: Any = None) -> Any:
     return lora_lib.split(tree)[0]
 
 
-def _with_trainable(params: Any, new_trainable: Any, lora: Any = None) -> Any:
+def frozen(tree: Any, lora: Any = None) -> Any:
+    """The frozen part of a params-shaped tree: nothing (None) without LoRA, with it the base leaves."""
     if lora is None:
-        return new_trainable
+        return None
     from mistral_jax import lora as lora_lib
-    return lora_lib.join(new_trainable, lora_lib.split(params)[1])
+    return lora_lib.split(tree)[1]
+
+
+def with_base(trained: Any, base: Any, lora: Any = None) -> Any:
+    """The model's whole params tree from the trained params and the frozen base (None without LoRA); the
+    leaves are not copied (the inverse of `trainable` / `frozen`)."""
+    if lora is None:
+        return trained
+    from mistral_jax import lora as lora_lib
+    return lora_lib.join(trained, base)
 
 
 def _lora_kw(lora: Any) -> dict[str, Any]:
@@ -105,47 +117,83 @@ def _lora_kw(lora: Any) -> dict[str, Any]:
 
 def state_shardings(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
                     param_dtype: Any = jnp.float32, scan_layers: bool = True, lora: Any = None) -> TrainState:
-    """NamedShardings of the train state: params by the logical rules; optimizer moments follow their params."""
-    param_sh = model_lib.param_shardings(cfg, mesh, param_dtype, scan_layers, **_lora_kw(lora))
+    """NamedShardings of the train state: the trained params by the logical rules; optimizer moments follow
+    their params. With LoRA the state's params are the adapters only (see `base_shardings`)."""
+    param_sh = trainable(model_lib.param_shardings(cfg, mesh, param_dtype, scan_layers, **_lora_kw(lora)), lora)
     abstract_opt = jax.eval_shape(optimizer.init, trainable(_unboxed_abstract(cfg, param_dtype, scan_layers, lora),
                                                             lora))
     rep = sharding.replicated(mesh)
-    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, abstract_opt, trainable(param_sh, lora),
+    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, abstract_opt, param_sh,
                                    transform_non_params=lambda _: rep)
     return {"step": rep, "params": param_sh, "opt_state": opt_sh}
+
+
+def base_shardings(cfg: ModelConfig, mesh: Mesh, lora: Any, param_dtype: Any = jnp.float32,
+                   scan_layers: bool = True) -> Any:
+    """NamedShardings of LoRA's frozen base weights (packed or not: a packed weight has the same shape)."""
+    return frozen(model_lib.param_shardings(cfg, mesh, param_dtype, scan_layers, lora=lora), lora)
 
 
 def _unboxed_abstract(cfg: ModelConfig, param_dtype: Any, scan_layers: bool = True, lora: Any = None) -> Any:
     return nn.unbox(model_lib.abstract_params(cfg, param_dtype, scan_layers, **_lora_kw(lora)))
 
 
+def _placed(shapes: Any, shardings: Any) -> Any:
+    return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                  shapes, shardings)
+
+
 def abstract_state(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
                    param_dtype: Any = jnp.float32, scan_layers: bool = True, lora: Any = None) -> TrainState:
     """ShapeDtypeStructs (with shardings) of the train state, e.g. as an orbax restore target."""
     shardings = state_shardings(cfg, optimizer, mesh, param_dtype, scan_layers, lora)
-    params = _unboxed_abstract(cfg, param_dtype, scan_layers, lora)
+    params = trainable(_unboxed_abstract(cfg, param_dtype, scan_layers, lora), lora)
     shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
-              "opt_state": jax.eval_shape(optimizer.init, trainable(params, lora))}
-    return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                  shapes, shardings)
+              "opt_state": jax.eval_shape(optimizer.init, params)}
+    return _placed(shapes, shardings)
+
+
+def abstract_base(cfg: ModelConfig, mesh: Mesh, lora: Any, param_dtype: Any = jnp.float32,
+                  scan_layers: bool = True, packed: bool = True) -> Any:
+    """ShapeDtypeStructs (with shardings) of LoRA's frozen base as the train and eval steps receive it:
+    `packing.pack`ed (bfloat16 on the CPU backend as uint16) unless packed=False."""
+    shardings = base_shardings(cfg, mesh, lora, param_dtype, scan_layers)
+    base = _placed(frozen(_unboxed_abstract(cfg, param_dtype, scan_layers, lora), lora), shardings)
+    cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
+    if not (packed and cpu):
+        return base
+    return jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, packing.PACKED, sharding=s.sharding) if s.dtype == jnp.bfloat16
+        else s, base)
+
+
+def init_base(cfg: ModelConfig, rng: jax.Array, mesh: Mesh, param_dtype: Any = jnp.float32) -> Any:
+    """Random base weights for a LoRA run without --init-from: the params `model.init_params` draws from
+    `rng` (the same as a full-training run's from the same seed), in their shardings."""
+    return model_lib.init_params(cfg, rng, mesh, param_dtype)
 
 
 def init_state(cfg: ModelConfig, optimizer: optax.GradientTransformation, rng: jax.Array, mesh: Mesh,
                param_dtype: Any = jnp.float32, params: Any | None = None, lora: Any = None) -> TrainState:
     """A fresh train state created in its shardings (random params unless `params` is given).
 
-    With LoRA, `params` are the base weights and fresh adapters (B = 0) are added from `rng`.
+    With LoRA, `params` are the frozen base weights (required; e.g. `init_base`): fresh adapters (B = 0)
+    are drawn from `rng` for them, and the state holds the adapters only; the base is not copied.
     """
     shardings = state_shardings(cfg, optimizer, mesh, param_dtype, lora=lora)
-    if params is None:
-        params = model_lib.init_params(cfg, rng, mesh, param_dtype, **_lora_kw(lora))
+    if lora is not None:
+        if params is None:
+            raise ValueError("init_state: a LoRA state needs the base weights (params=...), e.g. from init_base")
+        from mistral_jax import lora as lora_lib
+        adapters = trainable(lora_lib.add_adapters(params, cfg, lora, rng), lora)
+        params = jax.device_put(jax.tree_util.tree_map(lambda x: jnp.asarray(x, param_dtype), adapters),
+                                shardings["params"])
+    elif params is None:
+        params = model_lib.init_params(cfg, rng, mesh, param_dtype)
     else:
-        if lora is not None:
-            from mistral_jax import lora as lora_lib
-            params = lora_lib.add_adapters(params, cfg, lora, rng)
         params = jax.device_put(jax.tree_util.tree_map(lambda x: jnp.asarray(x, param_dtype), params),
                                 shardings["params"])
-    opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(trainable(params, lora))
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
     return {"step": step, "params": params, "opt_state": opt_state}
 
@@ -177,8 +225,9 @@ def all_finite(tree: Any) -> jax.Array:
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     mesh: Mesh, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                     remat: str = "none", loss_fn: LossFn | None = None, scan_layers: bool = True,
-                    lora: Any = None) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """Returns jit(step)(state, batch) -> (state, metrics), state donated, explicit in/out shardings.
+                    lora: Any = None) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """Returns jit(step)(state, batch) -> (state, metrics), or with LoRA jit(step)(state, base, batch);
+    state donated, explicit in/out shardings.
 
     Gradients of the summed token loss are accumulated over the A micro-batches and divided by the
     total token count, so A micro-batches equal one step on the A-times batch. A non-finite loss,
@@ -186,58 +235,58 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, s
     loss and grad_norm finite, it was the update). `loss_fn` (default
     `summed_loss`) has summed_loss's signature and returns (summed NLL, token count). scan_layers=False
     steps the per-layer (unscanned) model and params tree (kept for comparisons such as compile time).
-    With `lora` only the adapters are differentiated and updated; the base weights pass through unchanged.
+    With `lora` the state holds the adapters, the only params differentiated and updated; `base` (the
+    frozen weights, best `packing.pack`ed: see `abstract_base`) is read, never donated, copied or returned.
     """
     if loss_fn is None:
         loss_fn = functools.partial(summed_loss, scan_layers=scan_layers)
     loss = functools.partial(loss_fn, cfg=cfg, dtype=dtype, remat=remat, **_lora_kw(lora))
 
-    def micro(params, mb: Batch):
+    def micro(trained: Any, base: Any, mb: Batch) -> tuple[jax.Array, jax.Array, Any]:
         def of_trained(t):
-            return loss(_with_trainable(params, t, lora), mb["tokens"], mb["positions"], mb["segment_ids"],
+            return loss(with_base(t, base, lora), mb["tokens"], mb["positions"], mb["segment_ids"],
                         target_mask_BT=mb["target_mask"])
-        (loss_sum, count), grads = jax.value_and_grad(of_trained, has_aux=True)(trainable(params, lora))
+        (loss_sum, count), grads = jax.value_and_grad(of_trained, has_aux=True)(trained)
         return loss_sum, count, grads
 
-    def step(state: TrainState, batch: Batch):
+    def step(state: TrainState, *base_and_batch: Any):
+        base, batch = base_and_batch if lora is not None else (None, *base_and_batch)
         with sharding.with_rules(mesh):     # the model's activation constraints need the mesh while tracing
-            return _step(state, batch)
+            return _step(state, base, batch)
 
-    def _step(state: TrainState, batch: Batch):
-        params = state["params"]
+    def _step(state: TrainState, base: Any, batch: Batch):
+        trained = state["params"]
         A = batch["tokens"].shape[0]
         if A == 1:
-            loss_sum, count, grads = micro(params, {k: v[0] for k, v in batch.items()})
+            loss_sum, count, grads = micro(trained, base, {k: v[0] for k, v in batch.items()})
         else:
             def body(carry, mb):
                 l_acc, n_acc, g_acc = carry
-                l, n, g = micro(params, mb)
+                l, n, g = micro(trained, base, mb)
                 return (l_acc + l, n_acc + n, jax.tree_util.tree_map(jnp.add, g_acc, g)), None
-            zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable(params, lora))
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, trained)
             (loss_sum, count, grads), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zeros), batch)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
         loss = loss_sum / denom
         grad_norm = optax.global_norm(grads)
-        trained = trainable(params, lora)
         updates, new_opt = optimizer.update(grads, state["opt_state"], trained)
         new_trained = optax.apply_updates(trained, updates)
         # finite loss and gradients do not make finite params (an lr or weight decay past float32's range,
-        # an overflowing update): check what the step would keep, in the same program (frozen LoRA base
-        # weights do not change, so only the trained leaves are checked)
+        # an overflowing update): check what the step would keep, in the same program
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_trained)
-        new_params = _with_trainable(params, new_trained, lora)
-        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": new_opt}
+        new_state = {"step": state["step"] + 1, "params": new_trained, "opt_state": new_opt}
         new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
                    "tokens": count, "finite": finite}
         return new_state, metrics
 
     state_sh = state_shardings(cfg, optimizer, mesh, param_dtype, scan_layers, lora)
+    base_sh = () if lora is None else (base_shardings(cfg, mesh, lora, param_dtype, scan_layers),)
     rep = sharding.replicated(mesh)
     metric_sh = {k: rep for k in ("loss", "grad_norm", "lr", "tokens", "finite")}
-    return jax.jit(step, in_shardings=(state_sh, batch_shardings(mesh)), out_shardings=(state_sh, metric_sh),
-                   donate_argnums=(0,))
+    return jax.jit(step, in_shardings=(state_sh, *base_sh, batch_shardings(mesh)),
+                   out_shardings=(state_sh, metric_sh), donate_argnums=(0,))
 
 
 def put_batch(batch: dict[str, Any], mesh: Mesh, grad_accum: int, shards: int = 1) -> Batch:
@@ -270,11 +319,15 @@ def put_batch(batch: dict[str, Any], mesh: Mesh, grad_accum: int, shards: int = 
 
 def make_eval_step(cfg: ModelConfig, mesh: Mesh, *, dtype: Any = jnp.float32,
                    param_dtype: Any = jnp.float32, lora: Any = None
-                   ) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
-    """jit(params, batch (1, B, T)) -> (summed NLL over targets, target count), for held-out loss."""
-    def ev(params, batch):
+                   ) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """jit(params, batch (1, B, T)) -> (summed NLL over targets, target count), for held-out loss; with LoRA
+    jit(adapters, base, batch), the frozen base as for the train step (best packed)."""
+    def ev(params, *base_and_batch):
+        base, batch = base_and_batch if lora is not None else (None, *base_and_batch)
         with sharding.with_rules(mesh):     # the model's activation constraints need the mesh while tracing
-            return summed_loss(params, batch["tokens"][0], batch["positions"][0], batch["segment_ids"][0],
-                               cfg=cfg, dtype=dtype, target_mask_BT=batch["target_mask"][0], **_lora_kw(lora))
-    return jax.jit(ev, in_shardings=(model_lib.param_shardings(cfg, mesh, param_dtype, **_lora_kw(lora)),
-                                     batch_shardings(mesh)))
+            return summed_loss(with_base(params, base, lora), batch["tokens"][0], batch["positions"][0],
+                               batch["segment_ids"][0], cfg=cfg, dtype=dtype, target_mask_BT=batch["target_mask"][0],
+                               **_lora_kw(lora))
+    param_sh = model_lib.param_shardings(cfg, mesh, param_dtype, **_lora_kw(lora))
+    in_sh = (param_sh,) if lora is None else (trainable(param_sh, lora), frozen(param_sh, lora))
+    return jax.jit(ev, in_shardings=(*in_sh, batch_shardings(mesh)))

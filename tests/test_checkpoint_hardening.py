@@ -190,7 +190,10 @@ def test_corrupt_orbax_files_fail_with_one_line_only(native, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
     assert [ln.split()[0] for ln in lines] == [*folders] * ATTEMPTS + ["train"], r.stdout
-    assert all(" error: " in ln and "LOADED" not in ln for ln in lines), r.stdout
+    # params are read with tensorstore and verified by their checksums: orbax's per-array metadata files are
+    # not needed to read them, so damaged ones do not stop a load; every other damage is one error line
+    assert all(ln.endswith(" LOADED") == ln.startswith("array_metadatas ") for ln in lines[:-1]), r.stdout
+    assert all(" error: " in ln for ln in lines if not ln.endswith(" LOADED")), r.stdout
     assert "See full TensorStore details" not in r.stdout, r.stdout  # the first line of the error, cleaned
     assert "Event loop is closed" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "absl" not in r.stderr, r.stderr[-3000:]

@@ -30,6 +30,15 @@ def test_state_bytes_equal_the_created_arrays():
     assert p.compiled["argument"] >= p.params + p.opt_state and p.compiled["temp"] > 0
 
 
+def test_lora_plan_compiles_the_step_with_its_separate_base():
+    """A LoRA step takes the frozen base as its own argument (not in the state): the plan compiles it so."""
+    cfg = ModelConfig.preset("tiny")
+    p = mp.plan(cfg, (2, 2, 2), 32, 8, lora_rank=4, param_dtype=jax.numpy.bfloat16, compile=True)
+    from mistral_jax import model
+    assert p.n_params == model.count_params(cfg) + p.n_trained and p.n_trained < p.n_params / 10
+    assert p.compiled["argument"] >= p.params + p.opt_state and p.compiled["temp"] > 0
+
+
 def test_7b_counts_and_cli(capsys):
     cfg = ModelConfig.preset("mistral-7b-v0.1")
     p = mp.plan(cfg, (1, 8, 1), 4096, 8, compile=False)
@@ -40,6 +49,7 @@ def test_7b_counts_and_cli(capsys):
     assert 2 * p.params <= p.opt_state <= 2 * p.params + 64   # Adam mu and nu, plus int32 step counts
     lora = mp.plan(cfg, (1, 8, 1), 4096, 8, lora_rank=16, compile=False)
     assert lora.n_trained == 41_943_040 and lora.opt_state < p.opt_state / 20   # B factors: not split by fsdp
+    assert lora.n_params == 7_241_732_096 + lora.n_trained      # the frozen base counted beside the adapters
     assert plan_cli.main(["--mesh", "data=1,fsdp=8,tensor=1", "--seq-len", "4096", "--batch", "8", "--no-compile",
                           "--device-memory", "12GiB"]) == 0
     out = capsys.readouterr().out

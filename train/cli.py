@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from mistral_jax import distributed
+from mistral_jax import distributed, oom
 from mistral_jax import run_config as rc_lib
 from mistral_jax.data import DataError
 from mistral_jax.train_loop import RunError, TrainingDiverged, run
@@ -18,9 +18,47 @@ from mistral_jax.train_loop import RunError, TrainingDiverged, run
 # checkpoint, a diverged run. A RunConfigError (a bad config, also when found by the run) exits with 2.
 USER_ERRORS = (rc_lib.RunConfigError, RunError, DataError, TrainingDiverged, FileExistsError)
 
+EXIT_STATUS = ("exit status: 0 done, 1 run failed (bad data, checkpoint, divergence), 2 bad config (a field's value, "
+               "or data.paths and data.val_paths naming the same file), 3 out of memory (host or device: one line "
+               "naming the stage, the bytes requested and available, and which settings to change), 143 stopped by "
+               "SIGTERM (a checkpoint is saved; --resume continues)")
+
+# The stage an out-of-memory failure is reported in: the innermost of these functions on its stack
+# ("module:function" -> a name, or a function of that frame's locals giving one).
+OOM_STAGES = {
+    "mistral_jax.data_source:make_data": "reading the data",
+    "mistral_jax.train_loop:load_init_params": "loading the --init-from checkpoint",
+    "mistral_jax.train_checkpoint:restore": "restoring the checkpoint (--resume)",
+    "mistral_jax.train_step:init_state": "creating the params and optimizer state",
+    "mistral_jax.train_loop:measure_peak": "measuring the peak FLOP/s (set train.peak_flops to skip it)",
+    "mistral_jax.train_loop:train": lambda f: f"training step {f['step'] + 1} of {f['steps']}",
+    "mistral_jax.train_checkpoint:save": "saving a checkpoint",
+    "mistral_jax.train_loop:heldout_loss": "computing the held-out loss",
+    "mistral_jax.train_loop:answer_exact_match": "generating the held-out answers",
+    "mistral_jax.checkpoint:save_params": "exporting the params",
+}
+
+
+def oom_advice(rc: rc_lib.RunConfig, stage: str) -> list[str]:
+    """The settings that shrink what a training run holds per device at `stage`: 16-bit compute and master
+    params, recomputed activations and smaller micro-batches (steps), more devices."""
+    m, d, o = rc.model, rc.data, rc.optim
+    running = stage.startswith(("training", "computing", "generating", "measuring"))   # programs with activations
+    advice = [f"--set model.{k}=bfloat16" for k in ("dtype", "param_dtype")
+              if getattr(m, k) == "float32" and (running or k == "param_dtype")]
+    if stage.startswith("training"):
+        if m.remat != "full":
+            advice.append("--set model.remat=full")
+        if d.batch_size // o.grad_accum > 1:
+            advice.append(f"a smaller data.batch_size or a larger optim.grad_accum (now {d.batch_size} rows in "
+                          f"{o.grad_accum} micro-batch(es))")
+    elif stage.startswith("computing") and d.batch_size > 1:
+        advice.append(f"a smaller data.batch_size (now {d.batch_size})")
+    return advice + ["a larger mesh (more devices; mesh.devices=0 uses them all)"]
+
 
 def parse_args(argv: Sequence[str] | None, prog: str, description: str, example: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=EXIT_STATUS)
     p.add_argument("--config", required=True, help=f"TOML run config (e.g. {example})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.steps=200 (repeatable; bare keys allowed "
@@ -44,7 +82,8 @@ def _error(e: BaseException) -> None:
 
 def main(argv: Sequence[str] | None, prog: str, description: str, example: str, sources: Sequence[str]) -> int:
     """Runs one training program; exit status 0 done, 1 run failed (bad data, checkpoint, divergence), 2 bad
-    config (a field's value, or data.paths and data.val_paths naming the same file), 143 stopped by SIGTERM."""
+    config (a field's value, or data.paths and data.val_paths naming the same file), 3 out of memory (one
+    `oom` line on stderr), 143 stopped by SIGTERM."""
     args = parse_args(argv, prog, description, example)
     if not distributed.start_or_report(args):
         return 2
@@ -58,8 +97,11 @@ def main(argv: Sequence[str] | None, prog: str, description: str, example: str, 
                           f"{' or '.join(repr(s) for s in sources)}"))
         return 2
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
+    guard = oom.Reporter(prog, lambda stage: oom_advice(rc, stage))
     try:
-        summary = run(rc, run_dir, resume=args.resume, init_from=args.init_from, profile_steps=args.profile_steps)
+        with guard.stage(lambda e: oom.frame_stage(e, OOM_STAGES, "preparing the run")):
+            summary = run(rc, run_dir, resume=args.resume, init_from=args.init_from,
+                          profile_steps=args.profile_steps)
     except rc_lib.RunConfigError as e:   # found once the files are known, e.g. a file both trained on and held out
         _error(e)
         return 2

@@ -5,6 +5,8 @@ Prints per-device bytes of params, optimizer state, gradients and the batch (exa
 the compiled train step's XLA memory analysis (arguments, temporaries: activations and gradients live
 there), then whether it fits the given per-device memory. The step is compiled for the CPU backend on
 simulated devices, so its temporaries are the CPU compiler's; TPU and GPU compilers schedule differently.
+Exit status: 0 planned (whether or not it fits), 2 bad arguments, 3 out of host memory while planning (one line
+naming the stage, the bytes requested and available, and what to change).
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parsed and checked flags (argparse exits with status 2 and a one-line error for a bad value or a
     layout the plan cannot simulate: see `memory_plan.check_layout`)."""
     from mistral_jax.memory_plan import MAX_SIMULATED_DEVICES, check_layout   # starts no jax backend
-    p = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.splitlines()[0],
+                                epilog="exit status: 0 planned (whether or not it fits), 2 bad arguments, 3 out of "
+                                       "host memory while planning (one line; try --no-compile)")
     p.add_argument("--preset", default="mistral-7b-v0.1", help="model preset (configs/models/NAME.json)")
     p.add_argument("--mesh", type=_mesh, required=True, metavar="D,F,T",
                    help="device mesh as data,fsdp,tensor (e.g. 1,8,1) or data=D,fsdp=F,tensor=T (omitted axes "
@@ -67,8 +71,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Prints the plan; exit status 0 planned (whether or not it fits), 2 bad arguments."""
+    """Prints the plan; exit status 0 planned (whether or not it fits), 2 bad arguments, 3 out of memory."""
     args = parse_args(argv)
+    from mistral_jax import oom
+    advice = (["--no-compile (state bytes only, no XLA memory analysis)"] if not args.no_compile else []) + \
+        ["more free host memory"]
+    with oom.Reporter("python -m train.plan", advice).stage(
+            "compiling the train step for its memory analysis" if not args.no_compile else "planning"):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     n = math.prod(args.mesh)
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:   # before jax starts its backend
