@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mistral_jax import model as model_lib
+from mistral_jax import packing
 from mistral_jax.config import ModelConfig
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -280,7 +281,7 @@ _View = tuple[np.ndarray, np.ndarray, tuple]
 def _host_views(w: Any) -> list[_View] | None:
     """Writable numpy views of each distinct device buffer of w when all are host memory (the CPU backend)
     and viewable without a copy; else None. A packed (uint16) array is viewed as the bfloat16 it holds."""
-    if not isinstance(w, jax.Array) or any(d.platform != "cpu" for d in w.sharding.device_set):
+    if not isinstance(w, jax.Array) or not packing.on_cpu(w.sharding.device_set):
         return None
     jax.block_until_ready(w)
     views, seen = [], set()

@@ -15,7 +15,7 @@ differentiated: pack only what a program reads (inference params, LoRA's frozen 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +24,13 @@ import numpy as np
 PACKED = jnp.uint16  # the dtype of a packed bfloat16 weight
 
 
-def _cpu_backend(x: jax.Array) -> bool:
-    return all(d.platform == "cpu" for d in x.sharding.device_set)
+def on_cpu(devices: Iterable[jax.Device]) -> bool:
+    """Whether every one of `devices` is a CPU device (where bfloat16 weights are packed)."""
+    return all(d.platform == "cpu" for d in devices)
 
 
 def _pack_leaf(x: Any) -> Any:
-    if not isinstance(x, jax.Array) or x.dtype != jnp.bfloat16 or not _cpu_backend(x):
+    if not isinstance(x, jax.Array) or x.dtype != jnp.bfloat16 or not on_cpu(x.sharding.device_set):
         return x
     if isinstance(x, jax.core.Tracer):  # inside a trace there is no buffer to share
         return jax.lax.bitcast_convert_type(x, PACKED)

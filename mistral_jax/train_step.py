@@ -159,8 +159,7 @@ def abstract_base(cfg: ModelConfig, mesh: Mesh, lora: Any, param_dtype: Any = jn
     `packing.pack`ed (bfloat16 on the CPU backend as uint16) unless packed=False."""
     shardings = base_shardings(cfg, mesh, lora, param_dtype, scan_layers)
     base = _placed(frozen(_unboxed_abstract(cfg, param_dtype, scan_layers, lora), lora), shardings)
-    cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
-    if not (packed and cpu):
+    if not (packed and packing.on_cpu(mesh.devices.flat)):
         return base
     return jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, packing.PACKED, sharding=s.sharding) if s.dtype == jnp.bfloat16
