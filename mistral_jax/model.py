@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from mistral_jax import cache as kv_cache
+from mistral_jax import embed
 from mistral_jax import packing
 from mistral_jax import sharding
 from mistral_jax.attention import multihead_attention
@@ -247,7 +248,7 @@ class Transformer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block_kw = dict(attn_impl=self.attn_impl, attn_block=self.attn_block, lora=self.lora, **kw)
         emb_VD = _param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"), packed=True)
-        h_BTD = packing.unpack(jnp.take(emb_VD, tokens_BT, axis=0)).astype(self.dtype)
+        h_BTD = embed.lookup(emb_VD, tokens_BT, self.dtype)
         h_BTD = _constrain(h_BTD, ("batch", "length", "act_embed"))
         block_cls = self._block_cls()
         if self.scan_layers:
