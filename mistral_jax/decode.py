@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from mistral_jax import cache as kv_cache
 from mistral_jax import distributed
 from mistral_jax.buckets import bucket_for, length_buckets
+from mistral_jax import matvec
 from mistral_jax import model as model_lib
 from mistral_jax import packing
 from mistral_jax import sharding
@@ -86,8 +87,9 @@ def sample(logits_BV: jax.Array, key: jax.Array, s: SamplingConfig) -> jax.Array
     return jnp.take_along_axis(idx_BK, j_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-def _apply(params, cfg: ModelConfig, dtype: Dtype, tokens_BT, pos_BT, cache, logit_index_B=None):
-    return model_lib.Transformer(cfg, dtype=dtype).apply(
+def _apply(params, cfg: ModelConfig, dtype: Dtype, tokens_BT, pos_BT, cache, logit_index_B=None, fused=False,
+           scan_layers=True):
+    return model_lib.Transformer(cfg, dtype=dtype, fused_matvec=fused, scan_layers=scan_layers).apply(
         {"params": params}, tokens_BT, pos_BT, cache=cache, logit_index_B=logit_index_B)
 
 
@@ -203,13 +205,15 @@ def decode_shapes(cfg: ModelConfig, max_prompt_len: int, max_new_tokens: int, pr
                         cache_len=kv_cache.cache_size(cfg, prompt_b + out_b), out_len=out_b)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk", "cache_len", "max_new", "sampling", "mesh"))
-def _generate(params, tokens_BL, lengths_B, keys_B, live_B, n_new, *, cfg: ModelConfig, dtype: Dtype, chunk: int,
-              cache_len: int, max_new: int, sampling: SamplingConfig, eos_id: jax.Array, mesh: Mesh | None = None):
+def _generate_program(params, tokens_BL, lengths_B, keys_B, live_B, n_new, *, cfg: ModelConfig, dtype: Dtype,
+                      chunk: int, cache_len: int, max_new: int, sampling: SamplingConfig, eos_id: jax.Array,
+                      mesh: Mesh | None = None, fused: bool = False):
     """(tokens (B, max_new) with -1 after a row stops, cache, decode-loop iterations run).
 
     Rows with live_B False (batch filler) start finished: their output is all -1 and they never keep the
     loop running. The loop stops after n_new (<= max_new, a traced scalar) tokens or when every row is done.
+    fused: decode steps use the fused matrix-vector products (matvec.py); the program must then be compiled
+    with matvec.CPU_COMPILER_OPTIONS.
     """
     B = tokens_BL.shape[0]
     keys_B = jax.random.wrap_key_data(keys_B)      # (B, key words) uint32 -> (B,) keys
@@ -228,7 +232,7 @@ def _generate(params, tokens_BL, lengths_B, keys_B, live_B, n_new, *, cfg: Model
         def step(state):
             t, tok_B, cache, done_B, out_BN = state
             pos_B = lengths_B + t - 1
-            logits_B1V, cache = _apply(params, cfg, dtype, tok_B[:, None], pos_B[:, None], cache)
+            logits_B1V, cache = _apply(params, cfg, dtype, tok_B[:, None], pos_B[:, None], cache, fused=fused)
             nxt_B = sample(logits_B1V[:, 0], step_keys(keys_B, t), sampling)
             out_BN = jax.lax.dynamic_update_slice(out_BN, jnp.where(done_B, -1, nxt_B)[:, None], (0, t))
             return t + 1, nxt_B, cache, done_B | (nxt_B == eos_id), out_BN
@@ -237,9 +241,39 @@ def _generate(params, tokens_BL, lengths_B, keys_B, live_B, n_new, *, cfg: Model
     return out_BN, cache, t - 1
 
 
+_STATIC = ("cfg", "dtype", "chunk", "cache_len", "max_new", "sampling", "mesh", "fused")
+_generate = jax.jit(_generate_program, static_argnames=_STATIC)
+_generate_fused = jax.jit(_generate_program, static_argnames=_STATIC, compiler_options=matvec.CPU_COMPILER_OPTIONS)
+
+
+def uses_fused_matvec(mesh: Mesh | None) -> bool:
+    """Whether generate's decode steps use matvec.py's fused products: on the CPU backend without a mesh."""
+    return mesh is None and jax.default_backend() == "cpu"
+
+
+def compile_step(params: Any, cfg: ModelConfig, batch: int, cache_len: int, dtype: Dtype = jnp.float32,
+                 fused: bool | None = None, scan_layers: bool = True) -> Any:
+    """The compiled program of one decode step as generate's loop runs it (`batch` tokens against a cache of
+    cache_len slots), for its memory_analysis() and cost_analysis(). fused defaults to what generate uses
+    without a mesh; with scan_layers=False, params are the per-layer tree (model.unstack_layers)."""
+    fused = uses_fused_matvec(None) if fused is None else fused
+    dtype = jnp.dtype(dtype)
+
+    def step(params, tok_B, pos_B, cache):
+        with sharding.with_rules():
+            logits_B1V, cache = _apply(params, cfg, dtype, tok_B[:, None], pos_B[:, None], cache, fused=fused,
+                                       scan_layers=scan_layers)
+        return logits_B1V[:, 0], cache
+
+    cache = jax.eval_shape(lambda: kv_cache.init_cache(cfg, batch, cache_len, dtype))
+    tok_B = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    return jax.jit(step).lower(packing.pack(params), tok_B, tok_B, cache).compile(
+        compiler_options=matvec.compiler_options(fused))
+
+
 def compiled_programs() -> int:
     """How many generate programs have been compiled in this process (one per batch size, shapes, settings)."""
-    return _generate._cache_size()
+    return _generate._cache_size() + _generate_fused._cache_size()
 
 
 @dataclasses.dataclass
@@ -322,9 +356,11 @@ def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], ma
         params = jax.device_put(params, model_lib.param_shardings(cfg, mesh))
         tokens, lengths, live, keys = (distributed.global_array(x, sharding.batch_sharding(mesh, x.ndim))
                                        for x in (tokens, lengths, live, keys))
-    out, cache, steps = _generate(packing.pack(params), tokens, lengths, keys, live, jnp.int32(max_new_tokens), cfg=cfg,
-                                  dtype=dtype, chunk=shapes.chunk, cache_len=shapes.cache_len,
-                                  max_new=shapes.out_len, sampling=sampling, eos_id=jnp.int32(eos), mesh=mesh)
+    fused = uses_fused_matvec(mesh)
+    program = _generate_fused if fused else _generate
+    out, cache, steps = program(packing.pack(params), tokens, lengths, keys, live, jnp.int32(max_new_tokens), cfg=cfg,
+                                dtype=dtype, chunk=shapes.chunk, cache_len=shapes.cache_len, max_new=shapes.out_len,
+                                sampling=sampling, eos_id=jnp.int32(eos), mesh=mesh, fused=fused)
     out = distributed.to_host(out)[:n_real, :max_new_tokens]
     completions, stopped = [], []
     for row in out:

@@ -7,6 +7,7 @@ H head dim, F feed-forward hidden, V vocab.
 from __future__ import annotations
 
 import functools
+import math
 from typing import TYPE_CHECKING, Any, Mapping
 
 import flax.linen as nn
@@ -16,6 +17,7 @@ from jax.sharding import Mesh
 
 from mistral_jax import cache as kv_cache
 from mistral_jax import embed
+from mistral_jax import matvec
 from mistral_jax import packing
 from mistral_jax import sharding
 from mistral_jax.attention import multihead_attention
@@ -74,6 +76,15 @@ def _plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
     return y if delta is None else y + delta
 
 
+def _dense(module: nn.Module, spec: str, x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+    """x times the weight w (as `_param(..., packed=True)` returns it) by the einsum `spec`, whose first n_in
+    weight axes are contracted, in the module's dtype. With module.fused_matvec and few rows (a decode
+    step), a fused matrix-vector product (matvec.py) that reads w once instead of XLA's dot."""
+    if module.fused_matvec and matvec.applies(math.prod(x.shape[:x.ndim - n_in]), w.dtype):
+        return matvec.matvec(x, w, n_in).astype(module.dtype)
+    return jnp.einsum(spec, x, packing.unpack(w).astype(module.dtype))
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) computed in float32, cast back to the compute dtype, then scaled."""
     eps: float
@@ -94,19 +105,20 @@ class FeedForward(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     lora: "LoraConfig | None" = None
+    fused_matvec: bool = False
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         D, F = self.cfg.dim, self.cfg.hidden_dim
-        w1_DF = _param(self, "w1", (D, F), ("embed", "mlp")).astype(self.dtype)
-        w3_DF = _param(self, "w3", (D, F), ("embed", "mlp")).astype(self.dtype)
-        w2_FD = _param(self, "w2", (F, D), ("mlp", "embed")).astype(self.dtype)
-        gate_BTF = _plus(jnp.einsum("btd,df->btf", x_BTD, w1_DF),
+        w1_DF = _param(self, "w1", (D, F), ("embed", "mlp"), packed=True)
+        w3_DF = _param(self, "w3", (D, F), ("embed", "mlp"), packed=True)
+        w2_FD = _param(self, "w2", (F, D), ("mlp", "embed"), packed=True)
+        gate_BTF = _plus(_dense(self, "btd,df->btf", x_BTD, w1_DF),
                          _lora_delta(self, "w1", x_BTD, ("embed",), (F,), ("mlp",)))
-        up_BTF = _plus(jnp.einsum("btd,df->btf", x_BTD, w3_DF),
+        up_BTF = _plus(_dense(self, "btd,df->btf", x_BTD, w3_DF),
                        _lora_delta(self, "w3", x_BTD, ("embed",), (F,), ("mlp",)))
         h_BTF = _constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "length", "act_mlp"))
-        return _plus(jnp.einsum("btf,fd->btd", h_BTF, w2_FD),
+        return _plus(_dense(self, "btf,fd->btd", h_BTF, w2_FD),
                      _lora_delta(self, "w2", h_BTF, ("mlp",), (D,), ("embed",)))
 
 
@@ -119,6 +131,7 @@ class Attention(nn.Module):
     attn_impl: str = "auto"
     attn_block: int = 512
     lora: "LoraConfig | None" = None
+    fused_matvec: bool = False
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, seg_BT: jax.Array | None = None,
@@ -126,16 +139,16 @@ class Attention(nn.Module):
                  ) -> tuple[jax.Array, kv_cache.LayerCache | None]:
         c = self.cfg
         D, N, K, H = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
-        wq_DNH = _param(self, "wq", (D, N, H), ("embed", "q_heads", "head_dim")).astype(self.dtype)
-        wk_DKH = _param(self, "wk", (D, K, H), ("embed", "kv_heads", "head_dim")).astype(self.dtype)
-        wv_DKH = _param(self, "wv", (D, K, H), ("embed", "kv_heads", "head_dim")).astype(self.dtype)
-        wo_NHD = _param(self, "wo", (N, H, D), ("q_heads", "head_dim", "embed")).astype(self.dtype)
+        wq_DNH = _param(self, "wq", (D, N, H), ("embed", "q_heads", "head_dim"), packed=True)
+        wk_DKH = _param(self, "wk", (D, K, H), ("embed", "kv_heads", "head_dim"), packed=True)
+        wv_DKH = _param(self, "wv", (D, K, H), ("embed", "kv_heads", "head_dim"), packed=True)
+        wo_NHD = _param(self, "wo", (N, H, D), ("q_heads", "head_dim", "embed"), packed=True)
 
-        q_BTNH = _plus(jnp.einsum("btd,dnh->btnh", x_BTD, wq_DNH),
+        q_BTNH = _plus(_dense(self, "btd,dnh->btnh", x_BTD, wq_DNH),
                        _lora_delta(self, "wq", x_BTD, ("embed",), (N, H), ("q_heads", "head_dim")))
-        k_BTKH = _plus(jnp.einsum("btd,dkh->btkh", x_BTD, wk_DKH),
+        k_BTKH = _plus(_dense(self, "btd,dkh->btkh", x_BTD, wk_DKH),
                        _lora_delta(self, "wk", x_BTD, ("embed",), (K, H), ("kv_heads", "head_dim")))
-        v_BTKH = _plus(jnp.einsum("btd,dkh->btkh", x_BTD, wv_DKH),
+        v_BTKH = _plus(_dense(self, "btd,dkh->btkh", x_BTD, wv_DKH),
                        _lora_delta(self, "wv", x_BTD, ("embed",), (K, H), ("kv_heads", "head_dim")))
         q_BTNH = apply_rope(q_BTNH, pos_BT, c.rope_theta)
         k_BTKH = apply_rope(k_BTKH, pos_BT, c.rope_theta)
@@ -163,7 +176,7 @@ class Attention(nn.Module):
                 kpos_BS = jnp.concatenate([cache["pos"], pos_BT.astype(jnp.int32)], axis=1)
         out_BTNH = multihead_attention(q_BTNH, k_BSKH, v_BSKH, pos_BT, kpos_BS, c.sliding_window, seg_BT, kseg_BS,
                                        impl=self.attn_impl, block=self.attn_block, self_attention=cache is None)
-        return _plus(jnp.einsum("btnh,nhd->btd", out_BTNH, wo_NHD),
+        return _plus(_dense(self, "btnh,nhd->btd", out_BTNH, wo_NHD, n_in=2),
                      _lora_delta(self, "wo", out_BTNH, ("q_heads", "head_dim"), (D,), ("embed",))), new_cache
 
 
@@ -175,15 +188,17 @@ class Block(nn.Module):
     attn_impl: str = "auto"
     attn_block: int = 512
     lora: "LoraConfig | None" = None
+    fused_matvec: bool = False
 
     @nn.compact
     def __call__(self, h_BTD, pos_BT, seg_BT=None, cache=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        a_BTD, new_cache = Attention(self.cfg, name="attention", attn_impl=self.attn_impl,
-                                     attn_block=self.attn_block, lora=self.lora, **kw)(
+        a_BTD, new_cache = Attention(self.cfg, name="attention", attn_impl=self.attn_impl, attn_block=self.attn_block,
+                                     lora=self.lora, fused_matvec=self.fused_matvec, **kw)(
             RMSNorm(self.cfg.norm_eps, name="attention_norm", **kw)(h_BTD), pos_BT, seg_BT, cache)
         h_BTD = h_BTD + a_BTD
-        h_BTD = h_BTD + FeedForward(self.cfg, name="feed_forward", lora=self.lora, **kw)(
+        h_BTD = h_BTD + FeedForward(self.cfg, name="feed_forward", lora=self.lora,
+                                    fused_matvec=self.fused_matvec, **kw)(
             RMSNorm(self.cfg.norm_eps, name="ffn_norm", **kw)(h_BTD))
         return _constrain(h_BTD, ("batch", "length", "act_embed")), new_cache
 
@@ -212,6 +227,8 @@ class Transformer(nn.Module):
     remat: "none", "full" (recompute each block in the backward pass) or "dots" (keep matmul outputs).
     lora (a lora.LoraConfig): each targeted projection also holds "<w>_lora_a"/"<w>_lora_b" adapter params
     and computes x W + (alpha / rank) (x A) B; None (the default) is the plain model.
+    fused_matvec: projections of few rows (a decode step) use matvec.matvec, which reads each weight once; for
+    inference programs on the CPU backend compiled with matvec.CPU_COMPILER_OPTIONS, never under a gradient.
     """
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
@@ -221,6 +238,7 @@ class Transformer(nn.Module):
     attn_impl: str = "auto"    # attention.IMPLS: "auto" = splash on TPU, xla on GPU, blockwise otherwise
     attn_block: int = 512      # query/key block size of the blockwise path
     lora: "LoraConfig | None" = None
+    fused_matvec: bool = False
 
     def _block_cls(self) -> Any:
         if self.remat not in REMAT_POLICIES:
@@ -246,7 +264,8 @@ class Transformer(nn.Module):
         if cache is not None and cache["k"].shape[0] != c.n_layers:
             raise ValueError(f"Transformer: cache has {cache['k'].shape[0]} layers, model has {c.n_layers}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        block_kw = dict(attn_impl=self.attn_impl, attn_block=self.attn_block, lora=self.lora, **kw)
+        block_kw = dict(attn_impl=self.attn_impl, attn_block=self.attn_block, lora=self.lora,
+                        fused_matvec=self.fused_matvec, **kw)
         emb_VD = _param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"), packed=True)
         h_BTD = embed.lookup(emb_VD, tokens_BT, self.dtype)
         h_BTD = _constrain(h_BTD, ("batch", "length", "act_embed"))
@@ -270,10 +289,15 @@ class Transformer(nn.Module):
         h_BTD = RMSNorm(c.norm_eps, name="norm", **kw)(h_BTD)
         if return_hidden:
             return h_BTD, new_cache
-        out_DV, h_BTD = packing.unpack_after(
-            _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), packed=True), h_BTD)
-        out_DV = out_DV.astype(self.dtype)
-        logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, out_DV, preferred_element_type=jnp.float32)
+        out_DV = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), packed=True)
+        if self.fused_matvec and matvec.applies(h_BTD.shape[0] * h_BTD.shape[1], out_DV.dtype):
+            if out_DV.dtype != jnp.float32:  # read after h exists, so no widening is hoisted out of a loop
+                out_DV, h_BTD = jax.lax.optimization_barrier((out_DV, h_BTD))
+            logits_BTV = matvec.matvec(h_BTD, out_DV)
+        else:
+            out_DV, h_BTD = packing.unpack_after(out_DV, h_BTD)
+            logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, out_DV.astype(self.dtype),
+                                    preferred_element_type=jnp.float32)
         return _constrain(logits_BTV, ("batch", "length", "act_vocab")), new_cache
 
 

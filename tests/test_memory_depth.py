@@ -45,9 +45,11 @@ def _decode_temp(params, cfg: ModelConfig, batch: int) -> tuple[int, int]:
     sh = decode.decode_shapes(cfg, 16, 16)
     args = (params, jnp.zeros((batch, sh.prompt_len), jnp.int32), jnp.full((batch,), 16, jnp.int32),
             jnp.zeros((batch, 2), jnp.uint32), jnp.ones((batch,), bool), jnp.int32(16))
-    compiled = decode._generate.lower(*args, cfg=cfg, dtype=jnp.bfloat16, chunk=sh.chunk, cache_len=sh.cache_len,
-                                      max_new=sh.out_len, sampling=decode.SamplingConfig(),
-                                      eos_id=jnp.int32(cfg.eos_id)).compile()
+    fused = decode.uses_fused_matvec(None)        # the program generate runs
+    program = decode._generate_fused if fused else decode._generate
+    compiled = program.lower(*args, cfg=cfg, dtype=jnp.bfloat16, chunk=sh.chunk, cache_len=sh.cache_len,
+                             max_new=sh.out_len, sampling=decode.SamplingConfig(), eos_id=jnp.int32(cfg.eos_id),
+                             fused=fused).compile()
     cache = jax.eval_shape(lambda: kv_cache.init_cache(cfg, batch, sh.cache_len, jnp.bfloat16))
     per_layer = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache)) // cfg.n_layers
     return compiled.memory_analysis().temp_size_in_bytes, per_layer
