@@ -7,6 +7,10 @@ batches) is skipped with `lax.cond`. With a sliding window W only about (W + blo
 blocks per query block do work, so time is O(T * W) and memory O(T) instead of O(T * S). The
 backward pass is a custom VJP that recomputes block scores from the saved log-sum-exp.
 
+A self-attention row that fits in one block is instead covered by squares on and below the diagonal
+(`_pieces`), without a loop: the masked-out upper triangle is not computed, so (1 + 2**-L) / 2 of the
+T x T scores are, with L = `split_levels(T)` halvings.
+
 Axis letters: B batch, T queries, S keys, N query heads, K kv heads, G = N / K, H head dim,
 Q / C query / key block size, nq / nk block counts.
 """
@@ -21,6 +25,8 @@ import jax.numpy as jnp
 from mistral_jax.attention import attention_mask as _block_mask
 
 _NEG = -1e30  # finite "minus infinity" for masked logits and the running max
+MAX_LEVELS = 3  # at most 3 halvings of a one-block self-attention row's causal triangle (`_pieces`) ...
+MIN_SIDE = 32   # ... while its smallest squares keep a side of at least 32 (each level costs compile time)
 
 
 def _reachable(qpos_BQ, kpos_BC, window):
@@ -203,19 +209,128 @@ def _backward(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, windo
     return _unblocks(dq).astype(q_BTKGH.dtype), dk.astype(k_BSKH.dtype), dv.astype(v_BSKH.dtype)
 
 
+# ----- one-block self-attention rows: the causal triangle covered by squares -----
+# The row (T = 2**L * b after padding) is covered by the 2**L diagonal b x b squares and, at each
+# level l = 1..L, the 2**(l-1) squares of side s = T / 2**l where the second half of a 2s-long
+# stretch of queries sees the first half of its keys. Keys after a query, by index, are never in a
+# square (self-attention rows: positions count up by one with the index within a segment, so such keys
+# are masked anyway). Each level is one batched einsum over its n squares (axis letter n), with no loop
+# (compile time and XLA's cost analysis both see straight-line code), and (1 + 2**-L) / 2 of the T x T
+# scores are computed instead of all of them.
+
+def split_levels(T: int) -> int:
+    """Halvings L of a one-block self-attention row of T positions: up to MAX_LEVELS, squares >= MIN_SIDE."""
+    L = 0
+    while L < MAX_LEVELS and T >= MIN_SIDE << (L + 1):
+        L += 1
+    return L
+
+
+def _pieces(T: int, side: int):
+    """(level, n squares, side) of the cover of a row of T = 2**L * side positions; level 0 is the diagonal."""
+    L = (T // side).bit_length() - 1
+    return [(0, 2 ** L, side)] + [(lvl, 2 ** (lvl - 1), T >> lvl) for lvl in range(1, L + 1)]
+
+
+def _rows(x, level, n, side):
+    """The query rows of a level's squares: (B, T, ...) -> (B, n, side, ...)."""
+    return x.reshape(x.shape[0], n, side, *x.shape[2:]) if level == 0 else \
+        x.reshape(x.shape[0], n, 2, side, *x.shape[2:])[:, :, 1]
+
+
+def _cols(x, level, n, side):
+    """The key columns of a level's squares: (B, T, ...) -> (B, n, side, ...)."""
+    return x.reshape(x.shape[0], n, side, *x.shape[2:]) if level == 0 else \
+        x.reshape(x.shape[0], n, 2, side, *x.shape[2:])[:, :, 0]
+
+
+def _full(x, level, fill, rows=True):
+    """Inverse of `_rows` (or `_cols`): (B, n, side, ...) -> (B, T, ...), `fill` where the level has none."""
+    B, n, side = x.shape[:3]
+    if level != 0:
+        pad = jnp.full_like(x, fill)
+        x = jnp.stack([pad, x] if rows else [x, pad], axis=2)
+    return x.reshape(B, -1, *x.shape[(3 if level == 0 else 4):])
+
+
+def _square_mask(qpos, kpos, qseg, kseg, window, level, n, side):
+    """(B, n, side, 1, 1, side) mask of a level's squares."""
+    B = qpos.shape[0]
+    flat = lambda x, f: None if x is None else f(x, level, n, side).reshape(B * n, side)  # noqa: E731
+    m = _block_mask(flat(qpos, _rows), flat(kpos, _cols), window, flat(qseg, _rows), flat(kseg, _cols))
+    return m.reshape(B, n, side, 1, 1, side)
+
+
+def _split_forward(q_BTKGH, k_BTKH, v_BTKH, qpos_BT, kpos_BT, qseg_BT, kseg_BT, window, b):
+    """(out (B, T, K, G, H) in q's dtype, lse (B, T, K, G) float32) over the squares of `_pieces` (diagonal
+    squares of side b)."""
+    q_BTKGH, qpos_BT, kpos_BT, qseg_BT, kseg_BT = jax.lax.optimization_barrier(  # see `_forward`
+        (q_BTKGH, qpos_BT, kpos_BT, qseg_BT, kseg_BT))
+    scale = q_BTKGH.shape[-1] ** -0.5
+    parts = []
+    for level, n, side in _pieces(q_BTKGH.shape[1], b):
+        s = jnp.einsum("bnqkgh,bnckh->bnqkgc", _rows(q_BTKGH, level, n, side), _cols(k_BTKH, level, n, side),
+                       preferred_element_type=jnp.float32) * scale
+        mask = _square_mask(qpos_BT, kpos_BT, qseg_BT, kseg_BT, window, level, n, side)
+        s = jnp.where(mask, s, _NEG)
+        m = jnp.max(s, axis=-1)
+        p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
+        o = jnp.einsum("bnqkgc,bnckh->bnqkgh", p.astype(v_BTKH.dtype), _cols(v_BTKH, level, n, side),
+                       preferred_element_type=jnp.float32)
+        parts.append((_full(m, level, _NEG), _full(jnp.sum(p, axis=-1), level, 0.0), _full(o, level, 0.0)))
+    m_BTKG = functools.reduce(jnp.maximum, [m for m, _, _ in parts])
+    l_BTKG = sum(l * jnp.exp(m - m_BTKG) for m, l, _ in parts)
+    o_BTKGH = sum(o * jnp.exp(m - m_BTKG)[..., None] for m, _, o in parts)
+    safe_l = jnp.where(l_BTKG > 0, l_BTKG, 1.0)
+    lse_BTKG = jnp.where(l_BTKG > 0, m_BTKG + jnp.log(safe_l), jnp.inf)  # inf: no key visible
+    return (o_BTKGH / safe_l[..., None]).astype(q_BTKGH.dtype), lse_BTKG
+
+
+def _split_backward(q_BTKGH, k_BTKH, v_BTKH, qpos_BT, kpos_BT, qseg_BT, kseg_BT, window, b, out, lse_BTKG, dout):
+    """(dq, dk, dv) of `_split_forward`, recomputing each square's probabilities from the saved lse."""
+    scale = q_BTKGH.shape[-1] ** -0.5
+    f32 = jnp.float32
+    delta_BTKG = jnp.einsum("btkgh,btkgh->btkg", dout.astype(f32), out.astype(f32))
+    dq = dk = dv = 0.0
+    for level, n, side in _pieces(q_BTKGH.shape[1], b):
+        rows = lambda x: _rows(x, level, n, side)  # noqa: E731
+        q, do = rows(q_BTKGH), rows(dout).astype(f32)
+        k, v = _cols(k_BTKH, level, n, side), _cols(v_BTKH, level, n, side).astype(f32)
+        mask = _square_mask(qpos_BT, kpos_BT, qseg_BT, kseg_BT, window, level, n, side)
+        s = jnp.einsum("bnqkgh,bnckh->bnqkgc", q, k, preferred_element_type=f32) * scale
+        p = jnp.where(mask, jnp.exp(s - rows(lse_BTKG)[..., None]), 0.0)
+        dp = jnp.einsum("bnqkgh,bnckh->bnqkgc", do, v)
+        ds = p * (dp - rows(delta_BTKG)[..., None]) * scale
+        dq = dq + _full(jnp.einsum("bnqkgc,bnckh->bnqkgh", ds, k.astype(f32)), level, 0.0)
+        dk = dk + _full(jnp.einsum("bnqkgc,bnqkgh->bnckh", ds, q.astype(f32)), level, 0.0, rows=False)
+        dv = dv + _full(jnp.einsum("bnqkgc,bnqkgh->bnckh", p, do), level, 0.0, rows=False)
+    return dq.astype(q_BTKGH.dtype), dk.astype(k_BTKH.dtype), dv.astype(v_BTKH.dtype)
+
+
+def _run_forward(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk, band):
+    """band == "split": `_split_forward` (a one-block self-attention row of 2**L squares of side bq);
+    else `_forward`."""
+    if band == "split":
+        return _split_forward(q, k, v, qpos, kpos, qseg, kseg, window, bq)
+    return _forward(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk, band)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
 def _attend(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk, band):
-    return _forward(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk, band)[0]
+    return _run_forward(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk, band)[0]
 
 
 def _attend_fwd(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk, band):
-    out, lse = _forward(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk, band)
+    out, lse = _run_forward(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk, band)
     return out, (q, k, v, qpos, kpos, qseg, kseg, out, lse)
 
 
 def _attend_bwd(window, bq, bk, band, res, dout):
     q, k, v, qpos, kpos, qseg, kseg, out, lse = res
-    dq, dk, dv = _backward(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk, band, out, lse, dout)
+    if band == "split":
+        dq, dk, dv = _split_backward(q, k, v, qpos, kpos, qseg, kseg, window, bq, out, lse, dout)
+    else:
+        dq, dk, dv = _backward(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk, band, out, lse, dout)
     return dq, dk, dv, None, None, None, None
 
 
@@ -232,7 +347,8 @@ def blockwise_attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_
     key; a query that sees none (padding) gets zeros. Logits, softmax and accumulation are float32.
     `self_attention`: the keys are the queries' own row, positions counting up by one within each
     segment (training rows, packed or not); then each block visits only the blocks in index reach of
-    the window, a static count, instead of testing every block.
+    the window, a static count, instead of testing every block, and a row of at most one block is
+    covered by squares on and below the diagonal (`_pieces`: no loop, no masked upper triangle).
     """
     B, T, N, H = q_BTNH.shape
     S, K = k_BSKH.shape[1], k_BSKH.shape[2]
@@ -242,14 +358,19 @@ def blockwise_attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_
         raise ValueError("blockwise_attend: give segment ids for both queries and keys, or for neither")
     if block_q < 1 or block_k < 1:
         raise ValueError(f"blockwise_attend: block sizes must be >= 1, got block_q={block_q}, block_k={block_k}")
+    if self_attention and T != S:
+        raise ValueError(f"blockwise_attend: self_attention needs as many keys as queries, got T={T}, S={S}")
     bq, bk = min(block_q, T), min(block_k, S)
-    Tp, Sp = -(-T // bq) * bq, -(-S // bk) * bk
+    band: bool | str = bool(self_attention)
+    if self_attention and T <= block_q and S <= block_k:  # one block: the triangle's squares (`_pieces`)
+        n = 2 ** split_levels(T)
+        bq = bk = -(-T // n)
+        band = "split"
+    Tp, Sp = (n * bq,) * 2 if band == "split" else (-(-T // bq) * bq, -(-S // bk) * bk)
     q = _pad(q_BTNH.reshape(B, T, K, N // K, H), Tp, 0)
     k, v = _pad(k_BSKH, Sp, 0), _pad(v_BSKH, Sp, 0)
     qpos, kpos = _pad(q_pos_BT.astype(jnp.int32), Tp, -1), _pad(k_pos_BS.astype(jnp.int32), Sp, -1)
     qseg = None if q_seg_BT is None else _pad(q_seg_BT.astype(jnp.int32), Tp, -1)
     kseg = None if k_seg_BS is None else _pad(k_seg_BS.astype(jnp.int32), Sp, -2)
-    if self_attention and T != S:
-        raise ValueError(f"blockwise_attend: self_attention needs as many keys as queries, got T={T}, S={S}")
-    out = _attend(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk, bool(self_attention))
+    out = _attend(q, k, v, qpos, kpos, qseg, kseg, window, bq, bk, band)
     return out[:, :T].reshape(B, T, N, H)

@@ -1,8 +1,19 @@
-"""Model FLOPs per token (GQA projections, SwiGLU, sliding-window attention span) and MFU."""
+"""Model FLOPs per token (GQA projections, SwiGLU, sliding-window attention span), MFU, and the FLOPs XLA
+counts in a compiled program.
+
+Model FLOPs are the standard definition: 2 per token per weight that takes part in a matmul (the
+q/k/v/o and w1/w2/w3 projections and the output head; not the embedding lookup) plus QK^T and PV over
+the keys each query attends to (causal, within the sliding window), for the forward pass; training
+is three times that (forward + backward). Not counted: norms, activations, softmax, the loss, the
+optimizer, masked-out attention scores and any recomputation (remat, attention's backward). The
+compiled program's own count (`compiled_flops`) includes all of those, so its ratio to the model
+FLOPs is the work the implementation adds.
+"""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +50,20 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: forward + backward (twice the forward). Rematerialisation is not counted."""
     return 3.0 * forward_flops_per_token(cfg, seq_len)
+
+
+def compiled_flops(compiled: Any) -> float:
+    """FLOPs of a compiled program (`jax.jit(f).lower(...).compile()`) by XLA's cost analysis.
+
+    The analysis counts a while loop's body once, whatever its trip count (a lax.scan of 10 matmuls
+    reports one), and a conditional's costliest branch; so this is the program's work only when it has
+    no loop that runs more than once: e.g. the train step with one scanned layer (or scan_layers=False),
+    one micro-batch, and a row no longer than an attention block and a loss chunk.
+    """
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+        analysis = analysis[0]
+    return float(analysis["flops"])
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
