@@ -12,8 +12,8 @@ partials. Measured at Mistral-7B layer shapes on a 2-core AVX-512 Xeon (BENCHMAR
 It depends on the program being compiled with `CPU_COMPILER_OPTIONS` (YNNPACK keeps the dots but not the
 reductions, which it would otherwise take and feed with a widened copy of the weight), on both stages
 staying at most 32 wide apart from the partials' sum (XLA:CPU splits wider reductions through a
-materialised product) and on an optimization barrier between them (without it the two sums are merged
-back into one). It is for inference only: its gradient has no dot and materialises (rows, Din, Dout).
+materialised product), on an optimization barrier between them, and on more than 32 partials (with 32 or
+fewer XLA fuses both stages into one loop anyway, 5-10x slower). It is for inference only: its gradient has no dot and materialises (rows, Din, Dout).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from mistral_jax import packing
 # Per-program XLA option for programs that use `matvec` on the CPU backend (see the module docstring).
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 GROUP = 16  # input rows summed per stage-1 step: 16 keeps x's broadcasts in vector registers
+MIN_PARTIALS = 33  # fewer stage-1 partials and XLA fuses the two stages back into one slow loop
 # Largest number of rows (batch x tokens) for which `matvec` beats the dot, by weight dtype: measured per
 # 4096x14336 projection inside the layer scan (packed bfloat16 up to ~32 rows, float32 up to ~4); bfloat16
 # stops at 8 so that the (Din/16, rows, Dout) float32 partials stay small.
@@ -43,6 +44,12 @@ def compiler_options(enabled: bool) -> dict[str, str] | None:
 def applies(rows: int, w_dtype: Any) -> bool:
     """Whether `matvec` is the faster product for `rows` rows against a weight of dtype w_dtype."""
     return 1 <= rows <= MAX_ROWS.get(jnp.dtype(w_dtype), 0)
+
+
+def group(d_in: int) -> int:
+    """Input rows summed per stage-1 step for an input dim d_in: GROUP, else 8 or 4, the largest that divides
+    d_in and leaves at least MIN_PARTIALS partials; 0 when none does (then a plain product is used)."""
+    return next((g for g in (GROUP, 8, 4) if d_in % g == 0 and d_in // g >= MIN_PARTIALS), 0)
 
 
 def _widen(w: jax.Array) -> jax.Array:
@@ -64,8 +71,8 @@ def matvec(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
     d_in, d_out, rows = math.prod(in_shape), math.prod(out_shape), math.prod(lead)
     x_MI = x.reshape(rows, d_in).astype(jnp.float32)
     w_IO = _widen(w.reshape(d_in, d_out))
-    g = GROUP if d_in % GROUP == 0 else 8 if d_in % 8 == 0 else 0
-    if g == 0:  # no grouping divides Din: a plain float32 product
+    g = group(d_in)
+    if g == 0:  # no grouping fits Din (small): a plain float32 product
         y_MO = jnp.dot(x_MI, w_IO, preferred_element_type=jnp.float32)
     else:
         # stage 1: (Din/g, g) rows of w times x, summed over g -> partials (Din/g, M, Dout)

@@ -290,9 +290,10 @@ class Transformer(nn.Module):
         if return_hidden:
             return h_BTD, new_cache
         out_DV = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), packed=True)
-        if self.fused_matvec and matvec.applies(h_BTD.shape[0] * h_BTD.shape[1], out_DV.dtype):
-            if out_DV.dtype != jnp.float32:  # read after h exists, so no widening is hoisted out of a loop
-                out_DV, h_BTD = jax.lax.optimization_barrier((out_DV, h_BTD))
+        # the head is not stacked, so only a packed one gains from matvec (XLA's dot would widen it whole)
+        if (self.fused_matvec and out_DV.dtype == packing.PACKED
+                and matvec.applies(h_BTD.shape[0] * h_BTD.shape[1], out_DV.dtype)):
+            out_DV, h_BTD = jax.lax.optimization_barrier((out_DV, h_BTD))  # no widening hoisted out of a loop
             logits_BTV = matvec.matvec(h_BTD, out_DV)
         else:
             out_DV, h_BTD = packing.unpack_after(out_DV, h_BTD)
