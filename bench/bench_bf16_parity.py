@@ -136,7 +136,7 @@ def ratio(a, b):
 res = {"layers": N, "threads": T, "max|hf_f32| last": float(np.abs(out["hf_f32"][-1]).max()), "rows": []}
 print(f"{N} layers at Mistral-7B shapes, one 64-token prompt; max|a - b| / max|b| "
       f"(max |logit| at the last position {res['max|hf_f32| last']:.2f})")
-print(f"| kind | comparison | last position | all positions | argmax equal |\n| --- | --- | ---: | ---: | --- |")
+print("| kind | comparison | last position | all positions | argmax equal |\n| --- | --- | ---: | ---: | --- |")
 for kind, label, a, b in ROWS:
     label = label.format(T=T)
     last, every = ratio(out[a][-1], out[b][-1]), ratio(out[a], out[b])

@@ -4,6 +4,14 @@ Both run greedy decoding of the same random-weight model (float32) from the same
 first (compiling) call of each JAX shape is a warm-up and is not timed. Also counts the jit programs
 compiled for 20 prompts of 20 different lengths (length buckets on, then off). Prints markdown tables.
 
+Default shape only: the same-XLA reference. When /work/venvs/hfflax/bin/python exists (or
+--hf-flax-python PATH), the same weights are written as an HF folder and bench/hf_flax_ref.py times
+transformers 4.57's FlaxMistralForCausalLM `generate` under jax.jit in that venv (same prompts: the same
+RandomState(0) draws; median of 3 calls after a compiling one). Extra columns: its call tokens/s, ours /
+HF Flax (medians of 3 calls on both sides), greedy-token agreement with ours, and the decode step of
+both ((t(call of n) - t(call of 1)) / (n - 1); ours measured the same way in this run). Without the venv the column says
+"not run (no venv)".
+
     python bench/bench_decode.py [--dim 512 --layers 8 --new 128 --batches 1 8]
 
 `--shape 7b-layers [--dtype bfloat16|float32]`: Mistral-7B layer shapes (dim 4096, 32q/8kv heads of 128,
@@ -18,10 +26,12 @@ which removes prefill and call overhead (the same jit program serves both: outpu
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from collections.abc import Mapping
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +43,17 @@ import numpy as np  # noqa: E402
 from mistral_jax import cache as kv_cache  # noqa: E402
 from mistral_jax import decode, weights  # noqa: E402
 from mistral_jax.config import ModelConfig  # noqa: E402
+
+
+def _load_hf_flax_ref():
+    """bench/hf_flax_ref.py as a module (its module level is standard library only)."""
+    spec = importlib.util.spec_from_file_location("hf_flax_ref", Path(__file__).resolve().parent / "hf_flax_ref.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+hf_flax_ref = _load_hf_flax_ref()
 
 
 def _median_time(fn, n: int = 3) -> float:
@@ -67,7 +88,6 @@ def read_bandwidth(nbytes: int = 1 << 29) -> tuple[float, str]:
     jsum = jax.jit(lambda x: x.sum())
     jsum(ja).block_until_ready()
     t_jax = _median_time(lambda: jsum(ja).block_until_ready(), 5)
-    del ja
     how = (f"sum of a {nbytes >> 20} MiB float32 array: numpy {nbytes / t_np / 1e9:.1f} GB/s, "
            f"jax {nbytes / t_jax / 1e9:.1f} GB/s (median of 5; the better one is used)")
     return nbytes / min(t_np, t_jax), how
@@ -171,6 +191,7 @@ def main() -> None:
     ap.add_argument("--shape", choices=("bench", "7b-layers"), default="bench")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="7b-layers only")
     ap.add_argument("--skip-compile-count", action="store_true")
+    hf_flax_ref.add_cli_option(ap)
     a = ap.parse_args()
     if a.shape == "7b-layers":
         if a.layers == 8:
@@ -197,8 +218,19 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}")
     print(f"model: {n_params / 1e6:.1f}M params (dim {a.dim}, {a.layers} layers, {a.heads}q/{a.kv_heads}kv, "
           f"window {a.window}), prompt {a.prompt_len} tokens, {a.new} new tokens, greedy, float32\n")
-    print("| batch | mistral-jax tokens/s | HF generate tokens/s | tokens agree |")
-    print("|---|---|---|---|")
+    flax_py = hf_flax_ref.find_python(a.hf_flax_python)
+    ref: dict | str = hf_flax_ref.NOT_RUN
+    if flax_py is not None:
+        from mistral_jax.torch_write import write_hf
+        with tempfile.TemporaryDirectory(prefix="bench_decode_hf_") as tmp:
+            write_hf(Path(tmp) / "hf", cfg, jax.device_get(params), progress=False, tokenizer=None)
+            ref = hf_flax_ref.run_reference(flax_py, "decode", Path(tmp) / "hf", "--batches", *map(str, a.batches),
+                                            "--prompt-len", str(a.prompt_len), "--new", str(a.new), "--seed", "0",
+                                            "--repeats", "3", "--return-tokens")
+    flax_by_batch = {r["batch"]: r for r in ref["results"]} if isinstance(ref, dict) else {}
+    print("| batch | mistral-jax tokens/s | HF generate tokens/s | tokens agree | HF Flax (jit) tokens/s "
+          "| ours / HF Flax | Flax tokens agree | decode step ms: ours / HF Flax |")
+    print("|---|---|---|---|---|---|---|---|")
     for b in a.batches:
         prompts = rs.randint(3, a.vocab, (b, a.prompt_len)).tolist()
         decode.generate(params, cfg, prompts, a.new, eos_id=-1)            # compile
@@ -216,7 +248,22 @@ def main() -> None:
                 t_hf = time.perf_counter() - t0
             hf_tps = b * a.new / t_hf
             agree = f"{np.mean(np.array(ours) == out[:, a.prompt_len:].numpy()):.3f}"
-        print(f"| {b} | {b * a.new / t_ours:.1f} | {hf_tps:.1f} | {agree} |")
+        fx = flax_by_batch.get(b)
+        if fx is None:
+            flax_cols = f"{ref if isinstance(ref, str) else 'not run'} | - | - | -"
+        else:
+            decode.generate(params, cfg, prompts, 1, eos_id=-1)             # in case 1 token compiles
+            t_ours_n = _median_time(lambda: decode.generate(params, cfg, prompts, a.new, eos_id=-1))
+            t_ours_1 = _median_time(lambda: decode.generate(params, cfg, prompts, 1, eos_id=-1))
+            step_ours = (t_ours_n - t_ours_1) / max(a.new - 1, 1)
+            f_agree = np.mean(np.array(ours) == np.array(fx["tokens"]))
+            flax_cols = (f"{fx['call_tokens_per_s']:.1f} | {b * a.new / t_ours_n / fx['call_tokens_per_s']:.2f}x | "
+                         f"{f_agree:.3f} | {1e3 * step_ours:.2f} / {1e3 * fx['step_s']:.2f}")
+        print(f"| {b} | {b * a.new / t_ours:.1f} | {hf_tps:.1f} | {agree} | {flax_cols} |")
+    if flax_by_batch:
+        print(f"\nHF Flax (jit): transformers {ref['transformers']}, flax {ref['flax']}, jax {ref['jax']}; "
+              f"its calls of {a.new} and of 1 new tokens: "
+              + "; ".join(f"batch {r['batch']} {r['call_s']:.2f} s / {r['call1_s']:.3f} s" for r in ref["results"]))
 
     print("\n| generated tokens | cache bytes (window) | cache bytes (no window) |")
     print("|---|---|---|")

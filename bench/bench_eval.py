@@ -17,11 +17,19 @@ CLI `infer.evaluate` run in-process on a saved native checkpoint (loading, token
 output writing included); HF MistralForCausalLM eager
 forward + float32 log-softmax + gather, batch 1 (no padding) and batches of --batch length-sorted requests
 padded to the longest in the batch. Also checks that both sides' per-token log-probabilities agree.
+
+Same-XLA reference: when /work/venvs/hfflax/bin/python exists (or --hf-flax-python PATH), the same HF
+folder and the same requests go to bench/hf_flax_ref.py (`score` mode) in that venv: transformers 4.57's
+FlaxMistralForCausalLM, jitted forward + float32 log-softmax + gather, batches of --batch length-sorted
+requests right-padded to the longest rounded up to 64 (one program per length); rows for its first pass
+(compilation included) and compiled pass, and ours / HF Flax for the compiled passes. Without the venv
+the row says "not run (no venv)".
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -39,6 +47,16 @@ from mistral_jax import model as model_lib  # noqa: E402
 from mistral_jax import scoring  # noqa: E402
 from mistral_jax.config import ModelConfig  # noqa: E402
 from mistral_jax.tokenizer import Tokenizer  # noqa: E402
+
+def _load_hf_flax_ref():
+    """bench/hf_flax_ref.py as a module (its module level is standard library only)."""
+    spec = importlib.util.spec_from_file_location("hf_flax_ref", Path(__file__).resolve().parent / "hf_flax_ref.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+hf_flax_ref = _load_hf_flax_ref()
 
 CFG_57M = ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536,
                       vocab_size=32000, sliding_window=4096, max_seq_len=4096)
@@ -114,6 +132,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--stdlib-docstrings", type=int, default=0, metavar="N")
     p.add_argument("--skip-cli", action="store_true")
+    hf_flax_ref.add_cli_option(p)
     args = p.parse_args()
 
     import torch
@@ -168,11 +187,29 @@ def main() -> None:
         rows.append(("HF MistralForCausalLM (PyTorch eager), batch 1", dt))
         theirsB, dt = timed(lambda: hf_score(hf, reqs, args.batch))
         rows.append((f"HF MistralForCausalLM (PyTorch eager), batch {args.batch} padded to longest", dt))
+        flax_py = hf_flax_ref.find_python(args.hf_flax_python)
+        ref: dict | str = hf_flax_ref.NOT_RUN
+        if flax_py is not None:
+            (Path(tmp) / "requests.json").write_text(json.dumps([[list(t), n] for t, n in reqs]))
+            ref = hf_flax_ref.run_reference(flax_py, "score", Path(tmp) / "hf", "--requests",
+                                            str(Path(tmp) / "requests.json"), "--batch", str(args.batch),
+                                            "--pad-to", "64")
 
     if tmp_data is not None:
         os.unlink(tmp_data.name)
     diff = max(float(np.abs(a.logprobs - b).max()) for a, b in zip(ours, theirs1))
     best_hf = min(dt for name, dt in rows if name.startswith("HF"))
+    flax_note = f"HF Flax (jit): {ref}"
+    if isinstance(ref, dict):
+        fdiff = max(float(np.abs(a.logprobs - np.array(b)).max()) for a, b in zip(ours, ref["logprobs"]))
+        label = (f"HF Flax (jit) FlaxMistralForCausalLM, transformers {ref['transformers']}, batch {args.batch} "
+                 f"padded to a multiple of 64")
+        rows.append((f"{label}, first pass incl. compile", ref["first_pass_s"]))
+        rows.append((f"{label}, compiled", ref["compiled_s"]))
+        ours_compiled = next(dt for name, dt in rows if name.startswith("Scorer") and name.endswith("compiled"))
+        flax_note = (f"HF Flax (jit): programs {ref['shapes']}; max |log-prob difference| vs ours {fdiff:.1e}; "
+                     f"ours / HF Flax scored tokens/s (compiled passes, same run) "
+                     f"{ref['compiled_s'] / ours_compiled:.2f}x")
     source = (f"{args.stdlib_docstrings}-module stdlib docstring set" if args.stdlib_docstrings
               else args.data.name)
     print(f"\n{len(texts)} documents of {source}: {n_scored} scored tokens, {len(reqs)} windows "
@@ -185,6 +222,9 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: |")
     for name, dt in rows:
         print(f"| {name} | {dt:.2f} | {n_scored / dt:.0f} | {best_hf / dt:.2f}x |")
+    if not isinstance(ref, dict):
+        print(f"| HF Flax (jit) FlaxMistralForCausalLM | {ref} | - | - |")
+    print(f"\n{flax_note}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,13 @@ Same model (the 57M config: dim 512, 8 layers, 8 q / 2 kv heads, head_dim 64, hi
 32000), same batch, AdamW with global-norm clipping on both sides. Prints a markdown table of tokens/s,
 seconds per step and MFU (model FLOPs from mistral_jax.flops over a stated or measured peak).
 
+Same-XLA reference: when /work/venvs/hfflax/bin/python exists (or --hf-flax-python PATH), our initial
+weights are written as an HF folder and bench/hf_flax_ref.py runs a jitted train step of transformers'
+FlaxMistralForCausalLM on them in that venv (float32 and bfloat16 compute, same batch shape, same
+AdamW + clipping, median of the same number of steps after one warm-up; it runs first, before this
+process has grown): rows "HF Flax (jit)" and the ratio ours / HF Flax per dtype. Without the venv
+those rows say "not run (no venv)".
+
 --memory-seq T instead compiles (without running) the train step of one T-token sequence on a small model
 (dim 256, 4 layers, 4 q / 2 kv heads, hidden 768, vocab 32000, window 4096) and prints XLA's peak temp
 memory (compiled.memory_analysis()) for the code before the performance work (dense masked attention,
@@ -21,9 +28,11 @@ depth, scanned layers (nn.scan, the default) vs the per-layer Python loop (scan_
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +46,16 @@ from mistral_jax import flops, optim, sharding  # noqa: E402
 from mistral_jax import train_step as ts  # noqa: E402
 from mistral_jax.config import ModelConfig  # noqa: E402
 from mistral_jax.run_config import OptimSection  # noqa: E402
+
+def _load_hf_flax_ref():
+    """bench/hf_flax_ref.py as a module (its module level is standard library only)."""
+    spec = importlib.util.spec_from_file_location("hf_flax_ref", Path(__file__).resolve().parent / "hf_flax_ref.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+hf_flax_ref = _load_hf_flax_ref()
 
 CFG_57M = ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536,
                       vocab_size=32000, sliding_window=4096, max_seq_len=4096)
@@ -58,6 +77,15 @@ def time_steps(run_one, steps: int, warmup: int = 1) -> list[float]:
         run_one()
         out.append(time.perf_counter() - t0)
     return out
+
+
+def export_initial_params(dst: Path) -> None:
+    """Writes bench_jax's initial params (the same init_state draw) to `dst` as an HF folder."""
+    from mistral_jax.torch_write import write_hf
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    o = OptimSection(lr=1e-4, warmup_steps=0)
+    state = ts.init_state(CFG_57M, optim.make_optimizer(o, 1000), jax.random.key(0), mesh)
+    write_hf(dst, CFG_57M, jax.device_get(state["params"]), progress=False, tokenizer=None)
 
 
 def bench_jax(batch: int, seq: int, steps: int, dtype, remat: str = "none") -> list[float]:
@@ -220,6 +248,7 @@ def main(argv=None) -> None:
     p.add_argument("--memory-seq", type=int, default=0, metavar="T",
                    help="report the train step's peak temp memory at one T-token sequence, before/after")
     p.add_argument("--repeats", type=int, default=1, help="for --compile-layers: best of this many compiles")
+    hf_flax_ref.add_cli_option(p)
     args = p.parse_args(argv)
     if args.compile_layers:
         run_compile_bench(args.compile_layers, args.remat, args.repeats)
@@ -237,10 +266,19 @@ def main(argv=None) -> None:
         peak_src = (f"best 1024^3 float32 matmul: JAX {jax_mm / 1e9:.0f}, PyTorch {torch_mm / 1e9:.0f} GFLOP/s")
     fpt = flops.train_flops_per_token(CFG_57M, args.seq)
     tokens = args.batch * args.seq
+    flax_py = hf_flax_ref.find_python(args.hf_flax_python)
+    ref: dict | str = hf_flax_ref.NOT_RUN
+    if flax_py is not None:
+        # First, while this process is still small: the reference's f32 step needs a few GiB of its own.
+        with tempfile.TemporaryDirectory(prefix="bench_train_hf_") as tmp:
+            export_initial_params(Path(tmp) / "hf")
+            ref = hf_flax_ref.run_reference(flax_py, "train", Path(tmp) / "hf", "--batch", str(args.batch),
+                                            "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", "1",
+                                            "--dtypes", "float32", "bfloat16")
+    bf16 = "bfloat16 compute, f32 master"
     rows = []
     runs = [("mistral-jax jit step", "float32", lambda: bench_jax(args.batch, args.seq, args.steps, jnp.float32)),
-            ("mistral-jax jit step", "bfloat16 compute, f32 master",
-             lambda: bench_jax(args.batch, args.seq, args.steps, jnp.bfloat16))]
+            ("mistral-jax jit step", bf16, lambda: bench_jax(args.batch, args.seq, args.steps, jnp.bfloat16))]
     if not args.skip_torch:
         runs.append(("HF transformers MistralForCausalLM (PyTorch)", "float32",
                      lambda: bench_torch(args.batch, args.seq, args.steps)))
@@ -249,6 +287,17 @@ def main(argv=None) -> None:
         med = statistics.median(times)
         rows.append((name, dt, tokens / med, med, flops.mfu(tokens / med, fpt, peak)))
         print(f"# {name} [{dt}]: step times {[round(t, 2) for t in times]}", file=sys.stderr, flush=True)
+    flax_name = "HF Flax (jit) FlaxMistralForCausalLM, transformers 4.57 (same weights)"
+    flax_tps: dict[str, float] = {}
+    if isinstance(ref, dict):
+        for r in ref["results"]:
+            dt = "float32" if r["dtype"] == "float32" else bf16
+            flax_tps[dt] = r["tokens_per_s"]
+            rows.append((flax_name, dt, r["tokens_per_s"], r["median_s"], flops.mfu(r["tokens_per_s"], fpt, peak)))
+            print(f"# HF Flax (jit) [{dt}]: step times {[round(t, 2) for t in r['step_times_s']]}, "
+                  f"losses {[round(x, 4) for x in r['losses']]}", file=sys.stderr, flush=True)
+    else:
+        rows.append((flax_name, "float32, bfloat16", None, None, None))
 
     print(f"\nModel: 57M Mistral (dim 512, 8 layers, 8q/2kv, hidden 1536, vocab 32000); batch {args.batch}x{args.seq}; "
           f"{fpt / 1e6:.0f} MFLOP/token (train, mistral_jax.flops); peak {peak / 1e9:.1f} GFLOP/s "
@@ -256,7 +305,13 @@ def main(argv=None) -> None:
     print("| implementation | dtype | tokens/s | s/step | MFU |")
     print("| --- | --- | ---: | ---: | ---: |")
     for name, dt, tps, med, m in rows:
-        print(f"| {name} | {dt} | {tps:.0f} | {med:.2f} | {100 * m:.1f}% |")
+        if tps is None:
+            print(f"| {name} | {dt} | {ref} | - | - |")
+        else:
+            print(f"| {name} | {dt} | {tps:.0f} | {med:.2f} | {100 * m:.1f}% |")
+    ours = {dt: tps for name, dt, tps, _, _ in rows if name.startswith("mistral-jax")}
+    ratios = [f"{dt}: {ours[dt] / flax_tps[dt]:.2f}x" for dt in ours if dt in flax_tps]
+    print(f"\nours / HF Flax (jit) tokens/s, same run: {'; '.join(ratios) if ratios else ref}")
 
 
 if __name__ == "__main__":
