@@ -276,6 +276,13 @@ def compiled_programs() -> int:
     return _generate._cache_size() + _generate_fused._cache_size()
 
 
+def clear_programs() -> None:
+    """Drops every compiled generate program (both the fused and the plain jit), so `compiled_programs` counts
+    from zero."""
+    _generate.clear_cache()
+    _generate_fused.clear_cache()
+
+
 @dataclasses.dataclass
 class Generation:
     """Completion ids per prompt (EOS excluded) and whether each stopped on EOS."""

@@ -229,8 +229,7 @@ def test_bucketed_shapes_give_the_same_tokens_as_exact_shapes(ref):
 def test_twenty_prompt_lengths_compile_a_handful_of_programs(ref):
     _, cfg, params = ref
     lengths = [1 + 10 * i for i in range(20)]                       # 1 .. 191 tokens: 20 different lengths
-    decode._generate.clear_cache()          # count these calls' programs alone, whatever ran before
-    decode._generate_fused.clear_cache()
+    decode.clear_programs()                 # count these calls' programs alone, whatever ran before
     outs = [decode.generate(params, cfg, [p], 3, eos_id=-1) for p in _lengths_prompts(cfg, lengths, 12)]
     assert all(len(o[0]) == 3 for o in outs)
     assert decode.compiled_programs() == 3                         # buckets 64, 128, 256
