@@ -26,7 +26,6 @@ which removes prefill and call overhead (the same jit program serves both: outpu
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 from collections.abc import Mapping
 import platform
@@ -45,15 +44,7 @@ from mistral_jax import decode, weights  # noqa: E402
 from mistral_jax.config import ModelConfig  # noqa: E402
 
 
-def _load_hf_flax_ref():
-    """bench/hf_flax_ref.py as a module (its module level is standard library only)."""
-    spec = importlib.util.spec_from_file_location("hf_flax_ref", Path(__file__).resolve().parent / "hf_flax_ref.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-hf_flax_ref = _load_hf_flax_ref()
+import hf_flax_ref  # noqa: E402  (bench/, the script's own folder, is on sys.path)
 
 
 def _median_time(fn, n: int = 3) -> float:

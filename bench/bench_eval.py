@@ -29,7 +29,6 @@ the row says "not run (no venv)".
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -48,15 +47,7 @@ from mistral_jax import scoring  # noqa: E402
 from mistral_jax.config import ModelConfig  # noqa: E402
 from mistral_jax.tokenizer import Tokenizer  # noqa: E402
 
-def _load_hf_flax_ref():
-    """bench/hf_flax_ref.py as a module (its module level is standard library only)."""
-    spec = importlib.util.spec_from_file_location("hf_flax_ref", Path(__file__).resolve().parent / "hf_flax_ref.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-hf_flax_ref = _load_hf_flax_ref()
+import hf_flax_ref  # noqa: E402  (bench/, the script's own folder, is on sys.path)
 
 CFG_57M = ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536,
                       vocab_size=32000, sliding_window=4096, max_seq_len=4096)

@@ -28,7 +28,6 @@ depth, scanned layers (nn.scan, the default) vs the per-layer Python loop (scan_
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -47,15 +46,7 @@ from mistral_jax import train_step as ts  # noqa: E402
 from mistral_jax.config import ModelConfig  # noqa: E402
 from mistral_jax.run_config import OptimSection  # noqa: E402
 
-def _load_hf_flax_ref():
-    """bench/hf_flax_ref.py as a module (its module level is standard library only)."""
-    spec = importlib.util.spec_from_file_location("hf_flax_ref", Path(__file__).resolve().parent / "hf_flax_ref.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-hf_flax_ref = _load_hf_flax_ref()
+import hf_flax_ref  # noqa: E402  (bench/, the script's own folder, is on sys.path)
 
 CFG_57M = ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536,
                       vocab_size=32000, sliding_window=4096, max_seq_len=4096)
@@ -202,11 +193,7 @@ def bench_torch(batch: int, seq: int, steps: int) -> list[float]:
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     c = CFG_57M
-    hf_cfg = MistralConfig(hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
-                           num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
-                           vocab_size=c.vocab_size, sliding_window=c.sliding_window,
-                           max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-                           tie_word_embeddings=False)
+    hf_cfg = MistralConfig(**c.to_hf_config())
     model = MistralForCausalLM(hf_cfg).float().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     ids = torch.from_numpy(host_batch(batch, seq)["tokens"]).long()

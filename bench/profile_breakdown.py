@@ -428,11 +428,7 @@ def _hf_profile(run_one, steps: int, vocab: int | None):
 def run_hf_train(steps: int):
     torch, MistralConfig, MistralForCausalLM = _hf_model()
     c = _cfg()
-    hf_cfg = MistralConfig(hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
-                           num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
-                           vocab_size=c.vocab_size, sliding_window=c.sliding_window,
-                           max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-                           tie_word_embeddings=False)
+    hf_cfg = MistralConfig(**c.to_hf_config())
     model = MistralForCausalLM(hf_cfg).float().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     import numpy as np
