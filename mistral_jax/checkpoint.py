@@ -100,8 +100,16 @@ def _wait_for_threads(before: set[threading.Thread], limit_s: float = 60.0) -> N
     """
     deadline = time.monotonic() + limit_s
     for t in set(threading.enumerate()) - before:
-        if not t.daemon and t is not threading.current_thread():
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        if t.daemon or t is threading.current_thread():
+            continue
+        while True:
+            try:
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
+                break
+            except RuntimeError:  # start() was called but the thread is not running yet: join() refuses it
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.005)
 
 
 def _in_flight_gb(leaves: Any, itemsize: int | None = None) -> int:

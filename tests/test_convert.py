@@ -608,3 +608,24 @@ def test_orbax_in_flight_budget_fits_the_largest_stacked_tensor():
     assert checkpoint._in_flight_gb({"w1": w1, "n": small}) == 4
     assert checkpoint._in_flight_gb({"w1": w1}, itemsize=4) == 8
     assert checkpoint._in_flight_gb({"n": small}) == 1
+
+
+def test_wait_for_threads_waits_for_a_thread_still_starting(monkeypatch):
+    """A writer thread orbax has start()ed but that is not running yet is waited for, not a RuntimeError
+    (which would replace the user's KeyboardInterrupt: CI saw it once)."""
+    import threading
+    import time
+
+    finished = []
+    late = threading.Thread(target=lambda: (time.sleep(0.2), finished.append(True)))
+    never = threading.Thread(target=lambda: None)
+    monkeypatch.setattr(threading, "enumerate", lambda: [threading.main_thread(), late])
+    starter = threading.Timer(0.1, late.start)
+    starter.daemon = True
+    starter.start()
+    checkpoint._wait_for_threads(set(), limit_s=30)
+    assert finished == [True]
+    monkeypatch.setattr(threading, "enumerate", lambda: [never])
+    t0 = time.monotonic()
+    checkpoint._wait_for_threads(set(), limit_s=0.3)  # one that never starts: given up at the limit
+    assert time.monotonic() - t0 < 10
