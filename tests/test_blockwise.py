@@ -30,10 +30,11 @@ def _compare(q, k, v, ct, qpos, kpos, window, qseg=None, kseg=None, bq=8, bk=8, 
         return blockwise_attend(q, k, v, qpos, kpos, window, qseg, kseg, block_q=bq, block_k=bk,
                                 self_attention=self_attention)
 
-    od, ob = dense(q, k, v), block(q, k, v)
+    # jitted, as the model runs them: one compile per function instead of one per eager op
+    od, ob = jax.jit(dense)(q, k, v), jax.jit(block)(q, k, v)
     diffs = [float(jnp.max(jnp.where(seen, jnp.abs(od - ob), 0.0)))]
-    gd = jax.grad(lambda *a: jnp.sum(dense(*a) * ct), argnums=(0, 1, 2))(q, k, v)
-    gb = jax.grad(lambda *a: jnp.sum(block(*a) * ct), argnums=(0, 1, 2))(q, k, v)
+    gd = jax.jit(jax.grad(lambda *a: jnp.sum(dense(*a) * ct), argnums=(0, 1, 2)))(q, k, v)
+    gb = jax.jit(jax.grad(lambda *a: jnp.sum(block(*a) * ct), argnums=(0, 1, 2)))(q, k, v)
     diffs += [float(jnp.max(jnp.abs(a - b))) for a, b in zip(gd, gb)]
     return diffs
 
@@ -128,8 +129,9 @@ def test_model_blockwise_equals_dense_logits_and_grads():
         logits, _ = m.apply({"params": params}, tokens, pos, seg)
         return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 7]), logits
 
-    (ld, logits_d), gd = jax.value_and_grad(loss, has_aux=True)(params, "dense")
-    (lb, logits_b), gb = jax.value_and_grad(loss, has_aux=True)(params, "blockwise")
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (ld, logits_d), gd = grad(params, "dense")
+    (lb, logits_b), gb = grad(params, "blockwise")
     assert float(jnp.max(jnp.abs(logits_d - logits_b))) <= TOL
     diffs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), gd, gb))
     assert max(diffs) <= TOL
@@ -168,10 +170,11 @@ def test_splash_interpret_matches_dense(window):
     def run(impl, q, k, v):
         return multihead_attention(q, k, v, pos, pos, window, seg, seg, impl=impl, block=128, self_attention=True)
 
-    o_s, o_d = run("splash", q, k, v), run("dense", q, k, v)
+    fwd = jax.jit(run, static_argnums=0)
+    grad = jax.jit(jax.grad(lambda impl, *a: jnp.sum(run(impl, *a) * ct), argnums=(1, 2, 3)), static_argnums=0)
+    o_s, o_d = fwd("splash", q, k, v), fwd("dense", q, k, v)
     assert float(jnp.max(jnp.where(seen[:, :, None, None], jnp.abs(o_s - o_d), 0.0))) <= TOL
-    gs = jax.grad(lambda *a: jnp.sum(run("splash", *a) * ct), argnums=(0, 1, 2))(q, k, v)
-    gd = jax.grad(lambda *a: jnp.sum(run("dense", *a) * ct), argnums=(0, 1, 2))(q, k, v)
+    gs, gd = grad("splash", q, k, v), grad("dense", q, k, v)
     assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(gs, gd)) <= 2e-5
 
 
@@ -207,9 +210,10 @@ def test_xla_dot_product_attention_path_matches_dense(segments):
     def run(impl, q, k, v):
         return multihead_attention(q, k, v, pos, pos, W, seg, seg, impl=impl, self_attention=True)
 
-    assert float(jnp.max(jnp.where(seen, jnp.abs(run("xla", q, k, v) - run("dense", q, k, v)), 0.0))) <= TOL
-    gx = jax.grad(lambda *a: jnp.sum(run("xla", *a) * ct), argnums=(0, 1, 2))(q, k, v)
-    gd = jax.grad(lambda *a: jnp.sum(run("dense", *a) * ct), argnums=(0, 1, 2))(q, k, v)
+    fwd = jax.jit(run, static_argnums=0)
+    grad = jax.jit(jax.grad(lambda impl, *a: jnp.sum(run(impl, *a) * ct), argnums=(1, 2, 3)), static_argnums=0)
+    assert float(jnp.max(jnp.where(seen, jnp.abs(fwd("xla", q, k, v) - fwd("dense", q, k, v)), 0.0))) <= TOL
+    gx, gd = grad("xla", q, k, v), grad("dense", q, k, v)
     assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(gx, gd)) <= TOL
     if segments:
         return

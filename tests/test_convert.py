@@ -383,7 +383,7 @@ def test_interrupt_leaves_no_hidden_folder(native_ckpt, tmp_path, monkeypatch, w
     if where == "orbax_wait":
         assert hit, "the save never waited on a thread"
         for t in threading.enumerate():  # writer threads a broken fix left running must not hide a leak
-            if t is not threading.main_thread() and not t.daemon:
+            if t is not threading.main_thread() and not t.daemon and t.is_alive():   # (started)
                 t.join(timeout=60)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
     checkpoint.load_params(dst, progress=False)  # the old checkpoint is intact

@@ -124,6 +124,19 @@ def test_chunked_nonfinite_count_matches_whole(monkeypatch):
     torch_read.check_values_chunked(np.zeros(5, BF16), "w", "src", allow_nonfinite=False)
 
 
+@pytest.fixture(scope="module")
+def mem_sources(tmp_path_factory) -> tuple[Path, Path, int]:
+    """(a random bfloat16 HF checkpoint of MEM_CFG, a one-layer warm-up checkpoint, the first's tensor bytes),
+    written once for the two peak-RSS tests (read only)."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
+    d = tmp_path_factory.mktemp("mem_src")
+    model_bytes = _write_hf(d / "src", MEM_CFG)
+    _write_hf(d / "warm", MEM_CFG.replace(n_layers=1, dim=128, hidden_dim=256, n_heads=2, n_kv_heads=1,
+                                         head_dim=64))
+    return d / "src", d / "warm", model_bytes
+
+
 PEAK_SCRIPT = textwrap.dedent("""
     import json, sys
     from convert.__main__ import main
@@ -142,16 +155,15 @@ PEAK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_hf_to_native_peak_rss_stays_near_model_size(tmp_path):
+@pytest.mark.slow
+def test_hf_to_native_peak_rss_stays_near_model_size(mem_sources, tmp_path):
     """Peak RSS growth of a whole HF -> native conversion (bfloat16, 8 stacked layers) in a fresh process,
     after a warm-up conversion: below PEAK_OVER_MODEL x the model's bytes."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
-    model_bytes = _write_hf(tmp_path / "src", MEM_CFG)
-    _write_hf(tmp_path / "warm", MEM_CFG.replace(n_layers=1, dim=128, hidden_dim=256, n_heads=2, n_kv_heads=1,
-                                                 head_dim=64))
-    proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "src"), str(tmp_path / "native"),
-                           str(tmp_path / "warm"), str(tmp_path / "warm_native")],
+    src, warm, model_bytes = mem_sources
+    proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(src), str(tmp_path / "native"),
+                           str(warm), str(tmp_path / "warm_native")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -181,18 +193,17 @@ LOAD_SCRIPT = textwrap.dedent("""
 LOAD_OVER_MODEL = 1.22  # measured 1.06-1.13 on 2026-12-03 (1.34 reading each stacked param whole)
 
 
-def test_native_load_holds_each_param_once(tmp_path):
+@pytest.mark.slow
+def test_native_load_holds_each_param_once(mem_sources, tmp_path):
     """Peak RSS growth of loading a bfloat16 native checkpoint (stacked 128 MiB w1/w2/w3) in a fresh process,
     after a warm-up load: the params once plus a read range, not orbax's read buffer and device copy of the
     largest param (1.7x this model)."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
     from convert.__main__ import main
-    model_bytes = _write_hf(tmp_path / "src", MEM_CFG)
-    _write_hf(tmp_path / "warm", MEM_CFG.replace(n_layers=1, dim=128, hidden_dim=256, n_heads=2, n_kv_heads=1,
-                                                 head_dim=64))
-    for name in ("src", "warm"):
-        assert main([str(tmp_path / name), str(tmp_path / f"{name}_native"), "--dtype", "bfloat16", "--quiet"]) == 0
+    src, warm, model_bytes = mem_sources
+    for name, folder in (("src", src), ("warm", warm)):
+        assert main([str(folder), str(tmp_path / f"{name}_native"), "--dtype", "bfloat16", "--quiet"]) == 0
     proc = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(tmp_path / "src_native"),
                            str(tmp_path / "warm_native")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

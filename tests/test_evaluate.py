@@ -65,8 +65,9 @@ def hf_logprobs(hf, tokens):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("eval_tiny") / "hf")
+def tiny(eval_tiny):
+    """make_tiny's model, built once a session (tests/conftest.py)."""
+    return eval_tiny
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from mistral_jax.checkpoint import save_params
 from mistral_jax.config import ModelConfig
 from mistral_jax.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.slow     # the model is trained for STEPS steps first, ~25 s
+
 # The paper's guardrail system prompt (section 5), written out here so that the preset file is checked too.
 PAPER_GUARDRAIL = ("Always assist with care, respect, and truth. Respond with utmost utility yet securely. Avoid "
                    "harmful, unethical, prejudiced, or negative content. Ensure replies promote fairness and "

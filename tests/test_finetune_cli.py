@@ -1,18 +1,13 @@
 """`python -m train.finetune`: the shared training loop on chat data (answers-only loss, before/after
-evaluation, data report), LoRA from an --init-from checkpoint (only adapters train, merged export), bad
-data lines, and the program refusing the wrong kind of data."""
+evaluation, data report), bad data lines, and the program refusing the wrong kind of data. LoRA from an
+--init-from checkpoint (only adapters train, merged export) runs in tests/test_lora_checkpoint.py."""
 
 import json
 from pathlib import Path
 
-import jax
-import numpy as np
 import pytest
 
-from mistral_jax import lora as lora_lib
-from mistral_jax import model as model_lib
 from mistral_jax.checkpoint import load_params
-from mistral_jax.train_checkpoint import TrainCheckpointer
 from train import finetune
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,6 +29,7 @@ def full_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_full_finetune_trains_on_answers_and_reports(full_run):
     s = json.loads((full_run / "summary.json").read_text())
     assert s["steps"] == 6 and s["heldout_loss"] < s["before_heldout_loss"]
@@ -48,32 +44,7 @@ def test_full_finetune_trains_on_answers_and_reports(full_run):
     assert cfg.n_layers == 2 and "layers" in params
 
 
-def test_lora_from_init_trains_only_adapters_and_exports_merged(full_run, tmp_path):
-    run_dir = tmp_path / "lora"
-    assert finetune.main(_argv(run_dir, "--init-from", str(full_run / "export"), **{"lora.rank": 4,
-                                                                                "train.steps": 3})) == 0
-    _, base = load_params(full_run / "export")
-    ck = TrainCheckpointer(run_dir / "checkpoints")
-    try:
-        import orbax.checkpoint as ocp
-        state = ck._manager.restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    finally:
-        ck.close()
-    adapters, frozen = lora_lib.split(state["params"])
-    assert jax.tree_util.tree_leaves(adapters), "the train state holds adapters"
-    assert not jax.tree_util.tree_leaves(frozen), "and not the frozen base (tests/test_lora_checkpoint.py)"
-    assert any(np.abs(np.asarray(x)).max() > 0 for p, x in jax.tree_util.tree_leaves_with_path(adapters)
-               if "lora_b" in jax.tree_util.keystr(p))                      # B moved off zero
-    cfg, merged = load_params(run_dir / "export")
-    tokens = np.array([[1, 733, 16289, 28793, 22557, 733, 28748, 16289, 28793]], np.int32)
-    want = model_lib.Transformer(cfg, lora=lora_lib.LoraConfig(rank=4)).apply(
-        {"params": lora_lib.join(jax.tree_util.tree_map(np.asarray, adapters), base)}, tokens)[0]
-    got = model_lib.Transformer(cfg).apply({"params": merged}, tokens)[0]
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
-    s = json.loads((run_dir / "summary.json").read_text())
-    assert "merged" in s["export_note"]
-
-
+@pytest.mark.slow
 def test_bad_lines_are_counted_or_stop_the_run(tmp_path, capsys):
     lines = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
                                       {"role": "assistant", "content": f"a{i}"}]}) for i in range(40)]

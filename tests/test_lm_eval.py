@@ -12,16 +12,19 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from tests.test_evaluate import REPO, make_tiny  # noqa: E402
+from tests.test_evaluate import REPO  # noqa: E402
+
+pytestmark = pytest.mark.slow     # a whole infer.lm_eval run and lm-eval's own HF backend, ~20 s
 
 LIMIT = 4
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """The tiny model's HF folder, and the output folder of infer.lm_eval on both shipped tasks."""
+def run(tmp_path_factory, eval_tiny):
+    """The tiny model's HF folder (tests/test_evaluate.py's make_tiny, shared), and the output folder of
+    infer.lm_eval on both shipped tasks."""
     tmp = tmp_path_factory.mktemp("lm_eval")
-    cfg, params, folder, hf = make_tiny(tmp / "hf")
+    cfg, params, folder, hf = eval_tiny
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_HOME", str(tmp / "hf_home"))
     mp.chdir(REPO)                               # the task YAMLs name their data relative to the repository

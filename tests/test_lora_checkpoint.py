@@ -89,6 +89,7 @@ def lora_run(native_base, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_adapters_and_the_base_identity_not_the_base(lora_run, native_base):
     ck = TrainCheckpointer(lora_run / "checkpoints")
     try:
@@ -113,9 +114,15 @@ def test_checkpoint_holds_adapters_and_the_base_identity_not_the_base(lora_run, 
     assert summary["heldout_answers"] == summary["before_heldout_answers"] == 4
 
 
+@pytest.mark.slow
 def test_export_is_the_base_with_the_adapters_merged(lora_run, native_base):
+    """(Also what tests/test_finetune_cli.py checked on a LoRA run of its own from an --init-from checkpoint.)"""
     _, base = load_params(native_base)
     adapters = _saved_state(lora_run, 6)["params"]
+    trained, frozen = lora_lib.split(adapters)
+    assert jax.tree_util.tree_leaves(trained), "the train state holds adapters"
+    assert not jax.tree_util.tree_leaves(frozen), "and not the frozen base"
+    assert "merged" in json.loads((lora_run / "summary.json").read_text())["export_note"]
     assert any(np.abs(np.asarray(x)).max() > 0 for p, x in jax.tree_util.tree_leaves_with_path(adapters)
                if "lora_b" in jax.tree_util.keystr(p))                  # B moved off zero
     cfg, merged = load_params(lora_run / "export")
@@ -129,6 +136,7 @@ def test_export_is_the_base_with_the_adapters_merged(lora_run, native_base):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_resume_reloads_the_base_and_matches_the_uninterrupted_run(lora_run, native_base, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(lora_run, run_dir)
@@ -151,6 +159,7 @@ def test_resume_reloads_the_base_and_matches_the_uninterrupted_run(lora_run, nat
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_base_given_with_init_from(lora_run, tmp_path, capsys):
     other = _save_base(tmp_path / "other", seed=8)
     run_dir = tmp_path / "run"
@@ -165,6 +174,7 @@ def test_resume_refuses_another_base_given_with_init_from(lora_run, tmp_path, ca
                          "checksums)")
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_or_missing_recorded_base(tmp_path, capsys):
     base = _save_base(tmp_path / "base", seed=7)
     run_dir = tmp_path / "run"
@@ -186,6 +196,7 @@ def test_resume_refuses_a_changed_or_missing_recorded_base(tmp_path, capsys):
     assert errors[0].endswith("is missing; restore it there or pass --init-from the folder that holds it now")
 
 
+@pytest.mark.slow
 def test_random_base_is_recorded_by_seed_and_drawn_again(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert finetune.main(_argv(run_dir, **QUIET, **{"train.steps": 3, "train.seed": 5})) == 0
@@ -208,6 +219,7 @@ def test_random_base_is_recorded_by_seed_and_drawn_again(tmp_path, capsys):
                       "checksums)"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_lora_checkpoint_without_a_base_record(lora_run, tmp_path, capsys):
     """A LoRA checkpoint from before base records (its state held the base) is refused in one line."""
     run_dir = tmp_path / "run"
@@ -241,6 +253,7 @@ def test_a_hugging_face_base_is_identified_by_its_files(hf_mha):
     assert tc.base_mismatch(record, checkpoint_identity(hf_mha.path), "x") is None
 
 
+@pytest.mark.slow
 def test_the_run_passes_the_base_packed_and_undonated(tmp_path, monkeypatch):
     """A bf16 LoRA run hands its train and eval steps the base packed (uint16 bits, no float32 widening in
     XLA:CPU) as a separate argument, and the train state (donated, checkpointed) holds only adapters."""

@@ -21,6 +21,8 @@ from mistral_jax.config import ModelConfig
 from mistral_jax.lora import LoraConfig
 from mistral_jax.run_config import OptimSection
 
+pytestmark = pytest.mark.slow     # four compiles of a dim-256 LoRA train step, ~30 s
+
 B, T = 2, 256
 LCFG = LoraConfig(rank=8)
 SHALLOW, DEEP = 2, 8

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from mistral_jax import data as data_lib
 from mistral_jax import run_config as rc_lib
 from mistral_jax.data_shards import merge_states
 from mistral_jax.tokenizer import Tokenizer
+from tests.conftest import compile_cache_env
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_TOML = REPO / "configs" / "pretrain-tiny.toml"
@@ -41,9 +43,11 @@ def _cmd(run_dir: Path, extra: dict | None = None, resume: bool = False, program
 
 
 def _env(devices: int) -> dict:
+    """The environment of a program run here: `devices` CPU devices, and the session's compilation cache (a
+    resumed or repeated run loads the programs its first run compiled)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-            "PYTHONUNBUFFERED": "1"}
+            "PYTHONUNBUFFERED": "1", **compile_cache_env()}
 
 
 def _start_pair(run_dir: Path, log_dir: Path, resume: bool = False, extra: dict | None = None,
@@ -107,6 +111,8 @@ def _assert_same_export(a: Path, b: Path) -> None:
     assert not [p.name for p in b.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_processes_equal_one_process(runs):
     ref, two = _losses(runs / "ref"), _losses(runs / "two")
     assert sorted(two) == sorted(ref) == [1, 2, 3, 4, 5, 6]
@@ -114,6 +120,8 @@ def test_two_processes_equal_one_process(runs):
         assert abs(two[step] - ref[step]) <= 1e-5, (step, two[step], ref[step])
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_side_effects_happen_once(runs):
     two = runs / "two"
     lines = (two / "metrics.jsonl").read_text().splitlines()
@@ -125,6 +133,8 @@ def test_side_effects_happen_once(runs):
     assert not [p for p in (two / "checkpoints").iterdir() if "tmp" in p.name]
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_export_and_sample_on_two_processes_equal_one_process(runs):
     _assert_same_export(runs / "ref" / "export", runs / "two" / "export")
     sample = (runs / "two" / "sample.txt").read_text()
@@ -133,6 +143,8 @@ def test_export_and_sample_on_two_processes_equal_one_process(runs):
     assert summary["export"] == str(runs / "two" / "export") and summary["sample"]
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_kill_both_and_resume_continues_bit_exactly(runs, tmp_path):
     run_dir = tmp_path / "killed"
     procs = _start_pair(run_dir, tmp_path)
@@ -155,12 +167,15 @@ def _error_lines(log: str) -> list[str]:
     return [x for x in log.splitlines() if x.startswith("error:")]
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_a_dead_peer_stops_the_other_process(tmp_path):
     """Process 1 is killed mid-training: process 0 stops at once (its liveness channel to process 1 closes, long
     before jax's heartbeat) with one line and exit status 1, even though its next collective fails first."""
     heartbeat = 30
-    procs = _start_pair(tmp_path / "run", tmp_path, extra={"train.steps": 100000, "checkpoint.every": 100000},
-                        heartbeat=heartbeat)
+    # the lr schedule of the 6-step runs: the same train step as theirs, loaded from the compilation cache
+    procs = _start_pair(tmp_path / "run", tmp_path, extra={"train.steps": 100000, "checkpoint.every": 100000,
+                                                           "optim.schedule_steps": 6}, heartbeat=heartbeat)
     deadline = time.time() + 600
     while time.time() < deadline and '"step": 2' not in (tmp_path / "p0.log").read_text():
         assert procs[0].poll() is None, (tmp_path / "p0.log").read_text()[-2000:]
@@ -192,6 +207,8 @@ while True:
 """
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_a_stalled_peer_stops_the_other_process(tmp_path):
     """Process 1 is stopped (SIGSTOP: alive, connections open, silent): process 0 stops after
     --heartbeat-timeout with one line and exit status 1, before jax's own heartbeat (twice as long) aborts it."""
@@ -246,6 +263,8 @@ FT_SETS = {"data.shards": 2, "train.steps": 4, "checkpoint.every": 4, "eval.answ
            "data.examples": 120}
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_finetune_on_two_processes_equals_one_process(tmp_path):
     """Chat data read by line share, held-out answers decoded by both processes, merged export."""
     base = _ref_and_pair(tmp_path, program="train.finetune", config=FT_TOML, sets=FT_SETS)
@@ -288,21 +307,26 @@ def test_each_process_reads_its_own_chat_lines(tmp_path):
 
 
 def _one_then_two(one_argv: list[str], two_argv: list[str]) -> list[str]:
-    """Runs a program as 1 process x 4 devices (mesh 1,4,1), then as 2 processes x 2 devices; returns the
-    two processes' outputs (both must exit 0)."""
-    one = subprocess.run(one_argv + ["--mesh", "1,4,1"], cwd=REPO, env=_env(4), capture_output=True, text=True,
-                         timeout=600)
-    assert one.returncode == 0, one.stderr[-2000:]
+    """Runs a program as 1 process x 4 devices (mesh 1,4,1) and as 2 processes x 2 devices, at the same time;
+    returns the two processes' outputs (all must exit 0)."""
+    one_err = tempfile.TemporaryFile("w+")       # (a pipe nobody reads until the end could fill and stall it)
+    one = subprocess.Popen(one_argv + ["--mesh", "1,4,1"], cwd=REPO, env=_env(4), stdout=subprocess.DEVNULL,
+                           stderr=one_err, text=True)
     port = _free_port()
     procs = [subprocess.Popen(two_argv + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                           "--process-id", str(i)],
                               cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
+    one.wait(timeout=600)
+    one_err.seek(0)
+    assert one.returncode == 0, one_err.read()[-2000:]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     return outs
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_generate_on_two_processes_equals_one(tmp_path):
     import jax
 
@@ -326,6 +350,8 @@ def test_generate_on_two_processes_equals_one(tmp_path):
     assert "generated" in outs[0] and "generated" not in outs[1]     # process 0 reports, process 1 is silent
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_evaluate_on_two_processes_equals_one(tmp_path):
     import jax
 
@@ -369,6 +395,8 @@ for shape in ((2, 2, 1), (2, 1, 2)):
 """
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_mesh_puts_the_data_axis_across_processes():
     """2 processes x 2 devices: each data slice (its fsdp or tensor devices) lies within one process."""
     port = _free_port()
@@ -384,6 +412,8 @@ def test_mesh_puts_the_data_axis_across_processes():
         assert rows == [[[0], [1]], [[0], [1]]], out
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_unreachable_coordinator_is_a_clear_error_not_a_hang(tmp_path):
     port = _free_port()     # nobody listens there
     t0 = time.time()
@@ -421,6 +451,8 @@ def _listener(answer: bytes | None) -> tuple[int, "socket.socket"]:
     return srv.getsockname()[1], srv
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_every_start_up_failure_is_one_line_with_status_2(tmp_path):
     """Process 0 alone, an unusable coordinator address, a process pointed at a listener that is not
     mistral-jax, and processes that disagree on --num-processes: each exits with status 2 and prints exactly one

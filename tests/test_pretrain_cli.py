@@ -58,6 +58,7 @@ def first_run(tmp_path_factory):
     return run_dir, lines, summary
 
 
+@pytest.mark.slow
 def test_fresh_run_starts_a_new_metrics_file(first_run):
     run_dir, lines, summary = first_run
     assert any("--resume: no checkpoint in" in line and "starting a fresh run" in line for line in lines)
@@ -86,6 +87,7 @@ def _tb_scalars(folder: Path) -> dict[str, dict[int, float]]:
     return out
 
 
+@pytest.mark.slow
 def test_tensorboard_events_match_the_metrics_file(first_run):
     run_dir, _, _ = first_run
     scalars = _tb_scalars(run_dir / "tensorboard")
@@ -96,6 +98,7 @@ def test_tensorboard_events_match_the_metrics_file(first_run):
         assert scalars["train/lr"][r["step"]] == pytest.approx(r["lr"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_profile_steps_write_a_trace(first_run):
     run_dir, lines, _ = first_run
     traces = list((run_dir / "profile").rglob("*.xplane.pb"))
@@ -110,6 +113,7 @@ def test_profile_steps_flag_is_checked_before_anything_runs(tmp_path, capsys):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sets, named", [
     (["model.overrides.dim=128"], ["model.dim 64 -> 128"]),
     (["model.overrides.n_layers=3"], ["model.n_layers 2 -> 3"]),
@@ -128,6 +132,7 @@ def test_resume_refuses_changed_fields_before_restoring(first_run, tmp_path, cap
     assert "train.*" in errors[0]  # says what may change
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_checkpoint_with_per_layer_params(first_run, tmp_path, capsys):
     """A train checkpoint written before scanned layers (no 'param_layout' in its metadata) is refused in
     one line that points to --init-from, before any restore."""
@@ -147,6 +152,7 @@ def test_resume_refuses_a_checkpoint_with_per_layer_params(first_run, tmp_path, 
     assert "--init-from" in errors[0]
 
 
+@pytest.mark.slow
 def test_resume_with_more_steps_keeps_schedule_peak_and_tolerates_torn_metrics(first_run, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     shutil.copytree(first_run[0], run_dir)
@@ -178,6 +184,7 @@ def test_resume_with_more_steps_keeps_schedule_peak_and_tolerates_torn_metrics(f
     assert [(r["loss"], r["grad_norm"], r["lr"]) for r in raw] == want
 
 
+@pytest.mark.slow
 def test_explicit_schedule_steps_restretches_and_mesh_may_change_on_resume(first_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(first_run[0], run_dir)

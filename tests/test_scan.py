@@ -1,6 +1,7 @@
 """Scanned layers (nn.scan over the blocks) against the per-layer Python loop: logits, gradients, remat
 policies, the stacked KV cache, per-layer init randomness and option pass-through."""
 
+import functools
 import re
 
 import flax.linen as nn
@@ -32,6 +33,11 @@ def batch():
     return tokens, pos, seg
 
 
+@functools.partial(jax.jit, static_argnames=("scan_layers", "remat"))
+def _logits(params, tokens, pos, seg, scan_layers: bool = True, remat: str = "none"):
+    return model.Transformer(CFG, remat=remat, scan_layers=scan_layers).apply({"params": params}, tokens, pos, seg)[0]
+
+
 def _loss_and_grads(params, batch, scan_layers: bool, remat: str):
     tokens, pos, seg = batch
     fn = jax.jit(jax.value_and_grad(lambda p: ts.summed_loss(p, tokens, pos, seg, cfg=CFG, remat=remat,
@@ -60,8 +66,8 @@ def test_params_are_stacked_with_a_layers_axis(params):
 def test_scanned_equals_unscanned_logits_and_grads(params, batch, remat):
     tokens, pos, seg = batch
     per_layer = model.unstack_layers(params, CFG.n_layers)
-    scanned = model.Transformer(CFG, remat=remat).apply({"params": params}, tokens, pos, seg)[0]
-    loop = model.Transformer(CFG, remat=remat, scan_layers=False).apply({"params": per_layer}, tokens, pos, seg)[0]
+    scanned = _logits(params, tokens, pos, seg, remat=remat)
+    loop = _logits(per_layer, tokens, pos, seg, scan_layers=False, remat=remat)
     assert np.abs(np.asarray(scanned) - np.asarray(loop)).max() <= TOL
 
     loss_s, g_s = _loss_and_grads(params, batch, True, remat)
@@ -95,9 +101,12 @@ def test_stacked_cache_scanned_equals_unscanned(params):
     cache = kv_cache.init_cache(CFG, 2, CFG.sliding_window)
     assert cache["k"].shape == (CFG.n_layers, 2, CFG.sliding_window, CFG.n_kv_heads, CFG.head_dim)
     pos = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
-    a, ca = model.Transformer(CFG).apply({"params": params}, tokens, pos, cache=cache)
-    b, cb = model.Transformer(CFG, scan_layers=False).apply(
-        {"params": model.unstack_layers(params, CFG.n_layers)}, tokens, pos, cache=cache)
+    @functools.partial(jax.jit, static_argnums=0)
+    def cached(scan_layers, params, cache):
+        return model.Transformer(CFG, scan_layers=scan_layers).apply({"params": params}, tokens, pos, cache=cache)
+
+    a, ca = cached(True, params, cache)
+    b, cb = cached(False, model.unstack_layers(params, CFG.n_layers), cache)
     assert np.abs(np.asarray(a) - np.asarray(b)).max() <= TOL
     for k in ("k", "v", "pos"):
         assert ca[k].shape == cache[k].shape
@@ -112,8 +121,11 @@ def test_stacked_cache_scanned_equals_unscanned(params):
 
 def test_attention_options_pass_through_the_scan(params, batch):
     tokens, pos, seg = batch
-    dense = model.Transformer(CFG).apply({"params": params}, tokens, pos, seg)[0]
-    block = model.Transformer(CFG, attn_impl="blockwise", attn_block=8).apply({"params": params}, tokens, pos, seg)[0]
+    def logits(module, params):
+        return module.apply({"params": params}, tokens, pos, seg)[0]
+    logits = jax.jit(logits, static_argnums=0)
+    dense = logits(model.Transformer(CFG), params)
+    block = logits(model.Transformer(CFG, attn_impl="blockwise", attn_block=8), params)
     assert np.abs(np.asarray(dense) - np.asarray(block)).max() <= TOL
     with pytest.raises(ValueError, match="attention implementation must be one of"):
         model.Transformer(CFG, attn_impl="nope").apply({"params": params}, tokens, pos, seg)

@@ -20,6 +20,7 @@ from mistral_jax import train_step as ts
 from mistral_jax.config import ModelConfig
 from mistral_jax.metrics import read_metrics
 from mistral_jax.train_checkpoint import TrainCheckpointer
+from tests.conftest import compile_cache_env
 from tests.packed import two_documents
 
 REPO = Path(__file__).resolve().parent.parent
@@ -198,10 +199,12 @@ def test_cli_reports_nan_with_last_good_checkpoint(tmp_path, monkeypatch, capsys
 
 def _launch(run_dir: Path, steps: int, resume: bool) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "train.pretrain", "--config", str(TINY_TOML), "--run-dir", str(run_dir),
-           *sum((["--set", s] for s in _tiny_overrides(**{"train.steps": steps, "checkpoint.every": 4})), [])]
+           *sum((["--set", s] for s in _tiny_overrides(**{"train.steps": steps, "checkpoint.every": 4,
+                                                           "data.batch_size": 4})), [])]   # half the config's
     if resume:
         cmd.append("--resume")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               **compile_cache_env())     # the four runs compile the same programs: the later ones load them
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -225,6 +228,7 @@ def _last_logged_step(run_dir: Path) -> int:
     return records[-1]["step"] if records else -1
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     steps = 24
     full = _launch(tmp_path / "full", steps, resume=False)
