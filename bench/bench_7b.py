@@ -9,7 +9,7 @@ Each stage runs in its own process; its wall time and peak RSS are read from the
 
   write-hf         random bf16 weights (std 0.02, norm scales 1 + 0.02 noise) in the Hugging Face layout: 4
                    safetensors shards, model.safetensors.index.json, config.json of the preset; written tensor by
-                   tensor with mistral_jax.torch_write.write_safetensors (`python bench/bench_7b.py --stage
+                   tensor with mistral_jax.checkpoint.torch_write.write_safetensors (`python bench/bench_7b.py --stage
                    write-hf`). Skipped with --keep when the folder is complete and matches the shape.
   convert          python -m convert HF NATIVE --dtype bfloat16
   parity-ours      last-position logits of one 64-token prompt, ours in bf16 (load_params + model.forward, from
@@ -33,7 +33,7 @@ code and last stderr line are reported, and the stages that do not depend on it 
 
 Memory limits are ratios to M, the model's bytes in bf16 (2 x parameters; 13.49 GiB at 7B): convert <= 1.10 M;
 generate, perplexity and the parity forward <= M + 2 GiB; LoRA and resume <= M + 4 GiB; generating from the
-merged export <= M + 2 GiB. At --shape tiny (configs/models/tiny.json, a couple of minutes in all) the limits are
+merged export <= M + 2 GiB. At --shape tiny (mistral_jax/model/presets/tiny.json, a couple of minutes in all) the limits are
 reported but mean nothing: the process's own footprint (jax, XLA, torch) dominates.
 
 The results are appended as a new section (machine: CPU model, cores, RAM; date; versions) to --out
@@ -93,13 +93,13 @@ DOC_CHARS = 1200
 # ----- helpers shared by the stages -----
 
 def model_cfg(shape: str) -> Any:
-    from mistral_jax.config import ModelConfig
+    from mistral_jax.model.config import ModelConfig
     return ModelConfig.preset(SHAPES[shape])
 
 
 def model_bytes(cfg: Any) -> int:
     """M: bytes of the model's params in bf16, from the tensor shapes of the config."""
-    from mistral_jax.weights import tensor_specs
+    from mistral_jax.checkpoint.weights import tensor_specs
     return sum(math.prod(s.shape) for s in tensor_specs(cfg, "hf")) * 2
 
 
@@ -138,9 +138,9 @@ def write_hf(dst: Path, cfg: Any, n_shards: int = 4, seed: int = 0, std: float =
     so generating 7 B normals is not the bottleneck); the folder appears only when complete."""
     import ml_dtypes
     import numpy as np
-    from mistral_jax.atomic import atomic_dir
-    from mistral_jax.torch_write import write_safetensors
-    from mistral_jax.weights import tensor_specs
+    from mistral_jax.runtime.atomic import atomic_dir
+    from mistral_jax.checkpoint.torch_write import write_safetensors
+    from mistral_jax.checkpoint.weights import tensor_specs
 
     rng = np.random.default_rng(seed)
     pool = (rng.standard_normal(1 << 26, dtype=np.float32) * std).astype(ml_dtypes.bfloat16)
@@ -181,8 +181,8 @@ def parity_ours(p: Paths) -> None:
     """Last-position logits (float32) of the parity prompt from NATIVE in bf16, via model.forward."""
     import jax.numpy as jnp
     import numpy as np
-    from mistral_jax import model
-    from mistral_jax.checkpoint import load_params
+    from mistral_jax.model import transformer as model
+    from mistral_jax.checkpoint.native import load_params
 
     cfg, params = load_params(p.native, dtype=jnp.bfloat16, progress=False)
     tokens = np.load(p.tokens)
@@ -337,7 +337,7 @@ def stdlib_docs(n_chars: int = DOC_CHARS) -> list[dict[str, str]]:
 
 def parity_tokens(n: int) -> list[int]:
     """n token ids (BOS first) of real text: stdlib docstrings, Mistral's v1 tokenizer."""
-    from mistral_jax.tokenizer import Tokenizer
+    from mistral_jax.data.tokenizer import Tokenizer
     tok = Tokenizer.for_vocab(32000)
     text = " ".join((importlib.import_module(m).__doc__ or "") for m in ("argparse", "json", "collections"))
     ids = tok.encode(text, bos=True)[:n]
@@ -382,7 +382,7 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n", 1)[1])
     ap.add_argument("--shape", choices=tuple(SHAPES), default="7b",
-                    help="7b: mistral-7b-v0.1 shapes; tiny: configs/models/tiny.json (validates the script)")
+                    help="7b: mistral-7b-v0.1 shapes; tiny: mistral_jax/model/presets/tiny.json (validates the script)")
     ap.add_argument("--workdir", default="/tmp/bench7b",
                     help="working folder (at 7B about 45 GB of free disk, 60 GB with --keep)")
     ap.add_argument("--keep", action="store_true",

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax.attention import attend, attention_mask
-from mistral_jax.blockwise import blockwise_attend
+from mistral_jax.model.attention import attend, attention_mask
+from mistral_jax.model.blockwise import blockwise_attend
 
 
 def make_fn(kind: str, window: int | None, block: int):

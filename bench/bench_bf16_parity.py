@@ -97,8 +97,10 @@ gc.collect()
 
 import jax
 import jax.numpy as jnp
-from mistral_jax import model, packing, sharding
-from mistral_jax.checkpoint import load_params
+from mistral_jax.model import transformer as model
+from mistral_jax.model import packing
+from mistral_jax.model import sharding
+from mistral_jax.checkpoint.native import load_params
 
 c, p = load_params(d, dtype=jnp.bfloat16, progress=False)
 tok = jnp.asarray(tokens, jnp.int32)[None]

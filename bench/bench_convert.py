@@ -28,9 +28,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mistral_jax.torch_write import parse_size, write_safetensors  # noqa: E402
-from mistral_jax.config import ModelConfig  # noqa: E402
-from mistral_jax.weights import tensor_specs  # noqa: E402
+from mistral_jax.checkpoint.torch_write import parse_size, write_safetensors  # noqa: E402
+from mistral_jax.model.config import ModelConfig  # noqa: E402
+from mistral_jax.checkpoint.weights import tensor_specs  # noqa: E402
 
 
 def write_random_hf(dst: Path, cfg: ModelConfig, shard_bytes: int, seed: int = 0) -> int:

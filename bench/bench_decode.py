@@ -1,4 +1,4 @@
-"""Decode throughput of mistral_jax.decode.generate vs Hugging Face `generate` on this CPU, and cache bytes.
+"""Decode throughput of mistral_jax.inference.decode.generate vs Hugging Face `generate` on this CPU, and cache bytes.
 
 Both run greedy decoding of the same random-weight model (float32) from the same prompts; the
 first (compiling) call of each JAX shape is a warm-up and is not timed. Also counts the jit programs
@@ -39,9 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mistral_jax import cache as kv_cache  # noqa: E402
-from mistral_jax import decode, weights  # noqa: E402
-from mistral_jax.config import ModelConfig  # noqa: E402
+from mistral_jax.model import cache as kv_cache  # noqa: E402
+from mistral_jax.inference import decode
+from mistral_jax.checkpoint import weights  # noqa: E402
+from mistral_jax.model.config import ModelConfig  # noqa: E402
 
 
 import hf_flax_ref  # noqa: E402  (bench/, the script's own folder, is on sys.path)
@@ -212,7 +213,7 @@ def main() -> None:
     flax_py = hf_flax_ref.find_python(a.hf_flax_python)
     ref: dict | str = hf_flax_ref.NOT_RUN
     if flax_py is not None:
-        from mistral_jax.torch_write import write_hf
+        from mistral_jax.checkpoint.torch_write import write_hf
         with tempfile.TemporaryDirectory(prefix="bench_decode_hf_") as tmp:
             write_hf(Path(tmp) / "hf", cfg, jax.device_get(params), progress=False, tokenizer=None)
             ref = hf_flax_ref.run_reference(flax_py, "decode", Path(tmp) / "hf", "--batches", *map(str, a.batches),

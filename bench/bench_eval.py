@@ -42,10 +42,10 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mistral_jax import model as model_lib  # noqa: E402
-from mistral_jax import scoring  # noqa: E402
-from mistral_jax.config import ModelConfig  # noqa: E402
-from mistral_jax.tokenizer import Tokenizer  # noqa: E402
+from mistral_jax.model import transformer as model_lib  # noqa: E402
+from mistral_jax.inference import scoring  # noqa: E402
+from mistral_jax.model.config import ModelConfig  # noqa: E402
+from mistral_jax.data.tokenizer import Tokenizer  # noqa: E402
 
 import hf_flax_ref  # noqa: E402  (bench/, the script's own folder, is on sys.path)
 
@@ -129,8 +129,8 @@ def main() -> None:
     import torch
     from transformers import MistralForCausalLM
 
-    from mistral_jax.checkpoint import save_params
-    from mistral_jax.torch_write import write_hf
+    from mistral_jax.checkpoint.native import save_params
+    from mistral_jax.checkpoint.torch_write import write_hf
 
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = CFG_57M

@@ -5,7 +5,7 @@
 
 Same model (the 57M config: dim 512, 8 layers, 8 q / 2 kv heads, head_dim 64, hidden 1536, vocab
 32000), same batch, AdamW with global-norm clipping on both sides. Prints a markdown table of tokens/s,
-seconds per step and MFU (model FLOPs from mistral_jax.flops over a stated or measured peak).
+seconds per step and MFU (model FLOPs from mistral_jax.model.flops over a stated or measured peak).
 
 Same-XLA reference: when /work/venvs/hfflax/bin/python exists (or --hf-flax-python PATH), our initial
 weights are written as an HF folder and bench/hf_flax_ref.py runs a jitted train step of transformers'
@@ -41,10 +41,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mistral_jax import flops, optim, sharding  # noqa: E402
-from mistral_jax import train_step as ts  # noqa: E402
-from mistral_jax.config import ModelConfig  # noqa: E402
-from mistral_jax.run_config import OptimSection  # noqa: E402
+from mistral_jax.model import flops
+from mistral_jax.training import optim
+from mistral_jax.model import sharding  # noqa: E402
+from mistral_jax.training import train_step as ts  # noqa: E402
+from mistral_jax.model.config import ModelConfig  # noqa: E402
+from mistral_jax.training.run_config import OptimSection  # noqa: E402
 
 import hf_flax_ref  # noqa: E402  (bench/, the script's own folder, is on sys.path)
 
@@ -72,7 +74,7 @@ def time_steps(run_one, steps: int, warmup: int = 1) -> list[float]:
 
 def export_initial_params(dst: Path) -> None:
     """Writes bench_jax's initial params (the same init_state draw) to `dst` as an HF folder."""
-    from mistral_jax.torch_write import write_hf
+    from mistral_jax.checkpoint.torch_write import write_hf
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     o = OptimSection(lr=1e-4, warmup_steps=0)
     state = ts.init_state(CFG_57M, optim.make_optimizer(o, 1000), jax.random.key(0), mesh)
@@ -145,7 +147,7 @@ def run_compile_bench(layers: list[int], remat: str, repeats: int) -> None:
 
 def _before_loss(params, tokens_BT, positions_BT, segment_ids_BT, *, cfg, dtype, remat, target_mask_BT=None):
     """The loss as computed before the performance work: dense attention, full (B, T, V) float32 logits."""
-    from mistral_jax import model as model_lib
+    from mistral_jax.model import transformer as model_lib
     model = model_lib.Transformer(cfg, dtype=dtype, remat=remat, scan_layers=False, attn_impl="dense")
     with sharding.with_rules():
         logits_BTV, _ = model.apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT)
@@ -287,7 +289,7 @@ def main(argv=None) -> None:
         rows.append((flax_name, "float32, bfloat16", None, None, None))
 
     print(f"\nModel: 57M Mistral (dim 512, 8 layers, 8q/2kv, hidden 1536, vocab 32000); batch {args.batch}x{args.seq}; "
-          f"{fpt / 1e6:.0f} MFLOP/token (train, mistral_jax.flops); peak {peak / 1e9:.1f} GFLOP/s "
+          f"{fpt / 1e6:.0f} MFLOP/token (train, mistral_jax.model.flops); peak {peak / 1e9:.1f} GFLOP/s "
           f"({peak_src}); median of {args.steps} steps.\n")
     print("| implementation | dtype | tokens/s | s/step | MFU |")
     print("| --- | --- | ---: | ---: | ---: |")

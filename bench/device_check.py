@@ -242,13 +242,13 @@ def measure_bandwidth(nbytes: int, repeats: int = 5) -> float:
 
 
 def model_cfg(d: dict) -> Any:
-    from mistral_jax.config import ModelConfig
+    from mistral_jax.model.config import ModelConfig
     return ModelConfig(**d)
 
 
 def fit_layers(cfg: Any, bytes_per_param: float, mem: float | None, share: float) -> Any:
     """cfg with n_layers halved until n_params * bytes_per_param fits `share` of the device memory."""
-    from mistral_jax import model as model_lib
+    from mistral_jax.model import transformer as model_lib
     while mem is not None and cfg.n_layers > 2 and model_lib.count_params(cfg) * bytes_per_param > share * mem:
         cfg = cfg.replace(n_layers=cfg.n_layers // 2)
     return cfg
@@ -260,7 +260,7 @@ def bf16_model(sz: Sizes, ctx: dict) -> tuple[Any, Any]:
         import jax
         import jax.numpy as jnp
 
-        from mistral_jax import model as model_lib
+        from mistral_jax.model import transformer as model_lib
         cfg = fit_layers(model_cfg(sz.model), 2, ctx["device_memory"], 0.5)
         ctx["bf16_model"] = (cfg, model_lib.init_params(cfg, jax.random.key(1), param_dtype=jnp.bfloat16))
     return ctx["bf16_model"]
@@ -302,7 +302,7 @@ def section_attention(sz: Sizes, deadline: float, ctx: dict) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from mistral_jax.attention import attention_mask, multihead_attention
+    from mistral_jax.model.attention import attention_mask, multihead_attention
 
     N, K, H = sz.attn_heads
     B = sz.attn_batch
@@ -440,11 +440,13 @@ def section_train(sz: Sizes, deadline: float, ctx: dict) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from mistral_jax import flops, optim, sharding
-    from mistral_jax import model as model_lib
-    from mistral_jax import train_step as ts
-    from mistral_jax.attention import resolve_impl
-    from mistral_jax.run_config import OptimSection
+    from mistral_jax.model import flops
+    from mistral_jax.training import optim
+    from mistral_jax.model import sharding
+    from mistral_jax.model import transformer as model_lib
+    from mistral_jax.training import train_step as ts
+    from mistral_jax.model.attention import resolve_impl
+    from mistral_jax.training.run_config import OptimSection
 
     mem = ctx["device_memory"]
     # float32 master weights + Adam's two moments + gradients: 16 bytes a parameter
@@ -519,8 +521,8 @@ def section_decode(sz: Sizes, deadline: float, ctx: dict) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from mistral_jax import decode
-    from mistral_jax import model as model_lib
+    from mistral_jax.inference import decode
+    from mistral_jax.model import transformer as model_lib
 
     cfg, params = bf16_model(sz, ctx)
     n_params = model_lib.count_params(cfg)
@@ -584,8 +586,9 @@ def section_scoring(sz: Sizes, deadline: float, ctx: dict) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from mistral_jax import flops, scoring
-    from mistral_jax import model as model_lib
+    from mistral_jax.model import flops
+    from mistral_jax.inference import scoring
+    from mistral_jax.model import transformer as model_lib
 
     cfg, params = bf16_model(sz, ctx)
     ctx.pop("bf16_model", None)        # the last section that uses it
@@ -636,8 +639,8 @@ def section_scoring(sz: Sizes, deadline: float, ctx: dict) -> dict:
 def section_lora_memory(sz: Sizes, deadline: float, ctx: dict) -> dict:
     import jax.numpy as jnp
 
-    from mistral_jax import memory_plan
-    from mistral_jax.config import ModelConfig
+    from mistral_jax.training import memory_plan
+    from mistral_jax.model.config import ModelConfig
 
     cfg = ModelConfig.preset(sz.lora_model) if isinstance(sz.lora_model, str) else model_cfg(sz.lora_model)
     mem = ctx["device_memory"]

@@ -251,7 +251,7 @@ def reclassify(base: str) -> dict[str, float]:
 # ours
 
 def _cfg(window=None):
-    from mistral_jax.config import ModelConfig
+    from mistral_jax.model.config import ModelConfig
     return ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536,
                        vocab_size=32000, sliding_window=window or 4096, max_seq_len=4096)
 
@@ -264,9 +264,10 @@ def _variant(v: str) -> tuple[bool, str]:
 def run_ours_train(variant: str, steps: int):
     import jax
     import numpy as np
-    from mistral_jax import optim, sharding
-    from mistral_jax import train_step as ts
-    from mistral_jax.run_config import OptimSection
+    from mistral_jax.training import optim
+    from mistral_jax.model import sharding
+    from mistral_jax.training import train_step as ts
+    from mistral_jax.training.run_config import OptimSection
     scan, impl = _variant(variant)
     cfg = _cfg()
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -278,7 +279,7 @@ def run_ours_train(variant: str, steps: int):
                               loss_fn=loss_fn)
     state = ts.init_state(cfg, opt, jax.random.key(0), mesh)
     if not scan:
-        from mistral_jax import model as model_lib
+        from mistral_jax.model import transformer as model_lib
         p = model_lib.unstack_layers(state["params"], cfg.n_layers)
         sh = ts.state_shardings(cfg, opt, mesh, scan_layers=False)
         state = {"step": state["step"], "params": jax.device_put(p, sh["params"]),
@@ -305,9 +306,10 @@ def _summed_loss_impl(params, tokens_BT, positions_BT, segment_ids_BT, *, cfg, d
                       scan_layers, target_mask_BT=None):
     """train_step.summed_loss with the attention implementation chosen (same maths, same chunked loss)."""
     import jax.numpy as jnp
-    from mistral_jax import model as model_lib, sharding
-    from mistral_jax import train_step as ts
-    from mistral_jax.loss import chunked_nll
+    from mistral_jax.model import transformer as model_lib
+    from mistral_jax.model import sharding
+    from mistral_jax.training import train_step as ts
+    from mistral_jax.training.loss import chunked_nll
     model = model_lib.Transformer(cfg, dtype=dtype, remat=remat, scan_layers=scan_layers, attn_impl=attn_impl)
     with sharding.with_rules():
         h_BTD, _ = model.apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT, return_hidden=True)
@@ -319,8 +321,12 @@ def _summed_loss_impl(params, tokens_BT, positions_BT, segment_ids_BT, *, cfg, d
 def run_ours_decode(variant: str, batch: int, steps: int, fused_mode: str = "auto"):
     import jax
     import jax.numpy as jnp
-    from mistral_jax import cache as kv_cache, decode, matvec, packing, sharding
-    from mistral_jax import model as model_lib
+    from mistral_jax.model import cache as kv_cache
+    from mistral_jax.inference import decode
+    from mistral_jax.model import matvec
+    from mistral_jax.model import packing
+    from mistral_jax.model import sharding
+    from mistral_jax.model import transformer as model_lib
     scan, impl = _variant(variant)
     cfg = _cfg(WINDOW)
     params = model_lib.init_params(cfg, jax.random.key(0))
@@ -484,7 +490,7 @@ def matvec_group_check(repeats: int = 30) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from mistral_jax import matvec
+    from mistral_jax.model import matvec
     default = matvec.GROUP
     print("| weight (Din x Dout) | GROUP | partials | ms | M weights / ms | fusions | stages merged |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
@@ -582,7 +588,7 @@ def main(argv=None) -> None:
     os.makedirs("/tmp/prof", exist_ok=True)
     before = _load()
     if a.matvec_group:
-        from mistral_jax import matvec
+        from mistral_jax.model import matvec
         matvec.GROUP = a.matvec_group
     if a.run == "train":
         r = run_ours_train(a.variant, a.steps)

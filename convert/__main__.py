@@ -18,11 +18,11 @@ import os
 import sys
 import time
 
-from mistral_jax import oom
-from mistral_jax.config import ConfigError
-from mistral_jax.dtypes import DtypeError
-from mistral_jax.formats import CheckpointError
-from mistral_jax.weights import WeightError
+from mistral_jax.runtime import oom
+from mistral_jax.model.config import ConfigError
+from mistral_jax.runtime.dtypes import DtypeError
+from mistral_jax.checkpoint.formats import CheckpointError
+from mistral_jax.checkpoint.weights import WeightError
 
 PROG = "python -m convert"
 
@@ -70,9 +70,10 @@ def oom_advice(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> None:
     """Performs the conversion described by parsed CLI arguments; out of memory exits (status 3) with one
     line on stderr."""
-    from mistral_jax import checkpoint, torch_write
-    from mistral_jax.atomic import check_dst
-    from mistral_jax.formats import detect_format
+    from mistral_jax.checkpoint import native as checkpoint
+    from mistral_jax.checkpoint import torch_write
+    from mistral_jax.runtime.atomic import check_dst
+    from mistral_jax.checkpoint.formats import detect_format
 
     check_dst(args.dst, args.force, src=args.src)  # fail before reading gigabytes
     dtype = args.dtype

@@ -3,7 +3,7 @@
 Tasks (inputs):
   perplexity  JSONL with a "text" field per line, or plain text files (one document each). Per document and
               overall: token NLL, perplexity, bits per byte. Documents longer than --max-length tokens are
-              scored in windows (the rolling rule of mistral_jax.scoring.rolling_windows): every token is
+              scored in windows (the rolling rule of mistral_jax.inference.scoring.rolling_windows): every token is
               scored exactly once, each later window giving its scored tokens at least --overlap tokens of
               context (default: the sliding window, at most half of --max-length).
   choice      JSONL {"context": str, "choices": [str, ...], "label": int}; each choice is scored as
@@ -12,13 +12,13 @@ Tasks (inputs):
   generate    JSONL {"prompt": str} or {"messages": [...]} (chat, mistral-common templates), optional
               "target" for exact match; greedy unless --temperature.
   moderate    JSONL {"text": str, "label": "acceptable" | "unacceptable"}; each text is put into the
-              self-reflection prompt (--moderation-prompt, default configs/prompts/moderate.txt, {text}
+              self-reflection prompt (--moderation-prompt, default mistral_jax/evaluation/prompt_presets/moderate.txt, {text}
               replaced) and classified by the larger log-likelihood of the label words as continuations.
               Precision and recall of "unacceptable" (the positive class) and accuracy, 95% Wilson intervals.
 An optional "id" is copied to the example's row.
 
 Chat tasks (generate, moderate): --system-prompt TEXT or --safe-prompt (the paper's guardrail prompt, preset
-configs/prompts/guardrail.txt) adds a system message; a system prompt implies --chat.
+mistral_jax/evaluation/prompt_presets/guardrail.txt) adds a system message; a system prompt implies --chat.
 Few-shot (choice, generate): --num-fewshot K shots drawn with --fewshot-seed from --fewshot-data FILE (default:
 the evaluated data, never the example itself); each shot is its context + --delimiter + its answer, shots and
 context separated by a blank line (chat: user/assistant turns before the example's messages).
@@ -46,8 +46,8 @@ from typing import Any
 import jax
 
 from infer.generate import _dtype_arg, _float_arg, _int_arg, _mesh_arg, oom_advice
-from mistral_jax import evaluate as ev
-from mistral_jax import oom
+from mistral_jax.evaluation import evaluate as ev
+from mistral_jax.runtime import oom
 from mistral_jax.errors import first_line
 
 
@@ -80,9 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sp.add_argument("--system-prompt", default=None, help="generate/moderate: system message (implies --chat)")
     sp.add_argument("--safe-prompt", action="store_true",
                     help="generate/moderate: the paper's guardrail system prompt (preset 'guardrail', "
-                         "configs/prompts/guardrail.txt; implies --chat)")
+                         "mistral_jax/evaluation/prompt_presets/guardrail.txt; implies --chat)")
     p.add_argument("--moderation-prompt", default="moderate",
-                   help="moderate: template preset name in configs/prompts or a file; must hold {text} once")
+                   help="moderate: template preset name in mistral_jax/evaluation/prompt_presets or a file; must hold {text} once")
     p.add_argument("--num-fewshot", type=_int_arg(0), default=0, help="choice/generate: shots per example")
     p.add_argument("--fewshot-data", type=Path, default=None,
                    help="JSONL file the shots are drawn from (default: the --data files, excluding the example)")
@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", type=Path, default=None, help="SentencePiece model (default: by vocab)")
     p.add_argument("--dtype", type=_dtype_arg, default="float32")
     p.add_argument("--mesh", type=_mesh_arg, default=None, help="data,fsdp,tensor mesh shape (default: one device)")
-    from mistral_jax import distributed
+    from mistral_jax.runtime import distributed
     distributed.add_arguments(p)
     return p.parse_args(argv)
 
@@ -123,7 +123,7 @@ class Progress:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from mistral_jax import distributed
+    from mistral_jax.runtime import distributed
     if not distributed.start_or_report(args):
         return 2
     guard = oom.Reporter("python -m infer.evaluate", lambda stage: oom_advice(args, stage))
@@ -132,9 +132,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, guard: oom.Reporter) -> int:
-    from mistral_jax import distributed, prompts, scoring, sharding
+    from mistral_jax.runtime import distributed
+    from mistral_jax.evaluation import prompts
+    from mistral_jax.inference import scoring
+    from mistral_jax.model import sharding
     writer = distributed.is_main()   # with several processes, all score; process 0 writes and reports
-    from mistral_jax.tokenizer import Tokenizer
+    from mistral_jax.data.tokenizer import Tokenizer
     try:
         for d in args.data:
             if not d.is_file():
@@ -181,8 +184,8 @@ def _main(args: argparse.Namespace, guard: oom.Reporter) -> int:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
 
-    from mistral_jax.checkpoint import load_params  # heavy imports only after argument and file checks
-    from mistral_jax.integrity import checkpoint_identity
+    from mistral_jax.checkpoint.native import load_params  # heavy imports only after argument and file checks
+    from mistral_jax.checkpoint.integrity import checkpoint_identity
     try:
         run = {"task": args.task, "data": [str(d.resolve()) for d in args.data],
                "data_sha256": ev.file_digest(args.data), "checkpoint": str(Path(args.checkpoint).resolve())}

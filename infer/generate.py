@@ -41,11 +41,14 @@ from typing import IO, Any, Sequence
 
 import jax
 
-from mistral_jax import decode, distributed, oom, sharding
-from mistral_jax.atomic import file_identity
-from mistral_jax.dtypes import parse_dtype
+from mistral_jax.inference import decode
+from mistral_jax.runtime import distributed
+from mistral_jax.runtime import oom
+from mistral_jax.model import sharding
+from mistral_jax.runtime.atomic import file_identity
+from mistral_jax.runtime.dtypes import parse_dtype
 from mistral_jax.errors import first_line
-from mistral_jax.tokenizer import Tokenizer
+from mistral_jax.data.tokenizer import Tokenizer
 
 
 _int_arg = distributed.int_in  # an argparse type: an integer in [lo, hi]
@@ -116,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--system-prompt", default=None, metavar="TEXT",
                    help="a system message before every dialogue (implies --chat)")
     g.add_argument("--safe-prompt", action="store_true",
-                   help="the guardrail system prompt (configs/prompts/guardrail.txt) before every dialogue "
+                   help="the guardrail system prompt (mistral_jax/evaluation/prompt_presets/guardrail.txt) before every dialogue "
                         "(implies --chat)")
     distributed.add_arguments(p)
     args = p.parse_args(argv)
@@ -293,13 +296,13 @@ def _main(args: argparse.Namespace, guard: oom.Reporter) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from mistral_jax.prompts import PromptError, system_prompt
+    from mistral_jax.evaluation.prompts import PromptError, system_prompt
     try:
         system = system_prompt(args.system_prompt, args.safe_prompt)
     except PromptError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from mistral_jax.checkpoint import load_params  # heavy imports only after argument and file checks
+    from mistral_jax.checkpoint.native import load_params  # heavy imports only after argument and file checks
     try:
         with guard.stage("loading the checkpoint"):
             cfg, params = load_params(args.checkpoint, mesh=mesh, dtype=args.dtype)

@@ -1,7 +1,7 @@
 """lm-evaluation-harness on a mistral-jax checkpoint:
 `python -m infer.lm_eval --checkpoint CKPT --tasks T1,T2 [--include-path DIR] [--limit N] --output DIR`.
 
-Runs `lm_eval.simple_evaluate` with the "mistral-jax" backend (mistral_jax.lm_eval_backend) and writes
+Runs `lm_eval.simple_evaluate` with the "mistral-jax" backend (mistral_jax.evaluation.lm_eval_backend) and writes
 lm-eval's results dict to DIR/results.json and each task's per-request sample dicts (with their
 log-likelihoods) to DIR/samples_<task>.jsonl. Local tasks are YAML files (`dataset_path: json` with
 `dataset_kwargs: {data_files: ...}`); configs/eval holds two examples (`zen_choice`, `stdlib_docs`, data paths
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from infer.generate import _dtype_arg, _int_arg, _mesh_arg, oom_advice
-from mistral_jax import oom
+from mistral_jax.runtime import oom
 from mistral_jax.errors import first_line
 
 
@@ -124,8 +124,8 @@ def _main(args: argparse.Namespace, guard: oom.Reporter) -> int:
             raise ValueError(f"--tasks: unknown task(s) {unknown}" +
                              (f" (none in {args.include_path})" if args.include_path else
                               "; pass --include-path for local YAML tasks"))
-        from mistral_jax import sharding
-        from mistral_jax.lm_eval_backend import MistralJaxLM
+        from mistral_jax.model import sharding
+        from mistral_jax.evaluation.lm_eval_backend import MistralJaxLM
         mesh = sharding.make_mesh(*args.mesh) if args.mesh else None
         with guard.stage("loading the checkpoint"):
             lm = MistralJaxLM(args.checkpoint, batch_size=args.batch_size, max_length=args.max_length,

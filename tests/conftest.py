@@ -81,6 +81,6 @@ def hf_v03(tmp_path_factory):
 def eval_tiny(tmp_path_factory):
     """(cfg, params, HF folder with tokenizer files, HF model) of tests/test_evaluate.py's tiny random model
     (vocab 32000), shared by the scoring and lm-eval tests (read only)."""
-    from tests.test_evaluate import make_tiny
+    from tests.evaluation.test_evaluate import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("eval_tiny") / "hf")

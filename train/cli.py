@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from mistral_jax import distributed, oom
-from mistral_jax import run_config as rc_lib
-from mistral_jax.data import DataError
-from mistral_jax.train_loop import RunError, TrainingDiverged, run
+from mistral_jax.runtime import distributed
+from mistral_jax.runtime import oom
+from mistral_jax.training import run_config as rc_lib
+from mistral_jax.data.text import DataError
+from mistral_jax.training.train_loop import RunError, TrainingDiverged, run
 
 # Failures reported as `error: ...` lines (exit status 1) rather than tracebacks: bad input, an incompatible
 # checkpoint, a diverged run. A RunConfigError (a bad config, also when found by the run) exits with 2.
@@ -26,16 +27,16 @@ EXIT_STATUS = ("exit status: 0 done, 1 run failed (bad data, checkpoint, diverge
 # The stage an out-of-memory failure is reported in: the innermost of these functions on its stack
 # ("module:function" -> a name, or a function of that frame's locals giving one).
 OOM_STAGES = {
-    "mistral_jax.data_source:make_data": "reading the data",
-    "mistral_jax.train_loop:load_init_params": "loading the --init-from checkpoint",
-    "mistral_jax.train_checkpoint:restore": "restoring the checkpoint (--resume)",
-    "mistral_jax.train_step:init_state": "creating the params and optimizer state",
-    "mistral_jax.train_loop:measure_peak": "measuring the peak FLOP/s (set train.peak_flops to skip it)",
-    "mistral_jax.train_loop:train": lambda f: f"training step {f['step'] + 1} of {f['steps']}",
-    "mistral_jax.train_checkpoint:save": "saving a checkpoint",
-    "mistral_jax.train_loop:heldout_loss": "computing the held-out loss",
-    "mistral_jax.train_loop:answer_exact_match": "generating the held-out answers",
-    "mistral_jax.checkpoint:save_params": "exporting the params",
+    "mistral_jax.data.sources:make_data": "reading the data",
+    "mistral_jax.training.train_loop:load_init_params": "loading the --init-from checkpoint",
+    "mistral_jax.checkpoint.train_state:restore": "restoring the checkpoint (--resume)",
+    "mistral_jax.training.train_step:init_state": "creating the params and optimizer state",
+    "mistral_jax.training.train_loop:measure_peak": "measuring the peak FLOP/s (set train.peak_flops to skip it)",
+    "mistral_jax.training.train_loop:train": lambda f: f"training step {f['step'] + 1} of {f['steps']}",
+    "mistral_jax.checkpoint.train_state:save": "saving a checkpoint",
+    "mistral_jax.training.train_loop:heldout_loss": "computing the held-out loss",
+    "mistral_jax.training.train_loop:answer_exact_match": "generating the held-out answers",
+    "mistral_jax.checkpoint.native:save_params": "exporting the params",
 }
 
 

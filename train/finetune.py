@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from mistral_jax.run_config import CHAT_SOURCES
+from mistral_jax.training.run_config import CHAT_SOURCES
 from train.cli import main as _main
 
 

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 def _mesh(text: str) -> tuple[int, int, int]:
     """--mesh: the mesh syntax of every program (`sharding.parse_mesh`: 1,8,1 or data=1,fsdp=8,tensor=1),
     explicit sizes only (no -1: the plan simulates exactly that many devices)."""
-    from mistral_jax.sharding import parse_mesh   # imports jax, but starts no backend (XLA_FLAGS still apply)
+    from mistral_jax.model.sharding import parse_mesh   # imports jax, but starts no backend (XLA_FLAGS still apply)
     try:
         return parse_mesh(text, allow_rest=False)
     except ValueError as e:
@@ -43,11 +43,11 @@ def _int_at_least(lo: int) -> Callable[[str], int]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parsed and checked flags (argparse exits with status 2 and a one-line error for a bad value or a
     layout the plan cannot simulate: see `memory_plan.check_layout`)."""
-    from mistral_jax.memory_plan import MAX_SIMULATED_DEVICES, check_layout   # starts no jax backend
+    from mistral_jax.training.memory_plan import MAX_SIMULATED_DEVICES, check_layout   # starts no jax backend
     p = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.splitlines()[0],
                                 epilog="exit status: 0 planned (whether or not it fits), 2 bad arguments, 3 out of "
                                        "host memory while planning (one line; try --no-compile)")
-    p.add_argument("--preset", default="mistral-7b-v0.1", help="model preset (configs/models/NAME.json)")
+    p.add_argument("--preset", default="mistral-7b-v0.1", help="model preset (mistral_jax/model/presets/NAME.json)")
     p.add_argument("--mesh", type=_mesh, required=True, metavar="D,F,T",
                    help="device mesh as data,fsdp,tensor (e.g. 1,8,1) or data=D,fsdp=F,tensor=T (omitted axes "
                         "are 1), the same syntax as the infer programs' --mesh; at most "
@@ -73,7 +73,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Prints the plan; exit status 0 planned (whether or not it fits), 2 bad arguments, 3 out of memory."""
     args = parse_args(argv)
-    from mistral_jax import oom
+    from mistral_jax.runtime import oom
     advice = (["--no-compile (state bytes only, no XLA memory analysis)"] if not args.no_compile else []) + \
         ["more free host memory"]
     with oom.Reporter("python -m train.plan", advice).stage(
@@ -89,9 +89,9 @@ def _main(args: argparse.Namespace) -> int:
         if not os.environ.get("JAX_PLATFORMS"):
             import jax   # imported (by the --mesh parser) but not started: the platform can still be chosen
             jax.config.update("jax_platforms", "cpu")
-    from mistral_jax import memory_plan as mp
-    from mistral_jax.config import ModelConfig
-    from mistral_jax.dtypes import parse_dtype
+    from mistral_jax.training import memory_plan as mp
+    from mistral_jax.model.config import ModelConfig
+    from mistral_jax.runtime.dtypes import parse_dtype
     try:
         limit = mp.parse_memory(args.device_memory)
         cfg = ModelConfig.preset(args.preset).replace(max_seq_len=args.seq_len)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from mistral_jax.run_config import TEXT_SOURCES
+from mistral_jax.training.run_config import TEXT_SOURCES
 from train.cli import USER_ERRORS, main as _main  # noqa: F401  (USER_ERRORS: kept for callers)
 
 

@@ -1,0 +1,1 @@
+"""Evaluation tasks, system prompts and the lm-eval backend."""

@@ -1,0 +1,1 @@
+"""The Mistral transformer: config and presets, rotary embeddings, attention and its backends, the KV cache, LoRA, sharding rules."""

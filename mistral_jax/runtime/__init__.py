@@ -1,0 +1,1 @@
+"""The process around the model: multi-host start-up, out-of-memory reports, prefetching, dtype names, atomic outputs."""

@@ -1,0 +1,96 @@
+"""Safe output folders: destination checks and a folder that appears only when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from mistral_jax.checkpoint.formats import CheckpointError, checkpoint_kind
+
+
+def _umask() -> int:
+    """The process umask (read from /proc where possible, so no other thread sees it change)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_dst(dst: str | Path, force: bool = False, src: str | Path | None = None) -> Path:
+    """The real (symlink-resolved, absolute) folder to write for `dst`, after refusing unsafe destinations.
+
+    Refused: a destination that is a file; one that contains `src` or lies inside it; an existing
+    non-empty folder unless `force`; and, even with `force`, a non-empty folder that is not itself a
+    checkpoint (native, Hugging Face or mistral-inference), so that a wrong path cannot delete other data.
+    """
+    real = Path(os.path.realpath(dst))
+    if real.exists() and not real.is_dir():
+        raise CheckpointError(f"{dst}: destination exists and is not a folder")
+    if src is not None:
+        src_real = Path(os.path.realpath(src))
+        if src_real == real or src_real.is_relative_to(real):
+            raise CheckpointError(f"{dst}: destination contains the source {src}; choose another folder")
+        if real.is_relative_to(src_real):
+            raise CheckpointError(f"{dst}: destination lies inside the source {src}; choose another folder")
+    if real.is_dir() and any(real.iterdir()):
+        if not force:
+            raise CheckpointError(f"{dst}: destination exists and is not empty; use --force (force=True) to "
+                                  "overwrite it")
+        if checkpoint_kind(real) is None:
+            raise CheckpointError(f"{dst}: destination is not empty and is not a checkpoint folder; refusing to "
+                                  "replace it even with --force")
+    return real
+
+
+@contextlib.contextmanager
+def atomic_dir(dst: str | Path, force: bool = False, src: str | Path | None = None) -> Iterator[Path]:
+    """Yields a temp folder beside `dst` that replaces `dst` only if the block succeeds.
+
+    `dst` is checked with `check_dst`; a symlink is written through (its target is replaced). The new
+    folder gets mode 0o777 & ~umask. On any exception, KeyboardInterrupt included, and whatever the
+    step it arrives in, the temp folder and any set-aside old folder are removed, and an old `dst`
+    already moved aside is put back.
+    """
+    real = check_dst(dst, force, src)
+    real.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=real.parent))
+    old: Path | None = None
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        if real.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{real.name}.old-", dir=real.parent))
+            os.replace(real, old / "x")
+            try:
+                os.replace(tmp, real)
+            except BaseException:
+                os.replace(old / "x", real)
+                raise
+        else:
+            os.replace(tmp, real)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def file_identity(path: str | os.PathLike) -> tuple[int, int] | str:
+    """What makes two names the same file: (device, inode), so relative and absolute spellings, symlinks
+    and hard links agree; the resolved path where the file cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        try:
+            return str(Path(path).resolve())
+        except (OSError, RuntimeError):   # a symlink loop
+            return str(Path(path).absolute())
