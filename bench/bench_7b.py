@@ -449,7 +449,7 @@ def main() -> int:
               "resume": ("M + 4 GiB", M + gib(4))}
     commands: dict[str, list[str]] = {
         "write-hf": me + ["--stage", "write-hf"],
-        "convert": [sys.executable, "-m", "convert", str(p.hf), str(p.native), "--dtype", "bfloat16", "--quiet"],
+        "convert": [sys.executable, "-m", "infer.convert", str(p.hf), str(p.native), "--dtype", "bfloat16", "--quiet"],
         "parity-ours": me + ["--stage", "parity-ours"],
         "parity-hf": me + ["--stage", "parity-hf"],
         "generate-b1": generate_cmd(p.native, p.prompts1, work / "gen-b1.jsonl", 1),

@@ -161,7 +161,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_cli:
-            from infer import evaluate as cli
+            from mistral_jax.cli import evaluate as cli
             save_params(Path(tmp) / "ckpt", cfg, params)
             _, dt = timed(lambda: cli.main(["--checkpoint", str(Path(tmp) / "ckpt"), "--task", "perplexity",
                                             "--data", str(args.data), "--output", str(Path(tmp) / "out"),

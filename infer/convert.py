@@ -1,5 +1,8 @@
-"""Alias of `python -m convert` (the checkpoint converter's former name)."""
+"""`python -m infer.convert`: checkpoint conversion (`mistral_jax.cli.convert`; also `mistral-jax convert`)."""
+
 import sys
-from convert.__main__ import main
+
+from mistral_jax.cli.convert import main
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,23 +1,8 @@
-"""Pretraining entry point: `python -m train.pretrain --config configs/pretrain-default.toml [--set k=v ...]`.
-
-Writes into the run directory: config.json, metrics.jsonl (one record per log step), tensorboard/ (event
-files), checkpoints/ (orbax, resumable with --resume), export/ (final params), loss_curve.png and
-summary.json.
-"""
-
-from __future__ import annotations
+"""`python -m train.pretrain`: pretraining on documents (`mistral_jax.cli.pretrain`; also `mistral-jax pretrain`)."""
 
 import sys
-from typing import Sequence
 
-from mistral_jax.training.run_config import TEXT_SOURCES
-from train.cli import USER_ERRORS, main as _main  # noqa: F401  (USER_ERRORS: kept for callers)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return _main(argv, "python -m train.pretrain", __doc__.splitlines()[0], "configs/pretrain-default.toml",
-                 TEXT_SOURCES)
-
+from mistral_jax.cli.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from mistral_jax.errors import CheckpointError
 
 FORMATS = ("native", "hf", "mistral")
 NATIVE_MARKER = "mistral_jax_format"
 HF_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                    "pytorch_model.bin")
 MISTRAL_WEIGHT_FILES = ("consolidated.safetensors", "consolidated.00.pth")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or folder is unreadable, unsafe, truncated or ambiguous; the message names it."""
 
 
 def _read_json(path: Path) -> object:

@@ -9,7 +9,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from mistral_jax.checkpoint.formats import CheckpointError
+from mistral_jax.errors import CheckpointError
 
 ALGORITHM = "sha256"
 ALLOW_HINT = "pass --allow-nonfinite (allow_nonfinite=True) to accept it"

@@ -31,16 +31,19 @@ from tqdm import tqdm
 
 from mistral_jax.runtime import distributed
 from mistral_jax.runtime.atomic import atomic_dir
-from mistral_jax.model.config import ConfigError, ModelConfig
+from mistral_jax.model.config import ModelConfig
+from mistral_jax.errors import ConfigError
 from mistral_jax.runtime.dtypes import parse_dtype
-from mistral_jax.checkpoint.formats import FORMATS, NATIVE_MARKER, CheckpointError, detect_format
+from mistral_jax.checkpoint.formats import FORMATS, NATIVE_MARKER, detect_format
+from mistral_jax.errors import CheckpointError
 from mistral_jax.checkpoint.integrity import ALGORITHM, tensor_digest
 from mistral_jax.model.transformer import abstract_params, param_shardings
 from mistral_jax.checkpoint.native_read import ParamReader, first_line
 from mistral_jax.checkpoint.torch_read import (check_values_chunked, count_nonfinite_chunked, load_tensors, open_source,
                                    read_config)
 from mistral_jax.checkpoint.train_state import settle_orbax_event_loops
-from mistral_jax.checkpoint.weights import WeightError, aligned_empty, check_shape
+from mistral_jax.checkpoint.weights import aligned_empty, check_shape
+from mistral_jax.errors import WeightError
 
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)

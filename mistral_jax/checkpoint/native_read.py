@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from mistral_jax.checkpoint.formats import CheckpointError
+from mistral_jax.errors import CheckpointError
 from mistral_jax.checkpoint.weights import aligned_empty
 
 READ_BYTES = 64 << 20  # bytes per read of a raw single-chunk array

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.runtime.dtypes import parse_dtype
 from mistral_jax.errors import first_line
-from mistral_jax.checkpoint.formats import CheckpointError
+from mistral_jax.errors import CheckpointError
 from mistral_jax.checkpoint.integrity import check_values, count_nonfinite
 from mistral_jax.checkpoint.weights import (TensorSpec, WeightError, assemble, check_keys, check_shape, get_path, group_specs,
                                  set_path, tensor_specs)

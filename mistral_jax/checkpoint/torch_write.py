@@ -26,9 +26,10 @@ from tqdm import tqdm
 from mistral_jax.runtime.atomic import atomic_dir
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.runtime.dtypes import parse_dtype
-from mistral_jax.checkpoint.formats import CheckpointError
+from mistral_jax.errors import CheckpointError
 from mistral_jax.checkpoint.integrity import check_values
-from mistral_jax.checkpoint.weights import TensorSpec, WeightError, check_shape, get_path, param_slice, tensor_specs
+from mistral_jax.checkpoint.weights import TensorSpec, check_shape, get_path, param_slice, tensor_specs
+from mistral_jax.errors import WeightError
 
 _ST_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16"}
 # Model vocab size -> the matching SentencePiece file in mistral-common's package data.
@@ -51,7 +52,8 @@ def parse_size(size: int | str) -> int:
 
 def tokenizer_for_vocab(vocab_size: int) -> Path | None:
     """mistral-common's SentencePiece model for a model vocab (v1: 32000, v3: 32768), else None."""
-    from mistral_jax.data.tokenizer import TokenizerError, default_tokenizer_path
+    from mistral_jax.data.tokenizer import default_tokenizer_path
+    from mistral_jax.errors import TokenizerError
     try:
         return default_tokenizer_path(vocab_size)
     except TokenizerError:

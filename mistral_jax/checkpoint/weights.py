@@ -19,12 +19,9 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from mistral_jax.model.config import ModelConfig
+from mistral_jax.errors import WeightError
 
 LAYOUTS = ("hf", "mistral")
-
-
-class WeightError(ValueError):
-    """A checkpoint tensor is missing, unexpected or of the wrong shape; the message names it."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,8 +42,9 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
-from mistral_jax.data.text import DataError, file_identity
+from mistral_jax.data.text import file_identity
 from mistral_jax.errors import first_line
+from mistral_jax.errors import ChatDataError, ChatFormatError
 
 ROLES = ("system", "user", "assistant")
 CONVERSATION_RULES = ("an optional first system message, then turns alternating user, assistant, ...; "
@@ -76,18 +77,6 @@ REASONS = {
 Row = dict[str, np.ndarray]           # BATCH_KEYS -> int32 (T,)
 Batch = dict[str, np.ndarray]         # BATCH_KEYS -> int32 (B, T)
 Message = dict[str, Any]              # {'role', 'content'} (+ 'weight' on assistant messages)
-
-
-class ChatFormatError(ValueError):
-    """A conversation breaks the rules; `reason` is a key of REASONS, the message is one line."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-class ChatDataError(DataError):
-    """Chat data is unusable (bad line under on_error='stop', no file, no conversation); one-line message."""
 
 
 # ----- tokenizer -----

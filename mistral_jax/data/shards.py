@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mistral_jax.data.text import DataError
+from mistral_jax.errors import DataError
 
 KEYS_FILL = {"tokens": 0, "positions": 0, "segment_ids": 0, "target_mask": 0}
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from mistral_jax.runtime.atomic import file_identity
 from mistral_jax.training.run_config import DataSection
+from mistral_jax.errors import DataError
 
 Row = dict[str, np.ndarray]  # 'tokens', 'positions', 'segment_ids': int32 (T,); segment 0 = padding
 
@@ -29,10 +30,6 @@ class TextEncoder(Protocol):
     eos_id: int
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
-
-
-class DataError(ValueError):
-    """The corpus is unusable (no files, no text, nothing left for training); the message says which."""
 
 
 # ----- files -----

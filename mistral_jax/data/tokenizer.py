@@ -13,13 +13,10 @@ from typing import Any, Sequence
 import sentencepiece as spm
 
 from mistral_jax.errors import first_line
+from mistral_jax.errors import TokenizerError
 
 # Model vocab size -> mistral-common package data file of the matching tokenizer.
 DEFAULT_FILES = {32000: "tokenizer.model.v1", 32768: "mistral_instruct_tokenizer_240323.model.v3"}
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file is missing, unreadable, or does not fit the model; the message names it."""
 
 
 def _mistral_common_data() -> Path:

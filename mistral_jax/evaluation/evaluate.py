@@ -55,6 +55,7 @@ from mistral_jax.inference import scoring
 from mistral_jax.runtime.atomic import file_identity
 from mistral_jax.errors import first_line
 from mistral_jax.data.tokenizer import Tokenizer
+from mistral_jax.errors import EvalError
 
 TASKS = ("perplexity", "choice", "generate", "moderate")
 FEWSHOT_TASKS = ("choice", "generate")
@@ -63,10 +64,6 @@ MODERATION_LABELS = ("acceptable", "unacceptable")   # label words; the second i
 FEWSHOT_DELIMITER = "\n\n"
 EXAMPLES_FILE, SUMMARY_FILE, RUN_FILE = "examples.jsonl", "summary.json", "run.json"
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-
-
-class EvalError(ValueError):
-    """Bad data, settings or output folder; the message is one line naming the file, line or field."""
 
 
 @dataclasses.dataclass

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from mistral_jax.errors import PromptError
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompt_presets"  # package data
 GUARDRAIL = "guardrail"
 MODERATE = "moderate"
 TEXT_PLACEHOLDER = "{text}"
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
-
-
-class PromptError(ValueError):
-    """An unknown preset, an unreadable prompt file or a template without its placeholder (one line)."""
 
 
 def prompt_names() -> list[str]:

@@ -7,20 +7,9 @@ import json
 import math
 from pathlib import Path
 from typing import Any, Mapping
+from mistral_jax.errors import ConfigError
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "presets"  # package data
-
-
-class ConfigError(ValueError):
-    """A model configuration is malformed or inconsistent; the message names the field.
-
-    `field` is the ModelConfig field at fault when the error comes from ModelConfig's own checks (the
-    file readers use it to name the file's field instead).
-    """
-
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
 
 
 def _is_int(v: Any) -> bool:

@@ -9,7 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from mistral_jax.checkpoint.formats import CheckpointError, checkpoint_kind
+from mistral_jax.checkpoint.formats import checkpoint_kind
+from mistral_jax.errors import CheckpointError
 
 
 def _umask() -> int:

@@ -48,6 +48,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from mistral_jax.errors import DistributedError
 
 ENV = {"coordinator": "MISTRAL_JAX_COORDINATOR", "num_processes": "MISTRAL_JAX_NUM_PROCESSES",
        "process_id": "MISTRAL_JAX_PROCESS_ID"}
@@ -58,10 +59,6 @@ MAX_TIMEOUT_S = 7 * 24 * 3600          # --init-timeout / --heartbeat-timeout ce
 _MAGIC = "mistral-jax-group/1"         # first word of every rendezvous hello
 _MAX_LINE = 512                        # longest protocol line; a longer one is not ours
 _PEER_GRACE_S = 10.0                   # how long an uncaught exception waits for the watcher's verdict
-
-
-class DistributedError(RuntimeError):
-    """The process group cannot start as asked; the message names the flag or variable and the value."""
 
 
 def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:

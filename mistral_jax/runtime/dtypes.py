@@ -7,12 +7,9 @@ from typing import Any
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from mistral_jax.errors import DtypeError
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-
-
-class DtypeError(ValueError):
-    """A dtype name is unknown or not one this library computes or stores in; the message names it."""
 
 
 def parse_dtype(name: Any, what: str = "dtype") -> np.dtype:

@@ -14,10 +14,7 @@ else:  # pragma: no cover - python 3.10
     import tomli as tomllib
 
 from mistral_jax.model.config import ModelConfig
-
-
-class RunConfigError(ValueError):
-    """A run configuration is malformed; the message names the file, section and field (one line per error)."""
+from mistral_jax.errors import RunConfigError
 
 
 DtypeName = Literal["float32", "bfloat16", "float16"]

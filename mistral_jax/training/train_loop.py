@@ -45,18 +45,10 @@ from mistral_jax.errors import first_line
 from mistral_jax.training.metrics import MetricsLog, ScalarSinks, log_record, plot_loss_curve, read_metrics
 from mistral_jax.data.tokenizer import DEFAULT_FILES, Tokenizer
 from mistral_jax.checkpoint.train_state import TrainCheckpointer
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss, gradient norm or updated params became NaN/inf; the message names the step, which of them,
-    and the last good checkpoint."""
+from mistral_jax.errors import RunError, TrainingDiverged
 
 
 PARAM_LAYOUT = "scanned"  # train-state params: layers stacked under "layers" (checkpoints before had none)
-
-
-class RunError(ValueError):
-    """A run cannot start as asked (mesh, tokenizer, --init-from, an incompatible checkpoint); one line."""
 
 
 def make_run_mesh(mesh_cfg: rc_lib.MeshSection) -> Mesh:

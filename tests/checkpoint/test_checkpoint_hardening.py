@@ -13,10 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from convert import __main__ as convert_cli
+from mistral_jax.cli import convert as convert_cli
 from mistral_jax.checkpoint import native as checkpoint
 from mistral_jax.model.config import ModelConfig
-from mistral_jax.checkpoint.formats import CheckpointError
+from mistral_jax.errors import CheckpointError
 from mistral_jax.model.transformer import abstract_params
 
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64, vocab_size=128,
@@ -121,7 +121,7 @@ def test_convert_refuses_an_edited_config_and_adopts_it_with_no_verify(native, t
 
 def test_generate_refuses_an_edited_config(native, tmp_path, capsys):
     """The issue's case: an edited window loaded in `infer.generate` and gave other output with exit 0."""
-    from infer import generate
+    from mistral_jax.cli import generate
 
     ckpt = _copy(native, tmp_path)
     _edit_config(ckpt, sliding_window=4)

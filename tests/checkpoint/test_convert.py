@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convert import __main__ as cli
+from mistral_jax.cli import convert as cli
 from mistral_jax.checkpoint import native as checkpoint
 from mistral_jax.checkpoint import torch_write
-from mistral_jax.checkpoint.formats import CheckpointError
+from mistral_jax.errors import CheckpointError
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.model.transformer import forward, param_shardings
 from mistral_jax.model.sharding import make_mesh

@@ -141,7 +141,7 @@ def mem_sources(tmp_path_factory) -> tuple[Path, Path, int]:
 
 PEAK_SCRIPT = textwrap.dedent("""
     import json, sys
-    from convert.__main__ import main
+    from mistral_jax.cli.convert import main
 
     def status(field):
         for line in open("/proc/self/status"):
@@ -202,7 +202,7 @@ def test_native_load_holds_each_param_once(mem_sources, tmp_path):
     largest param (1.7x this model)."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
-    from convert.__main__ import main
+    from mistral_jax.cli.convert import main
     src, warm, model_bytes = mem_sources
     for name, folder in (("src", src), ("warm", warm)):
         assert main([str(folder), str(tmp_path / f"{name}_native"), "--dtype", "bfloat16", "--quiet"]) == 0

@@ -24,7 +24,7 @@ from mistral_jax.checkpoint.native import load_params, save_params
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.checkpoint.integrity import checkpoint_identity
 from mistral_jax.checkpoint.train_state import TrainCheckpointer
-from train import finetune
+from mistral_jax.cli import finetune
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "finetune-tiny.toml"

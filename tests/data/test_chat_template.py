@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from infer import generate as cli
+from mistral_jax.cli import generate as cli
 from mistral_jax.data import chat as chat_data
 from mistral_jax.inference import decode
 from mistral_jax.model import transformer as model

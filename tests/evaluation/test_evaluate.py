@@ -17,7 +17,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from infer import evaluate as cli  # noqa: E402
+from mistral_jax.cli import evaluate as cli  # noqa: E402
 from mistral_jax.evaluation import evaluate as ev  # noqa: E402
 from mistral_jax.model import transformer as model
 from mistral_jax.inference import scoring

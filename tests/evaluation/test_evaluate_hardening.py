@@ -14,7 +14,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from infer import evaluate as cli  # noqa: E402
+from mistral_jax.cli import evaluate as cli  # noqa: E402
 from mistral_jax.evaluation import evaluate as ev  # noqa: E402
 from mistral_jax.inference import scoring  # noqa: E402
 from mistral_jax.model.config import ModelConfig  # noqa: E402
@@ -234,7 +234,7 @@ def test_progress_moves_with_each_window_of_a_long_document(ckpt, tmp_path, monk
 
 def test_lm_eval_refuses_an_unwritable_output_before_loading(tmp_path, monkeypatch, capsys):
     import mistral_jax.evaluation.lm_eval_backend as backend
-    from infer import lm_eval
+    from mistral_jax.cli import lm_eval
 
     def boom(*a, **k):
         raise AssertionError("the model was loaded before --output was checked")
@@ -262,7 +262,7 @@ def test_lm_eval_prints_the_results_when_writing_fails_at_the_end(tmp_path, monk
     import lm_eval.tasks
 
     import mistral_jax.evaluation.lm_eval_backend as backend
-    from infer import lm_eval as cli_lm
+    from mistral_jax.cli import lm_eval as cli_lm
 
     class Tasks:
         def __init__(self, include_path=None):

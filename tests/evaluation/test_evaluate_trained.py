@@ -4,7 +4,6 @@ paper's guardrail prompt into the chat encoding (checked against mistral-common)
 
 import json
 import random
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from infer import evaluate as cli
+from mistral_jax.cli import evaluate as cli
 from mistral_jax.evaluation import evaluate as ev
 from mistral_jax.model import transformer as model_lib
 from mistral_jax.evaluation import prompts

@@ -7,7 +7,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import json  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -28,7 +27,7 @@ def run(tmp_path_factory, eval_tiny):
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_HOME", str(tmp / "hf_home"))
     mp.chdir(REPO)                               # the task YAMLs name their data relative to the repository
-    from infer import lm_eval as cli
+    from mistral_jax.cli import lm_eval as cli
     out = tmp / "out"
     try:
         rc = cli.main(["--checkpoint", str(folder), "--tasks", "zen_choice,stdlib_docs", "--include-path",
@@ -66,7 +65,7 @@ def test_results_and_samples_files(run):
 
 
 def test_accuracy_and_logliks_equal_infer_evaluate(run, tmp_path):
-    from infer import evaluate as ev_cli
+    from mistral_jax.cli import evaluate as ev_cli
 
     folder, out = run
     data = tmp_path / "zen.jsonl"

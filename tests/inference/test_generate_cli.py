@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from infer import generate as cli
+from mistral_jax.cli import generate as cli
 from mistral_jax.inference import decode
 from mistral_jax.model import transformer as model
 from mistral_jax.checkpoint import weights

@@ -249,7 +249,6 @@ def test_memory_stays_linear_inside_a_differentiated_layer_scan():
     def temp_bytes(f, *shapes):
         return jax.jit(jax.grad(f)).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
 
-    x = jax.ShapeDtypeStruct((1, T, D), jnp.float32)
     w1 = jax.ShapeDtypeStruct((2, D, N, H), jnp.float32)
     w3 = jax.ShapeDtypeStruct((3, 2, D, N, H), jnp.float32)
     one = temp_bytes(lambda w: layer(jnp.ones((1, T, D)), w)[0].sum(), w1)

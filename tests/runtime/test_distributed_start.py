@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from infer import generate as generate_cli
+from mistral_jax.cli import generate as generate_cli
 from mistral_jax.runtime import distributed
 
 

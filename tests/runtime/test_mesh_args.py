@@ -4,11 +4,11 @@ planned a 1-device mesh for `banana` or '')."""
 
 import pytest
 
-from infer import evaluate as evaluate_cli
-from infer import generate as generate_cli
-from infer import lm_eval as lm_eval_cli
+from mistral_jax.cli import evaluate as evaluate_cli
+from mistral_jax.cli import generate as generate_cli
+from mistral_jax.cli import lm_eval as lm_eval_cli
 from mistral_jax.model.sharding import parse_mesh
-from train import plan as plan_cli
+from mistral_jax.cli import plan as plan_cli
 
 GOOD = [("1,8,1", (1, 8, 1)), ("data=1,fsdp=8,tensor=1", (1, 8, 1)), ("fsdp=8", (1, 8, 1)),
         ("tensor=2,data=4", (4, 1, 2)), (" 2 , 2 , 2 ", (2, 2, 2)), ("data = 2, fsdp = 4", (2, 4, 1))]

@@ -212,7 +212,7 @@ def _raiser(e):
 
 
 def test_generate_loading(xla_oom, monkeypatch, tmp_path, capsys):
-    from infer import generate
+    from mistral_jax.cli import generate
     from mistral_jax.checkpoint import native as checkpoint
     monkeypatch.setattr(checkpoint, "load_params", _raiser(_wrapped(xla_oom, "context")))
     with pytest.raises(SystemExit) as info:
@@ -224,7 +224,7 @@ def test_generate_loading(xla_oom, monkeypatch, tmp_path, capsys):
 
 
 def test_evaluate_loading(numpy_oom, monkeypatch, tmp_path, capsys):
-    from infer import evaluate
+    from mistral_jax.cli import evaluate
     from mistral_jax.checkpoint import native as checkpoint
     data = tmp_path / "doc.txt"
     data.write_text("some text\n")
@@ -241,7 +241,7 @@ def test_evaluate_loading(numpy_oom, monkeypatch, tmp_path, capsys):
 def test_lm_eval_loading(xla_oom, monkeypatch, tmp_path, capsys):
     pytest.importorskip("lm_eval")
     import lm_eval.tasks
-    from infer import lm_eval as cli
+    from mistral_jax.cli import lm_eval as cli
     from mistral_jax.evaluation import lm_eval_backend
 
     class Tasks:
@@ -258,7 +258,7 @@ def test_lm_eval_loading(xla_oom, monkeypatch, tmp_path, capsys):
 
 
 def test_convert_reading(numpy_oom, monkeypatch, tmp_path, capsys):
-    from convert.__main__ import main
+    from mistral_jax.cli.convert import main
     from mistral_jax.checkpoint import native as checkpoint
     monkeypatch.setattr(checkpoint, "load_params_with_notes", _raiser(_wrapped(numpy_oom, "cause")))
     (tmp_path / "src").mkdir()
@@ -271,7 +271,7 @@ def test_convert_reading(numpy_oom, monkeypatch, tmp_path, capsys):
 
 def test_plan_compiling(numpy_oom, monkeypatch, capsys):
     from mistral_jax.training import memory_plan
-    from train import plan
+    from mistral_jax.cli import plan
     monkeypatch.setattr(memory_plan, "plan", _raiser(numpy_oom))
     with pytest.raises(SystemExit) as info:
         plan.main(["--preset", "tiny", "--mesh", "1,1,1", "--seq-len", "64", "--batch", "1"])
@@ -360,7 +360,7 @@ def test_train_stage_table_names_existing_functions():
     import importlib
     import inspect
 
-    from train.cli import OOM_STAGES
+    from mistral_jax.cli.train_cli import OOM_STAGES
     for key in OOM_STAGES:
         module, name = key.split(":")
         mod = importlib.import_module(module)

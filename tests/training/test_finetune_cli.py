@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mistral_jax.checkpoint.native import load_params
-from train import finetune
+from mistral_jax.cli import finetune
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "finetune-tiny.toml"

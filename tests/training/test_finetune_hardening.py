@@ -24,7 +24,7 @@ from mistral_jax.training.run_config import DataSection
 from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.training.train_loop import diverged_message
 from tests.packed import two_documents
-from train import finetune
+from mistral_jax.cli import finetune
 
 REPO = Path(__file__).resolve().parents[2]
 FT_TINY = REPO / "configs" / "finetune-tiny.toml"

@@ -9,7 +9,7 @@ from mistral_jax.model import sharding
 from mistral_jax.training import train_step as ts
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.training.run_config import OptimSection
-from train import plan as plan_cli
+from mistral_jax.cli import plan as plan_cli
 
 
 def _measured(tree) -> int:

@@ -18,7 +18,7 @@ from mistral_jax.training import run_config as rc_lib
 from mistral_jax.training.metrics import read_metrics
 from mistral_jax.checkpoint.train_state import TrainCheckpointer
 from mistral_jax.training.train_loop import run
-from train import pretrain
+from mistral_jax.cli import pretrain
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_TOML = REPO / "configs" / "pretrain-tiny.toml"

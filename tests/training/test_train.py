@@ -170,7 +170,7 @@ def test_non_finite_step_leaves_state_bit_identical(cfg):
 
 
 def test_cli_reports_nan_with_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    from train import pretrain
+    from mistral_jax.cli import pretrain
 
     real_step, real_put = ts.make_train_step, ts.put_batch
     calls = []

@@ -19,10 +19,10 @@ import sys
 import time
 
 from mistral_jax.runtime import oom
-from mistral_jax.model.config import ConfigError
-from mistral_jax.runtime.dtypes import DtypeError
-from mistral_jax.checkpoint.formats import CheckpointError
-from mistral_jax.checkpoint.weights import WeightError
+from mistral_jax.errors import ConfigError
+from mistral_jax.errors import DtypeError
+from mistral_jax.errors import CheckpointError
+from mistral_jax.errors import WeightError
 
 PROG = "python -m convert"
 

@@ -12,8 +12,9 @@ from typing import Sequence
 from mistral_jax.runtime import distributed
 from mistral_jax.runtime import oom
 from mistral_jax.training import run_config as rc_lib
-from mistral_jax.data.text import DataError
-from mistral_jax.training.train_loop import RunError, TrainingDiverged, run
+from mistral_jax.errors import DataError
+from mistral_jax.training.train_loop import run
+from mistral_jax.errors import RunError, TrainingDiverged
 
 # Failures reported as `error: ...` lines (exit status 1) rather than tracebacks: bad input, an incompatible
 # checkpoint, a diverged run. A RunConfigError (a bad config, also when found by the run) exits with 2.

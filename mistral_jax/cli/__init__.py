@@ -1,0 +1,1 @@
+"""The command-line programs: `mistral-jax SUBCOMMAND` or `python -m train.X` / `python -m infer.X`."""

@@ -1,0 +1,25 @@
+"""Instruction fine-tuning entry point:
+`python -m train.finetune --config configs/finetune-default.toml [--init-from CKPT] [--set k=v ...]`.
+
+Trains on JSONL conversations (`{"messages": [...]}` or `{"prompt", "completion"}` lines) encoded with
+Mistral's own instruct templates (mistral-common, v1 or v3 by the model's vocab), with the loss on the
+assistant answers only, fully or with LoRA adapters (lora.rank > 0). Same run directory as pretraining, plus
+data_report.json (skipped lines) and answers.jsonl (held-out greedy answers).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from mistral_jax.training.run_config import CHAT_SOURCES
+from mistral_jax.cli.train_cli import main as _main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _main(argv, "python -m train.finetune", __doc__.splitlines()[0], "configs/finetune-default.toml",
+                 CHAT_SOURCES)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

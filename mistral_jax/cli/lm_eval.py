@@ -1,0 +1,165 @@
+"""lm-evaluation-harness on a mistral-jax checkpoint:
+`python -m infer.lm_eval --checkpoint CKPT --tasks T1,T2 [--include-path DIR] [--limit N] --output DIR`.
+
+Runs `lm_eval.simple_evaluate` with the "mistral-jax" backend (mistral_jax.evaluation.lm_eval_backend) and writes
+lm-eval's results dict to DIR/results.json and each task's per-request sample dicts (with their
+log-likelihoods) to DIR/samples_<task>.jsonl. Local tasks are YAML files (`dataset_path: json` with
+`dataset_kwargs: {data_files: ...}`); configs/eval holds two examples (`zen_choice`, `stdlib_docs`, data paths
+relative to the repository root). Offline use: HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1.
+--output is checked (created, writable) before the model loads; should writing still fail at the end, the results
+are printed on stdout.
+Exit status: 0 done, 1 evaluation or writing failed, 2 bad arguments, files, tasks or checkpoint, 3 out of memory
+(one line naming the stage, the bytes requested and available, and what to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from mistral_jax.cli.generate import _dtype_arg, _int_arg, _mesh_arg, oom_advice
+from mistral_jax.runtime import oom
+from mistral_jax.errors import first_line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m infer.lm_eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="native checkpoint dir, or an HF / mistral-inference folder")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task (or group) names")
+    p.add_argument("--include-path", type=Path, default=None, help="folder of extra task YAML files")
+    p.add_argument("--limit", type=_int_arg(1), default=None, help="at most N examples per task")
+    p.add_argument("--num-fewshot", type=_int_arg(0), default=None)
+    p.add_argument("--apply-chat-template", action="store_true", help="mistral-common chat prompts")
+    p.add_argument("--output", required=True, type=Path, help="output folder (created)")
+    p.add_argument("--batch-size", type=_int_arg(1), default=8)
+    p.add_argument("--max-length", type=_int_arg(1), default=None, help="evaluation context (default max_seq_len)")
+    p.add_argument("--max-gen-toks", type=_int_arg(1), default=256)
+    p.add_argument("--rolling-overlap", type=_int_arg(1), default=1,
+                   help="least context of each later rolling window's first scored token (1: lm-eval's rule)")
+    p.add_argument("--seed", type=_int_arg(0), default=0)
+    p.add_argument("--dtype", type=_dtype_arg, default="float32")
+    p.add_argument("--mesh", type=_mesh_arg, default=None, help="data,fsdp,tensor mesh shape (default: one device)")
+    return p.parse_args(argv)
+
+
+def _jsonable(x: Any) -> Any:
+    try:
+        import numpy as np
+        if isinstance(x, np.generic):
+            return x.item()
+        if isinstance(x, np.ndarray):
+            return x.tolist()
+    except ImportError:
+        pass
+    return str(x)
+
+
+def write_outputs(out: Path, results: dict[str, Any]) -> list[Path]:
+    """results.json (lm-eval's dict without the samples) and samples_<task>.jsonl per task; returns paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    samples = results.get("samples") or {}
+    written = []
+    path = out / "results.json"
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=2, default=_jsonable))
+    os.replace(tmp, path)
+    written.append(path)
+    for task, rows in samples.items():
+        path = out / f"samples_{task}.jsonl"
+        tmp = out / f".samples_{task}.jsonl.tmp"
+        with open(tmp, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, default=_jsonable, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+def check_output(out: Path, tasks: Sequence[str] = ()) -> None:
+    """ValueError (one line) unless `out` is a folder (created if missing) that the result files can be written
+    into: results.json and samples_<task>.jsonl of the named tasks must not be folders."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--output {out}: cannot create the folder ({e.strerror or e})") from None
+    for name in ["results.json"] + [f"samples_{t}.jsonl" for t in tasks]:
+        if (out / name).is_dir():
+            raise ValueError(f"--output {out}: {name} is a folder; the results could not be written there")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"--output {out}: not writable ({e.strerror or e})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    guard = oom.Reporter("python -m infer.lm_eval", lambda stage: oom_advice(args, stage))
+    with guard.stage("running"):          # the stages below name themselves; this catches the rest
+        return _main(args, guard)
+
+
+def _main(args: argparse.Namespace, guard: oom.Reporter) -> int:
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        if not tasks:
+            raise ValueError(f"--tasks {args.tasks!r}: no task names")
+        if args.include_path is not None and not args.include_path.is_dir():
+            raise ValueError(f"--include-path {args.include_path}: not a folder")
+        check_output(args.output, tasks)     # before the model loads and the evaluation runs, not after
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+        tm = TaskManager(include_path=str(args.include_path) if args.include_path else None)
+        unknown = [t for t in tasks if t not in tm.all_tasks]
+        if unknown:
+            raise ValueError(f"--tasks: unknown task(s) {unknown}" +
+                             (f" (none in {args.include_path})" if args.include_path else
+                              "; pass --include-path for local YAML tasks"))
+        from mistral_jax.model import sharding
+        from mistral_jax.evaluation.lm_eval_backend import MistralJaxLM
+        mesh = sharding.make_mesh(*args.mesh) if args.mesh else None
+        with guard.stage("loading the checkpoint"):
+            lm = MistralJaxLM(args.checkpoint, batch_size=args.batch_size, max_length=args.max_length,
+                              max_gen_toks=args.max_gen_toks, rolling_overlap=args.rolling_overlap, dtype=args.dtype,
+                              mesh=mesh, seed=args.seed)
+    except (OSError, ValueError) as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        return 2
+    try:
+        with guard.stage(f"evaluating {', '.join(tasks)}"):
+            results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=args.limit,
+                                              num_fewshot=args.num_fewshot, log_samples=True,
+                                              apply_chat_template=args.apply_chat_template, random_seed=args.seed,
+                                              numpy_random_seed=args.seed, torch_random_seed=args.seed,
+                                              fewshot_random_seed=args.seed)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
+        return 1
+    try:
+        paths = write_outputs(args.output, results)
+    except (OSError, ValueError, TypeError) as e:    # keep the results: printed on stdout when they cannot be written
+        try:
+            print(json.dumps({k: v for k, v in results.items() if k != "samples"}, default=_jsonable))
+            kept = "; the results are printed on stdout"
+        except (ValueError, TypeError):
+            kept = ""
+        print(f"error: writing {args.output}: {first_line(e)}{kept}", file=sys.stderr)
+        return 1
+    for task, metrics in (results.get("results") or {}).items():
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"{task}: {shown}", file=sys.stderr)
+    print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
