@@ -34,7 +34,7 @@ from mistral_jax.model import packing
 from mistral_jax.model import sharding
 from mistral_jax.checkpoint import train_state as tc
 from mistral_jax.training import run_config as rc_lib
-from mistral_jax.data.sources import DataSource, make_data
+from mistral_jax.training.data_source import DataSource, make_data
 from mistral_jax.runtime.prefetch import Prefetcher
 from mistral_jax.training import train_step as ts
 from mistral_jax.checkpoint.native import load_params, save_params

@@ -287,7 +287,7 @@ def test_finetune_on_two_processes_equals_one_process(tmp_path):
 def test_each_process_reads_its_own_chat_lines(tmp_path):
     from mistral_jax.data import chat as cd
     from mistral_jax.data.chat_examples import write_examples
-    from mistral_jax.data.chat_source import read_share
+    from mistral_jax.training.chat_source import read_share
 
     write_examples(tmp_path, 60, 6, seed=0)
     rc = rc_lib.load(FT_TOML, [f"{k}={v}" for k, v in {**FT_SETS, "data.shards": 4}.items()])

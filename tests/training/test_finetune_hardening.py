@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mistral_jax.data import chat as cd
-from mistral_jax.data import chat_source
+from mistral_jax.training import chat_source
 from mistral_jax.data import text as data_lib
 from mistral_jax.model import lora as lora_lib
 from mistral_jax.training import optim

@@ -48,7 +48,7 @@ def is_chat(rc: RunConfig) -> bool:
 def make_data(rc: RunConfig, tokenizer: Tokenizer, run_dir: Path) -> DataSource:
     """The DataSource for rc.data (chat data is read with the model vocab's instruct template)."""
     if is_chat(rc):
-        from mistral_jax.data import chat_source
+        from mistral_jax.training import chat_source
         return chat_source.make_chat_data(rc, tokenizer, run_dir)
     import jax
     train, val, corpus = data_lib.make_streams(rc.data, tokenizer, jax.process_index(), jax.process_count())

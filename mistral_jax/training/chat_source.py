@@ -15,7 +15,7 @@ from mistral_jax.data import chat as cd
 from mistral_jax.data import shards as ds
 from mistral_jax.runtime import distributed
 from mistral_jax.data.chat_examples import write_examples
-from mistral_jax.data.sources import DataSource
+from mistral_jax.training.data_source import DataSource
 from mistral_jax.training.run_config import RunConfig
 from mistral_jax.errors import RunConfigError
 from mistral_jax.data.tokenizer import Tokenizer
