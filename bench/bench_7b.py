@@ -138,7 +138,7 @@ def write_hf(dst: Path, cfg: Any, n_shards: int = 4, seed: int = 0, std: float =
     so generating 7 B normals is not the bottleneck); the folder appears only when complete."""
     import ml_dtypes
     import numpy as np
-    from mistral_jax.runtime.atomic import atomic_dir
+    from mistral_jax.checkpoint.atomic import atomic_dir
     from mistral_jax.checkpoint.torch_write import write_safetensors
     from mistral_jax.checkpoint.weights import tensor_specs
 

@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from mistral_jax.runtime import distributed
-from mistral_jax.runtime.atomic import atomic_dir
+from mistral_jax.checkpoint.atomic import atomic_dir
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.errors import ConfigError
 from mistral_jax.runtime.dtypes import parse_dtype

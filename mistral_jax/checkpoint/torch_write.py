@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from mistral_jax.runtime.atomic import atomic_dir
+from mistral_jax.checkpoint.atomic import atomic_dir
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.runtime.dtypes import parse_dtype
 from mistral_jax.errors import CheckpointError

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
     line on stderr."""
     from mistral_jax.checkpoint import native as checkpoint
     from mistral_jax.checkpoint import torch_write
-    from mistral_jax.runtime.atomic import check_dst
+    from mistral_jax.checkpoint.atomic import check_dst
     from mistral_jax.checkpoint.formats import detect_format
 
     check_dst(args.dst, args.force, src=args.src)  # fail before reading gigabytes

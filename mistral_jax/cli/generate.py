@@ -45,7 +45,7 @@ from mistral_jax.inference import decode
 from mistral_jax.runtime import distributed
 from mistral_jax.runtime import oom
 from mistral_jax.model import sharding
-from mistral_jax.runtime.atomic import file_identity
+from mistral_jax.runtime.files import file_identity
 from mistral_jax.runtime.dtypes import parse_dtype
 from mistral_jax.errors import first_line
 from mistral_jax.data.tokenizer import Tokenizer

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from mistral_jax.runtime.atomic import file_identity
+from mistral_jax.runtime.files import file_identity
 from mistral_jax.training.run_config import DataSection
 from mistral_jax.errors import DataError
 

@@ -52,7 +52,7 @@ import numpy as np
 
 from mistral_jax.evaluation import prompts
 from mistral_jax.inference import scoring
-from mistral_jax.runtime.atomic import file_identity
+from mistral_jax.runtime.files import file_identity
 from mistral_jax.errors import first_line
 from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.errors import EvalError

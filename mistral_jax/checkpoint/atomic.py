@@ -1,4 +1,5 @@
-"""Safe output folders: destination checks and a folder that appears only when complete."""
+"""Safe checkpoint output folders: destination checks and a folder that appears only when complete
+(single files: `runtime.files.atomic_file`)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,7 @@ from typing import Iterator
 
 from mistral_jax.checkpoint.formats import checkpoint_kind
 from mistral_jax.errors import CheckpointError
-
-
-def _umask() -> int:
-    """The process umask (read from /proc where possible, so no other thread sees it change)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+from mistral_jax.runtime.files import umask
 
 
 def check_dst(dst: str | Path, force: bool = False, src: str | Path | None = None) -> Path:
@@ -66,7 +55,7 @@ def atomic_dir(dst: str | Path, force: bool = False, src: str | Path | None = No
     tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=real.parent))
     old: Path | None = None
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~umask())
         yield tmp
         if real.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{real.name}.old-", dir=real.parent))
@@ -83,15 +72,3 @@ def atomic_dir(dst: str | Path, force: bool = False, src: str | Path | None = No
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
-
-def file_identity(path: str | os.PathLike) -> tuple[int, int] | str:
-    """What makes two names the same file: (device, inode), so relative and absolute spellings, symlinks
-    and hard links agree; the resolved path where the file cannot be stat'ed."""
-    try:
-        st = os.stat(path)
-        return (st.st_dev, st.st_ino)
-    except OSError:
-        try:
-            return str(Path(path).resolve())
-        except (OSError, RuntimeError):   # a symlink loop
-            return str(Path(path).absolute())

@@ -1,0 +1,32 @@
+"""runtime.files: atomic file replacement and the JSON Lines reader."""
+
+import os
+
+import pytest
+
+from mistral_jax.runtime import files
+
+
+def test_atomic_file_replaces_only_on_success(tmp_path):
+    path = tmp_path / "out.json"
+    files.write_atomic(path, "old\n")
+    with pytest.raises(KeyboardInterrupt):
+        with files.atomic_file(path) as f:
+            f.write("half")
+            raise KeyboardInterrupt
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]       # no temp file left
+    files.write_atomic(path, b"new")
+    assert path.read_bytes() == b"new"
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~files.umask()
+
+
+def test_jsonl_lines_numbers_skip_blanks_and_bom(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n\n  \n[1,\n"\xff"\n' + b"[" * 100_000 + b"\n")
+    rows = list(files.read_jsonl(path))
+    assert [n for n, *_ in rows] == [1, 4, 5, 6]
+    assert rows[0][1:] == ({"a": 1}, None)
+    assert rows[1][2].startswith("not valid JSON (")
+    assert rows[2][2] == "not UTF-8 text (byte 0xff at byte 1 of the line)"
+    assert rows[3][2] == "not valid JSON (nested too deeply to read)"
