@@ -159,7 +159,7 @@ def test_corrupt_orbax_files_fail_with_one_line_only(native, tmp_path):
         import json, sys
         from pathlib import Path
         import jax, jax.numpy as jnp
-        from mistral_jax import checkpoint
+        from mistral_jax.checkpoint import native as checkpoint
         from mistral_jax.checkpoint.train_state import TrainCheckpointer
         for attempt in range(ATTEMPTS):  # the leftover reads' timing varies: several tries
             for name, path in {json.dumps({k: str(v) for k, v in folders.items()})}.items():

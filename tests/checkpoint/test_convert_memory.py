@@ -176,7 +176,7 @@ def test_hf_to_native_peak_rss_stays_near_model_size(mem_sources, tmp_path):
 LOAD_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp
-    from mistral_jax import checkpoint, native_read
+    from mistral_jax.checkpoint import native as checkpoint; from mistral_jax.checkpoint import native_read
 
     def status(field):
         for line in open("/proc/self/status"):

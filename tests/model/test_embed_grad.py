@@ -106,8 +106,8 @@ import sys
 import jax, jax.numpy as jnp
 import flax.linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
-from mistral_jax import optim, sharding
-from mistral_jax import train_step as ts
+from mistral_jax.training import optim; from mistral_jax.model import sharding
+from mistral_jax.training import train_step as ts
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.training.run_config import OptimSection
 

@@ -196,7 +196,7 @@ STALL_PROBE = """
 import sys, time
 import numpy as np
 from jax.experimental import multihost_utils
-from mistral_jax import distributed
+from mistral_jax.runtime import distributed
 distributed.initialize(timeout_s=300, heartbeat_timeout_s=int(sys.argv[1]))
 step = 0
 while True:
@@ -386,7 +386,7 @@ def test_evaluate_on_two_processes_equals_one(tmp_path):
 
 MESH_PROBE = """
 import json
-from mistral_jax import distributed, sharding
+from mistral_jax.runtime import distributed; from mistral_jax.model import sharding
 distributed.initialize()
 for shape in ((2, 2, 1), (2, 1, 2)):
     mesh = sharding.make_mesh(*shape)

@@ -143,7 +143,7 @@ def test_device_memory_stats_give_the_least_free_device(monkeypatch):
 def test_host_available_counts_the_address_space_limit():
     free = oom.host_available()
     assert free is not None and 0 < free
-    code = ("import resource; from mistral_jax import oom; "
+    code = ("import resource; from mistral_jax.runtime import oom; "
             "resource.setrlimit(resource.RLIMIT_AS, (2**33, resource.RLIM_INFINITY)); print(oom.host_available())")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert 0 < int(out.stdout) < 2**33, out
