@@ -11,7 +11,7 @@ Each stage runs in its own process; its wall time and peak RSS are read from the
                    safetensors shards, model.safetensors.index.json, config.json of the preset; written tensor by
                    tensor with mistral_jax.checkpoint.torch_write.write_safetensors (`python bench/bench_7b.py --stage
                    write-hf`). Skipped with --keep when the folder is complete and matches the shape.
-  convert          python -m convert HF NATIVE --dtype bfloat16
+  convert          python -m infer.convert HF NATIVE --dtype bfloat16
   parity-ours      last-position logits of one 64-token prompt, ours in bf16 (load_params + model.forward, from
                    NATIVE), written to an .npy (`python bench/bench_7b.py --stage parity-ours`)
   parity-hf        the same from transformers' MistralForCausalLM in bf16 (torch CPU) on the HF folder

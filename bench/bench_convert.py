@@ -3,7 +3,7 @@
     python bench/bench_convert.py --preset mistral-7b-v0.1 [--layers N] [--dtype bfloat16] [--shard-size 4GB]
         [--baseline DIR] [--repeat N]
 
-Writes the source checkpoint into a temp dir, runs `python -m convert` on it in a subprocess, and
+Writes the source checkpoint into a temp dir, runs `python -m infer.convert` on it in a subprocess, and
 reports the conversion's wall time and peak RSS (read from the OS for that child alone) as markdown
 table rows. `--baseline DIR` also converts the same source with the checkout in DIR (e.g. `git archive
 HEAD | tar -x -C DIR`), alternating with this one, and prints the ratios.
@@ -70,10 +70,11 @@ def write_random_hf(dst: Path, cfg: ModelConfig, shard_bytes: int, seed: int = 0
 
 
 def convert_once(root: Path, src: Path, dst: Path, dtype: str) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of `python -m convert SRC DST` run from the checkout `root`."""
+    """(wall seconds, peak RSS bytes) of `python -m infer.convert SRC DST` run from the checkout `root`."""
     shutil.rmtree(dst, ignore_errors=True)
+    module = "infer.convert" if (root / "infer" / "convert.py").is_file() else "convert"   # older checkouts
     cmd = [sys.executable, "-c", "import resource, runpy, sys; sys.argv[0] = 'convert'; "
-           "code = 0\ntry: runpy.run_module('convert', run_name='__main__')\n"
+           f"code = 0\ntry: runpy.run_module('{module}', run_name='__main__')\n"
            "except SystemExit as e: code = e.code or 0\n"
            "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
            "sys.exit(code)",
@@ -106,8 +107,8 @@ def main() -> None:
     roots = {"this checkout": ROOT}
     if args.baseline:
         baseline = Path(args.baseline).resolve()
-        if not (baseline / "convert" / "__main__.py").is_file():
-            sys.exit(f"--baseline {baseline}: not a checkout (no convert/__main__.py)")
+        if not any((baseline / f).is_file() for f in ("infer/convert.py", "convert/__main__.py")):
+            sys.exit(f"--baseline {baseline}: not a checkout (no infer/convert.py or convert/__main__.py)")
         roots = {"baseline": baseline, **roots}
     work = Path(tempfile.mkdtemp(prefix="bench_convert_", dir=args.workdir))
     try:

@@ -1,6 +1,6 @@
 """Perplexity scoring throughput: `infer.evaluate --task perplexity` (its Scorer) vs HF PyTorch forward.
 
-    python bench/bench_eval.py [--max-length 1024 --batch 8 --data configs/eval/stdlib_docs.jsonl]
+    python bench/bench_eval.py [--max-length 1024 --batch 8 --data mistral_jax/evaluation/tasks/stdlib_docs.jsonl]
     python bench/bench_eval.py --stdlib-docstrings 150     # a larger set: 150 module docstrings
 
 --stdlib-docstrings N replaces --data with the module docstrings of the first N (sorted by path) standard-
@@ -46,6 +46,7 @@ from mistral_jax.model import transformer as model_lib  # noqa: E402
 from mistral_jax.inference import scoring  # noqa: E402
 from mistral_jax.model.config import ModelConfig  # noqa: E402
 from mistral_jax.data.tokenizer import Tokenizer  # noqa: E402
+from mistral_jax.evaluation.lm_eval_tasks import TASKS_DIR  # noqa: E402
 
 import hf_flax_ref  # noqa: E402  (bench/, the script's own folder, is on sys.path)
 
@@ -118,7 +119,7 @@ def timed(fn):
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--data", type=Path, default=REPO / "configs/eval/stdlib_docs.jsonl")
+    p.add_argument("--data", type=Path, default=TASKS_DIR / "stdlib_docs.jsonl")
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--stdlib-docstrings", type=int, default=0, metavar="N")

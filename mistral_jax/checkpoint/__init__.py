@@ -1,1 +1,2 @@
-"""Checkpoints: the native orbax format, PyTorch layouts (mistral-inference, Hugging Face) in and out, integrity checks, training state."""
+"""Checkpoints: the native orbax format, PyTorch layouts (mistral-inference, Hugging Face) in and out,
+integrity checks, training state."""

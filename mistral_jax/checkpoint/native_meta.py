@@ -73,7 +73,7 @@ def _check_config_copy(path: Path, fields: Mapping[str, Any], sums: Mapping[str,
         return [f"{sums_path}: holds no copy of config.json (written before checksums covered the config); "
                 "config.json not verified (save the checkpoint again to add it)"]
     hint = (f"{source.name} was changed after the checkpoint was saved: restore it, or adopt the change with "
-            f"`python -m convert --no-verify {path} NEW_FOLDER`")
+            f"`mistral-jax convert --no-verify {path} NEW_FOLDER`")
     for k in [*fields, *(k for k in saved if k not in fields)]:
         if k not in saved:
             raise CheckpointError(f"{source}: field '{k}' ({fields[k]!r}) is not in the config saved with the "
@@ -115,13 +115,6 @@ def read_native_meta(path: str | Path, verify: bool = True
     d.pop(NATIVE_MARKER)
     dtype = d.pop("param_dtype", "float32")
     return ModelConfig.from_dict(d, source=str(source)), dtype, version, sums, notes
-
-
-def read_native_config(path: str | Path, verify: bool = True) -> tuple[ModelConfig, str]:
-    """(config, stored param dtype name) of a native checkpoint folder; with `verify`, CheckpointError when
-    config.json differs from the copy checksums.json holds of it (the config the params were saved with)."""
-    cfg, dtype, *_ = read_native_meta(path, verify)
-    return cfg, dtype
 
 
 def param_digests(path: Path, sums: Mapping[str, Any], names: list[str]) -> dict[str, str]:

@@ -23,17 +23,16 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from mistral_jax.errors import CheckpointError
+from mistral_jax.errors import CheckpointError, first_line
 from mistral_jax.checkpoint.weights import aligned_empty
 
 READ_BYTES = 64 << 20  # bytes per read of a raw single-chunk array
 _DRIVERS = (("zarr", ".zarray"), ("zarr3", "zarr.json"))
 
 
-def first_line(e: BaseException) -> str:
+def store_error_line(e: BaseException) -> str:
     """The first line of an orbax/tensorstore error, without tensorstore's pointer to its spec."""
-    text = str(e).splitlines()[0] if str(e) else ""
-    return text.split(" See full TensorStore details")[0]
+    return first_line(e).split(" See full TensorStore details")[0]
 
 
 class ParamReader:
@@ -50,7 +49,7 @@ class ParamReader:
             self._keys = set(self._kv.list().result())
         except Exception as e:  # tensorstore raises ValueError/RuntimeError subclasses for unreadable stores
             raise CheckpointError(f"{self.params_dir}: cannot open the params store "
-                                  f"({type(e).__name__}: {first_line(e)})") from None
+                                  f"({type(e).__name__}: {store_error_line(e)})") from None
 
     def _open(self, name: str) -> Any:
         for driver, meta in _DRIVERS:
@@ -80,7 +79,7 @@ class ParamReader:
             raise
         except Exception as e:  # truncated or corrupt chunks surface as assorted tensorstore errors
             raise CheckpointError(f"{self.params_dir}: cannot read param '{name}' ({type(e).__name__}: "
-                                  f"{first_line(e)})") from None
+                                  f"{store_error_line(e)})") from None
 
 
     def _raw_chunks(self, name: str, out: np.ndarray) -> tuple[str, tuple[int, ...], str] | None:

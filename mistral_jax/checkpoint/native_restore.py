@@ -13,19 +13,20 @@ from typing import Any, Iterator
 import flax.linen as nn
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 from tqdm import tqdm
 
 from mistral_jax.checkpoint.integrity import ALGORITHM, tensor_digest
 from mistral_jax.checkpoint.native_meta import (CHECKSUMS, SCANNED_SINCE, check_tree, param_digests,
                                                 read_native_meta)
-from mistral_jax.checkpoint.native_read import ParamReader
+from mistral_jax.checkpoint.native_read import ParamReader, store_error_line
 from mistral_jax.checkpoint.torch_read import check_values_chunked
 from mistral_jax.checkpoint.train_state import settle_orbax_event_loops
-from mistral_jax.checkpoint.weights import aligned_empty
-from mistral_jax.errors import CheckpointError, first_line
+from mistral_jax.checkpoint.weights import aligned_empty, get_path
+from mistral_jax.errors import CheckpointError
 from mistral_jax.model.config import ModelConfig
-from mistral_jax.model.param_tree import flat_params, host_array
+from mistral_jax.model.param_tree import flat_params, host_array, param_name
 from mistral_jax.model.transformer import abstract_params, param_shardings
 from mistral_jax.runtime import distributed
 from mistral_jax.runtime.dtypes import parse_dtype
@@ -62,12 +63,6 @@ def _quiet_orbax_logs() -> Iterator[None]:
         absl_log.removeFilter(drop)
 
 
-def _at(tree: Any, kpath: tuple) -> Any:
-    for k in kpath:
-        tree = tree[getattr(k, "key", k)]
-    return tree
-
-
 def _place(x: np.ndarray, sharding: Any, scanned: bool) -> jax.Array:
     """A host param on its device(s) (the default device, or the host for a per-layer tree to be stacked);
     the CPU device shares the aligned host buffer instead of copying it."""
@@ -91,26 +86,38 @@ def _stack_legacy(cfg: ModelConfig, params: dict, shardings: Any) -> dict:
         for i, leaves in enumerate(per_layer):  # filled in place, each layer freed once copied
             x[i] = host_array(leaves[j])
             leaves[j].delete()
-        sh = None
-        if shardings is not None:
-            sh = shardings["layers"]
-            for k in kpath:
-                sh = sh[k.key]
-        stacked.append(jax.device_put(x, sh))
+        stacked.append(jax.device_put(x, None if shardings is None else get_path(shardings["layers"], kpath)))
         stacked[-1].block_until_ready()
         del x
     out["layers"] = jax.tree_util.tree_unflatten(treedef, stacked)
     return out
 
 
+def _orbax_item_metadata(params_dir: Path) -> Any:
+    """Orbax's metadata of the params folder (its tree of array metadata); CheckpointError naming the folder
+    when it is unreadable."""
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        try:
+            with _quiet_orbax_logs():
+                item = ckptr.metadata(params_dir).item_metadata
+        except Exception as e:  # orbax raises various types for unreadable metadata
+            raise CheckpointError(f"{params_dir}: unreadable orbax metadata ({type(e).__name__}: "
+                                  f"{store_error_line(e)})") from None
+    finally:
+        ckptr.close()
+    if item is None:  # what orbax returns (after a logged warning) when a metadata file is unreadable
+        raise CheckpointError(f"{params_dir}: unreadable orbax metadata (its _METADATA, _sharding or "
+                              "array metadata files are missing or corrupt)")
+    return item
+
+
 def restore_native(path: Path, mesh: Mesh | None, dtype: Any, rope_theta: float | None, verify: bool = True,
-                 allow_nonfinite: bool = False, progress: bool = True) -> tuple[ModelConfig, Any, list[str]]:
+                   allow_nonfinite: bool = False, progress: bool = True) -> tuple[ModelConfig, Any, list[str]]:
     """Restores a native folder (placed on `mesh` if given); with `verify`, checks config.json against its
     saved copy and each param's checksum and values in its stored dtype (restored in that dtype, then cast
     param by param to `dtype`). Folders of format versions 1-2 (per-layer params) are restored, checked per
     stored param, then stacked into the scanned tree."""
-    import orbax.checkpoint as ocp
-
     settle_orbax_event_loops()  # a corrupt file fails with its error only, no "Event loop is closed" tracebacks
     cfg, stored, version, sums, notes = read_native_meta(path, verify)
     shardings = param_shardings(cfg, mesh) if mesh is not None else None
@@ -123,19 +130,7 @@ def restore_native(path: Path, mesh: Mesh | None, dtype: Any, rope_theta: float 
     want_dt = parse_dtype(stored_dt if dtype is None else dtype, "dtype")
     scanned = version >= SCANNED_SINCE
     abstract = nn.unbox(abstract_params(cfg, scan_layers=scanned))
-    ckptr = ocp.StandardCheckpointer()
-    try:
-        try:
-            with _quiet_orbax_logs():
-                item = ckptr.metadata(params_dir).item_metadata
-        except Exception as e:  # orbax raises various types for unreadable metadata
-            raise CheckpointError(f"{params_dir}: unreadable orbax metadata ({type(e).__name__}: "
-                                  f"{first_line(e)})") from None
-    finally:
-        ckptr.close()
-    if item is None:  # what orbax returns (after a logged warning) when a metadata file is unreadable
-        raise CheckpointError(f"{params_dir}: unreadable orbax metadata (its _METADATA, _sharding or "
-                              "array metadata files are missing or corrupt)")
+    item = _orbax_item_metadata(params_dir)
     check_tree(cfg, flat_params(item.tree), str(params_dir), scan_layers=scanned)
     digests = param_digests(path, sums, list(flat_params(abstract))) if sums is not None else None
     # per-layer trees are stacked on the host first; a scanned one goes straight to its devices
@@ -146,13 +141,13 @@ def restore_native(path: Path, mesh: Mesh | None, dtype: Any, rope_theta: float 
     out = []
     # a bar on a terminal only (disable=None): programs whose stderr is a log keep it to their own lines
     for kpath, spec in tqdm(leaves, desc=f"reading {path.name}", unit="param", disable=None if progress else True):
-        name = "/".join(str(getattr(k, "key", k)) for k in kpath)
+        name = param_name(kpath)
         x = reader.read(name.replace("/", "."), spec.shape, stored_dt)  # one host buffer, one chunk on top
         if digests is not None and tensor_digest(x) != digests[name]:
             raise CheckpointError(f"{params_dir}: param '{name}' does not match its {ALGORITHM} checksum in "
                                   f"{CHECKSUMS}: the params files are corrupt")
         check_values_chunked(x, name, str(params_dir), allow_nonfinite)
-        leaf = _place(x, _at(place, kpath) if scanned else None, scanned)
+        leaf = _place(x, get_path(place, kpath) if scanned else None, scanned)
         del x
         if want_dt != stored_dt:
             cast = _cast(leaf, want_dt)

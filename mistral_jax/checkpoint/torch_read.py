@@ -19,13 +19,12 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
+from mistral_jax.checkpoint.integrity import check_values, count_nonfinite
+from mistral_jax.checkpoint.weights import (TensorSpec, assemble, check_keys, check_shape, get_path, group_specs,
+                                            set_path, tensor_specs)
+from mistral_jax.errors import CheckpointError, WeightError, first_line
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.runtime.dtypes import parse_dtype
-from mistral_jax.errors import first_line
-from mistral_jax.errors import CheckpointError
-from mistral_jax.checkpoint.integrity import check_values, count_nonfinite
-from mistral_jax.checkpoint.weights import (TensorSpec, WeightError, assemble, check_keys, check_shape, get_path, group_specs,
-                                 set_path, tensor_specs)
 
 ST_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),

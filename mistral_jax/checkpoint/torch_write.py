@@ -19,20 +19,22 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
+import flax.linen as nn
 import ml_dtypes
 import numpy as np
+import sentencepiece as spm
 from tqdm import tqdm
 
 from mistral_jax.checkpoint.atomic import atomic_dir
-from mistral_jax.model.config import ModelConfig
-from mistral_jax.runtime.dtypes import parse_dtype
-from mistral_jax.errors import CheckpointError
 from mistral_jax.checkpoint.integrity import check_values
 from mistral_jax.checkpoint.weights import TensorSpec, check_shape, get_path, param_slice, tensor_specs
-from mistral_jax.errors import WeightError
+from mistral_jax.data.tokenizer import default_tokenizer_path
+from mistral_jax.errors import CheckpointError, TokenizerError, WeightError
+from mistral_jax.model.config import ModelConfig
+from mistral_jax.model.transformer import abstract_params
+from mistral_jax.runtime.dtypes import parse_dtype
 
 _ST_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16"}
-# Model vocab size -> the matching SentencePiece file in mistral-common's package data.
 log = logging.getLogger(__name__)
 
 TokenizerArg = str | Path | None | Literal["auto"]
@@ -52,8 +54,6 @@ def parse_size(size: int | str) -> int:
 
 def tokenizer_for_vocab(vocab_size: int) -> Path | None:
     """mistral-common's SentencePiece model for a model vocab (v1: 32000, v3: 32768), else None."""
-    from mistral_jax.data.tokenizer import default_tokenizer_path
-    from mistral_jax.errors import TokenizerError
     try:
         return default_tokenizer_path(vocab_size)
     except TokenizerError:
@@ -70,7 +70,6 @@ def _resolve_tokenizer(tokenizer: TokenizerArg, cfg: ModelConfig) -> Path | None
     if tokenizer is None:
         return None
     path = Path(tokenizer)
-    import sentencepiece as spm
     try:
         n = spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
     except (OSError, RuntimeError) as e:
@@ -82,7 +81,6 @@ def _resolve_tokenizer(tokenizer: TokenizerArg, cfg: ModelConfig) -> Path | None
 
 def _hf_tokenizer_config(path: Path, cfg: ModelConfig) -> dict[str, Any]:
     """tokenizer_config.json for a SentencePiece model (LlamaTokenizer, BOS added, no EOS)."""
-    import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(path))
     piece = lambda i: sp.id_to_piece(i) if 0 <= i < sp.get_piece_size() else None  # noqa: E731
     return {
@@ -150,9 +148,6 @@ def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], np.d
 def _export_plan(cfg: ModelConfig, params: Mapping, layout: str, dtype: Any, allow_nonfinite: bool
                  ) -> tuple[list[TensorSpec], np.dtype, Callable[[str], np.ndarray]]:
     """(specs, output dtype, key -> tensor in the torch layout); every param's shape is checked first."""
-    from flax import linen as nn
-
-    from mistral_jax.model.transformer import abstract_params
     abstract = nn.unbox(abstract_params(cfg))
     specs = tensor_specs(cfg, layout)
     by_key = {s.key: s for s in specs}

@@ -15,12 +15,12 @@ import hashlib
 from pathlib import Path
 from typing import Any, Coroutine
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from mistral_jax.checkpoint.formats import detect_format
 from mistral_jax.checkpoint.integrity import checkpoint_identity, tensor_digest
+from mistral_jax.model.param_tree import flat_params, host_array
 
 ITEMS = ("state", "data", "meta")
 BASE_META = "lora_base"  # metadata key of a LoRA run's base record
@@ -110,15 +110,6 @@ class TrainCheckpointer:
             meta=ocp.args.JsonRestore()))
         return out["state"], dict(out["data"]), dict(out["meta"])
 
-    def state_keys(self, step: int | None = None) -> list[str]:
-        """The '/'-joined paths of the arrays in the saved train state of `step` (default: latest), from
-        the checkpoint's metadata (no array is read)."""
-        step = self._check_step(step)
-        with ocp.StandardCheckpointer() as reader:
-            tree = reader.metadata(self.directory / str(step) / "state").item_metadata.tree
-        return ["/".join(str(getattr(k, "key", k)) for k in path)
-                for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
     def wait(self) -> None:
         """Blocks until pending async saves are committed."""
         self._manager.wait_until_finished()
@@ -152,13 +143,8 @@ def params_identity(params: Any) -> str:
     order): what `checkpoint_identity` is of a native folder's checksums, for weights that have no folder.
     Reads one param at a time to the host (no copy on the CPU device)."""
     h = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        if jax.process_count() > 1:
-            from mistral_jax.runtime.distributed import to_host
-            x = to_host(leaf)
-        else:
-            x = np.asarray(jax.device_get(leaf))
+    for name, leaf in flat_params(params).items():
+        x = host_array(leaf)
         h.update(f"{name}\0{np.dtype(x.dtype).name}\0{tensor_digest(x)}\n".encode())
         del x
     return h.hexdigest()[:16]

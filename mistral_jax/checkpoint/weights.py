@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -147,9 +147,10 @@ def set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def get_path(tree: Mapping, path: tuple[str, ...]) -> Any:
+def get_path(tree: Mapping, path: tuple) -> Any:
+    """The subtree of nested dicts at `path`: dict keys, or the entries of a jax tree key path."""
     for p in path:
-        tree = tree[p]
+        tree = tree[getattr(p, "key", p)]
     return tree
 
 
@@ -254,10 +255,3 @@ def state_dict_to_params(state: Mapping[str, Any], cfg: ModelConfig, layout: str
         set_path(params, group[0].path,
                  assemble(group, lambda s: s.to_ours(np.asarray(state[s.key]).astype(dtype, copy=False))))
     return params
-
-
-def params_to_state_dict(params: Mapping, cfg: ModelConfig, layout: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (key, C-contiguous numpy tensor in torch layout, possibly read-only) one tensor at a time."""
-    for spec in tensor_specs(cfg, layout):
-        w = np.asarray(param_slice(params, spec))
-        yield spec.key, contiguous(spec.from_ours(w))

@@ -1,14 +1,15 @@
 """Checkpoint conversion CLI.
 
-    python -m convert SRC DST [--format hf|mistral|native] [--dtype float32|bfloat16|float16] [--rope-theta X]
-    python -m convert --to hf|mistral CKPT OUT [--dtype ...] [--max-shard-size 5GB] [--tokenizer PATH|none]
+    mistral-jax convert SRC DST [--format hf|mistral|native] [--dtype float32|bfloat16|float16] [--rope-theta X]
+    mistral-jax convert --to hf|mistral CKPT OUT [--dtype ...] [--max-shard-size 5GB] [--tokenizer PATH|none]
 
 The first form writes a native checkpoint; the second exports one (or any readable folder) to a
-PyTorch layout. A native SRC is verified against its checksums.json (params and config.json);
-`--no-verify` skips that, e.g. to adopt a deliberate edit of its config.json into DST's fresh checksums.
+PyTorch layout; `--adapter PEFT_DIR` merges a PEFT LoRA adapter into the weights on the way. A native SRC
+is verified against its checksums.json (params and config.json); `--no-verify` skips that, e.g. to adopt
+a deliberate edit of its config.json into DST's fresh checksums.
 Errors print one line naming the culprit and exit with status 1; running out of memory prints one line naming
 the stage, the bytes requested and available, and what to change, and exits with status 3.
-(`python -m infer.convert` is an alias.)
+(`python -m infer.convert` runs the same program from a checkout.)
 """
 
 from __future__ import annotations
@@ -18,17 +19,15 @@ import os
 import sys
 import time
 
+from mistral_jax.errors import CheckpointError, ConfigError, DtypeError, WeightError
 from mistral_jax.runtime import oom
-from mistral_jax.errors import ConfigError
-from mistral_jax.errors import DtypeError
-from mistral_jax.errors import CheckpointError
-from mistral_jax.errors import WeightError
 
-PROG = "python -m convert"
+PROG = "python -m infer.convert"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG,
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The program's arguments; `prog` is the command name its usage and messages show."""
+    p = argparse.ArgumentParser(prog=prog,
                                 description="Convert Mistral checkpoints between PyTorch layouts and this library.",
                                 epilog="exit status: 0 converted, 1 error (one line naming the culprit), 2 bad "
                                        "arguments, 3 out of memory (one line naming the stage, the bytes requested "
@@ -48,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None,
                    help="SentencePiece model to ship with --to hf/mistral (default: mistral-common's v1 model for "
                         "vocab 32000, v3 for 32768, none otherwise; 'none' writes no tokenizer)")
+    p.add_argument("--adapter", default=None, metavar="PEFT_DIR",
+                   help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to merge into "
+                        "SRC's weights before writing DST")
     p.add_argument("--no-verify", action="store_true",
                    help="read a native SRC without checking its checksums (params and config.json), e.g. to adopt a "
                         "deliberate edit of its config.json; DST gets fresh checksums")
@@ -67,13 +69,14 @@ def oom_advice(args: argparse.Namespace) -> list[str]:
             "more free host memory (the params are held in host memory once)"]
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, prog: str = PROG) -> None:
     """Performs the conversion described by parsed CLI arguments; out of memory exits (status 3) with one
-    line on stderr."""
+    line on stderr naming `prog`."""
     from mistral_jax.checkpoint import native as checkpoint
     from mistral_jax.checkpoint import torch_write
     from mistral_jax.checkpoint.atomic import check_dst
     from mistral_jax.checkpoint.formats import detect_format
+    from mistral_jax.checkpoint.peft import merge_peft_adapter
 
     check_dst(args.dst, args.force, src=args.src)  # fail before reading gigabytes
     dtype = args.dtype
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> None:
         fmt = args.format or detect_format(args.src)
         dtype = None if fmt == "native" else "float32"
     t0 = time.perf_counter()
-    guard = oom.Reporter(PROG, oom_advice(args))
+    guard = oom.Reporter(prog, oom_advice(args))
     with guard.stage(f"reading {args.src}"):
         cfg, params, notes = checkpoint.load_params_with_notes(args.src, dtype=dtype, fmt=args.format,
                                                                rope_theta=args.rope_theta, progress=not args.quiet,
@@ -89,6 +92,9 @@ def run(args: argparse.Namespace) -> None:
                                                                verify=not args.no_verify)
     for note in notes:
         print(f"note: {note}")
+    if args.adapter is not None:
+        with guard.stage(f"merging the adapter {args.adapter}"):
+            params = merge_peft_adapter(params, cfg, args.adapter, in_place=True)
     if args.to == "native":
         with guard.stage(f"writing {args.dst}"):
             checkpoint.save_params(args.dst, cfg, params, force=args.force)
@@ -108,13 +114,13 @@ def run(args: argparse.Namespace) -> None:
     print(f"wrote {args.to} checkpoint to {args.dst} ({time.perf_counter() - t0:.1f}s)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs the CLI; returns the exit status (0 ok, 1 error reported on one line); out of memory exits with
-    status 3 (`oom.EXIT_CODE`) after its one line."""
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """Runs the CLI on `argv` (default: sys.argv[1:]) as the command `prog`; returns the exit status (0 ok,
+    1 error reported on one line); out of memory exits with status 3 (`oom.EXIT_CODE`) after its one line."""
+    args = build_parser(prog).parse_args(argv)
     try:
-        with oom.Reporter(PROG, oom_advice(args)).stage("converting"):   # run() names its own stages
-            run(args)
+        with oom.Reporter(prog, oom_advice(args)).stage("converting"):   # run() names its own stages
+            run(args, prog)
     except (CheckpointError, ConfigError, WeightError, DtypeError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1

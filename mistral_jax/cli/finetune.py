@@ -16,9 +16,12 @@ from mistral_jax.training.run_config import CHAT_SOURCES
 from mistral_jax.cli.train_cli import main as _main
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return _main(argv, "python -m train.finetune", __doc__.splitlines()[0], "configs/finetune-default.toml",
-                 CHAT_SOURCES)
+PROG = "python -m train.finetune"
+
+
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Runs the fine-tuning program on argv (default: sys.argv[1:]); returns the exit status."""
+    return _main(argv, prog, __doc__.splitlines()[0], "configs/finetune-default.toml", CHAT_SOURCES)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,13 @@ import argparse
 import math
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
+
+from mistral_jax.runtime import oom
+from mistral_jax.runtime.arg_types import int_in
+
+# jax and the library are imported inside the functions, for start-up time: --help and bad flags answer at
+# once, and the plan sets XLA_FLAGS (simulated devices) before jax starts its backend.
 
 
 def _mesh(text: str) -> tuple[int, int, int]:
@@ -28,23 +34,14 @@ def _mesh(text: str) -> tuple[int, int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _int_at_least(lo: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
-        return v
-    return parse
+PROG = "python -m train.plan"
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None, prog: str = PROG) -> argparse.Namespace:
     """Parsed and checked flags (argparse exits with status 2 and a one-line error for a bad value or a
     layout the plan cannot simulate: see `memory_plan.check_layout`)."""
     from mistral_jax.training.memory_plan import MAX_SIMULATED_DEVICES, check_layout   # starts no jax backend
-    p = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
                                 epilog="exit status: 0 planned (whether or not it fits), 2 bad arguments, 3 out of "
                                        "host memory while planning (one line; try --no-compile)")
     p.add_argument("--preset", default="mistral-7b-v0.1", help="model preset (mistral_jax/model/presets/NAME.json)")
@@ -52,14 +49,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="device mesh as data,fsdp,tensor (e.g. 1,8,1) or data=D,fsdp=F,tensor=T (omitted axes "
                         "are 1), the same syntax as the infer programs' --mesh; at most "
                         f"{MAX_SIMULATED_DEVICES} (simulated) devices")
-    p.add_argument("--seq-len", type=_int_at_least(1), required=True)
-    p.add_argument("--batch", type=_int_at_least(1), required=True,
+    p.add_argument("--seq-len", type=int_in(1), required=True)
+    p.add_argument("--batch", type=int_in(1), required=True,
                    help="global rows per step (a multiple of grad_accum x data x fsdp)")
-    p.add_argument("--grad-accum", type=_int_at_least(1), default=1)
+    p.add_argument("--grad-accum", type=int_in(1), default=1)
     p.add_argument("--remat", default="full", choices=("none", "full", "dots"))
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"), help="compute dtype")
     p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--lora-rank", type=_int_at_least(0), default=0)
+    p.add_argument("--lora-rank", type=int_in(0), default=0)
     p.add_argument("--device-memory", default="h100", help="v5e, v5p, h100, h200, v4 or a size such as 16GiB")
     p.add_argument("--no-compile", action="store_true", help="state bytes only (no XLA memory analysis)")
     args = p.parse_args(argv)
@@ -70,13 +67,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     """Prints the plan; exit status 0 planned (whether or not it fits), 2 bad arguments, 3 out of memory."""
-    args = parse_args(argv)
-    from mistral_jax.runtime import oom
+    args = parse_args(argv, prog)
     advice = (["--no-compile (state bytes only, no XLA memory analysis)"] if not args.no_compile else []) + \
         ["more free host memory"]
-    with oom.Reporter("python -m train.plan", advice).stage(
+    with oom.Reporter(prog, advice).stage(
             "compiling the train step for its memory analysis" if not args.no_compile else "planning"):
         return _main(args)
 
@@ -96,7 +92,8 @@ def _main(args: argparse.Namespace) -> int:
         limit = mp.parse_memory(args.device_memory)
         cfg = ModelConfig.preset(args.preset).replace(max_seq_len=args.seq_len)
         pl = mp.plan(cfg, args.mesh, args.seq_len, args.batch, remat=args.remat,
-                     dtype=parse_dtype(args.dtype, "--dtype"), param_dtype=parse_dtype(args.param_dtype, "--param-dtype"),
+                     dtype=parse_dtype(args.dtype, "--dtype"),
+                     param_dtype=parse_dtype(args.param_dtype, "--param-dtype"),
                      grad_accum=args.grad_accum, lora_rank=args.lora_rank, compile=not args.no_compile)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,9 +14,12 @@ from mistral_jax.training.run_config import TEXT_SOURCES
 from mistral_jax.cli.train_cli import main as _main
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return _main(argv, "python -m train.pretrain", __doc__.splitlines()[0], "configs/pretrain-default.toml",
-                 TEXT_SOURCES)
+PROG = "python -m train.pretrain"
+
+
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Runs the pretraining program on argv (default: sys.argv[1:]); returns the exit status."""
+    return _main(argv, prog, __doc__.splitlines()[0], "configs/pretrain-default.toml", TEXT_SOURCES)
 
 
 if __name__ == "__main__":

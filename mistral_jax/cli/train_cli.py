@@ -9,16 +9,15 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from mistral_jax.errors import DataError, RunConfigError, RunError, TrainingDiverged
 from mistral_jax.runtime import distributed
 from mistral_jax.runtime import oom
 from mistral_jax.training import run_config as rc_lib
-from mistral_jax.errors import DataError
-from mistral_jax.training.train_loop import run
-from mistral_jax.errors import RunError, TrainingDiverged
+from mistral_jax.training.run import run
 
 # Failures reported as `error: ...` lines (exit status 1) rather than tracebacks: bad input, an incompatible
 # checkpoint, a diverged run. A RunConfigError (a bad config, also when found by the run) exits with 2.
-USER_ERRORS = (rc_lib.RunConfigError, RunError, DataError, TrainingDiverged, FileExistsError)
+USER_ERRORS = (RunConfigError, RunError, DataError, TrainingDiverged, FileExistsError)
 
 EXIT_STATUS = ("exit status: 0 done, 1 run failed (bad data, checkpoint, divergence), 2 bad config (a field's value, "
                "or data.paths and data.val_paths naming the same file), 3 out of memory (host or device: one line "
@@ -29,14 +28,14 @@ EXIT_STATUS = ("exit status: 0 done, 1 run failed (bad data, checkpoint, diverge
 # ("module:function" -> a name, or a function of that frame's locals giving one).
 OOM_STAGES = {
     "mistral_jax.training.data_source:make_data": "reading the data",
-    "mistral_jax.training.train_loop:load_init_params": "loading the --init-from checkpoint",
+    "mistral_jax.training.start_state:load_init_params": "loading the --init-from checkpoint",
     "mistral_jax.checkpoint.train_state:restore": "restoring the checkpoint (--resume)",
     "mistral_jax.training.train_step:init_state": "creating the params and optimizer state",
-    "mistral_jax.training.train_loop:measure_peak": "measuring the peak FLOP/s (set train.peak_flops to skip it)",
-    "mistral_jax.training.train_loop:train": lambda f: f"training step {f['step'] + 1} of {f['steps']}",
+    "mistral_jax.training.run_setup:measure_peak": "measuring the peak FLOP/s (set train.peak_flops to skip it)",
+    "mistral_jax.training.step_loop:train": lambda f: f"training step {f['step'] + 1} of {f['steps']}",
     "mistral_jax.checkpoint.train_state:save": "saving a checkpoint",
-    "mistral_jax.training.train_loop:heldout_loss": "computing the held-out loss",
-    "mistral_jax.training.train_loop:answer_exact_match": "generating the held-out answers",
+    "mistral_jax.training.heldout:heldout_loss": "computing the held-out loss",
+    "mistral_jax.training.heldout:answer_exact_match": "generating the held-out answers",
     "mistral_jax.checkpoint.native:save_params": "exporting the params",
 }
 
@@ -91,7 +90,7 @@ def main(argv: Sequence[str] | None, prog: str, description: str, example: str, 
         return 2
     try:
         rc = rc_lib.load(args.config, args.set)
-    except rc_lib.RunConfigError as e:
+    except RunConfigError as e:
         _error(e)
         return 2
     if rc.data.source not in sources:
@@ -104,7 +103,7 @@ def main(argv: Sequence[str] | None, prog: str, description: str, example: str, 
         with guard.stage(lambda e: oom.frame_stage(e, OOM_STAGES, "preparing the run")):
             summary = run(rc, run_dir, resume=args.resume, init_from=args.init_from,
                           profile_steps=args.profile_steps)
-    except rc_lib.RunConfigError as e:   # found once the files are known, e.g. a file both trained on and held out
+    except RunConfigError as e:   # found once the files are known, e.g. a file both trained on and held out
         _error(e)
         return 2
     except USER_ERRORS as e:

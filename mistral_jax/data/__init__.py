@@ -1,1 +1,2 @@
-"""Text and conversations to token batches: tokenizer, document packing, chat templates, shards over processes, sources."""
+"""Text and conversations to token batches: the tokenizer, document packing, chat templates and chat files,
+packed resumable streams, and shards spread over processes."""

@@ -27,7 +27,8 @@ import random
 import sysconfig
 import zlib
 from pathlib import Path
-from typing import Any
+
+from mistral_jax.runtime.files import write_atomic
 
 SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer with as few words as possible.",
                   "You know the Python standard library well.", "Reply with the answer only.")
@@ -151,19 +152,6 @@ def write_examples(out_dir: str | Path, n_train: int, n_val: int, seed: int = 0,
                                                                                 tasks=tasks)]
     paths = out / "train.jsonl", out / "val.jsonl"
     for path, lines in zip(paths, (train_lines, val_lines)):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, "".join(x + "\n" for x in lines))
     return paths
 
-
-def greedy_targets(path: str | Path) -> list[tuple[list[dict[str, Any]], str, str]]:
-    """(prompt messages: everything before the last answer, that answer, its task or "") per line of a
-    messages-format JSONL file (as written by write_examples): the exact-match targets of greedy answers."""
-    out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            obj = json.loads(line)
-            msgs = obj["messages"]
-            out.append((msgs[:-1], msgs[-1]["content"], obj.get("task", "")))
-    return out

@@ -13,9 +13,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mistral_jax.data.rows import Batch, empty_row, stack_rows
 from mistral_jax.errors import DataError
-
-KEYS_FILL = {"tokens": 0, "positions": 0, "segment_ids": 0, "target_mask": 0}
 
 
 def owned_shards(n_shards: int, process_index: int, process_count: int) -> range:
@@ -58,13 +57,10 @@ class ShardedStream:
         return {"shards": {str(s): self.streams[s].state() for s in self.shards}}
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Restores this process's shards from a state holding at least them (a state saved by a
-        one-shard run before shards existed is read as shard 0's)."""
-        if "shards" not in state:
-            if self.n_shards != 1:
-                raise ValueError(f"data state has no per-shard positions but data.shards={self.n_shards}")
-            state = {"shards": {"0": state}}
-        saved = state["shards"]
+        """Restores this process's shards from a state holding at least them."""
+        saved = state.get("shards")
+        if not isinstance(saved, dict):
+            raise ValueError(f"data state has no per-shard positions ('shards'), got keys {sorted(state)[:10]}")
         missing = [s for s in self.shards if str(s) not in saved]
         if missing:
             raise ValueError(f"data state holds shards {sorted(saved, key=int)}, this process needs {missing} "
@@ -91,10 +87,10 @@ class ShardedStream:
         keys = [k for k in parts[0] if all(k in p for p in parts)]
         return {k: np.concatenate([p[k] for p in parts]) for k in keys}
 
-    def _empty(self, s: int) -> dict[str, np.ndarray]:
+    def _empty(self, s: int) -> Batch:
+        """A batch of padding rows (every BATCH_KEYS key) in the shape of shard s's batches."""
         st = self.streams[s]
-        shape = (st.batch_size, st.seq_len)
-        return {k: np.full(shape, v, np.int32) for k, v in KEYS_FILL.items()}
+        return stack_rows([empty_row(st.seq_len)] * st.batch_size)
 
 
 class Exhausted:

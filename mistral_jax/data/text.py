@@ -18,11 +18,10 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from mistral_jax.runtime.files import file_identity
-from mistral_jax.training.run_config import DataSection
+from mistral_jax.data.rows import TEXT_KEYS, Row, RowStream, check_counters
+from mistral_jax.data.shards import Exhausted, ShardedStream, assign, owned_shards
 from mistral_jax.errors import DataError
-
-Row = dict[str, np.ndarray]  # 'tokens', 'positions', 'segment_ids': int32 (T,); segment 0 = padding
+from mistral_jax.runtime.files import file_identity, read_jsonl
 
 
 class TextEncoder(Protocol):
@@ -30,6 +29,25 @@ class TextEncoder(Protocol):
     eos_id: int
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+
+class CorpusSettings(Protocol):
+    """What listing a corpus reads (a run config's [data] section has these fields)."""
+    source: str            # "stdlib" (Python's library sources under `pattern`) or "files" (the `paths` globs)
+    pattern: str
+    paths: Sequence[str]
+    exclude: Sequence[str]
+    max_bytes: int         # 0: no limit
+
+
+class TextSettings(CorpusSettings, Protocol):
+    """What the pretraining streams read, besides the corpus (a run config's [data] section has these fields)."""
+    val_percent: float
+    seq_len: int
+    batch_size: int        # rows of a global batch, over all shards
+    seed: int
+    shuffle_files: int
+    shards: int
 
 
 # ----- files -----
@@ -66,7 +84,7 @@ def glob_base(pattern: str) -> Path:
     return Path(*fixed[:-1]) if len(fixed) > 1 else Path(".")  # no wildcard: the file's own directory
 
 
-def _candidates(data: DataSection) -> Iterator[tuple[Path, Path]]:
+def _candidates(data: CorpusSettings) -> Iterator[tuple[Path, Path]]:
     """(file or directory, the corpus root it was found under)."""
     if data.source == "stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
@@ -81,7 +99,7 @@ def _candidates(data: DataSection) -> Iterator[tuple[Path, Path]]:
         raise DataError(f"data.source must be 'stdlib' or 'files', got {data.source!r}")
 
 
-def list_files(data: DataSection) -> Corpus:
+def list_files(data: CorpusSettings) -> Corpus:
     """The corpus: Python's standard library sources or the configured globs, less excluded and large files.
 
     `data.exclude` is matched against the path parts below the corpus root (the stdlib directory, or
@@ -127,23 +145,15 @@ def split_files(files: Sequence[Path], val_percent: float) -> tuple[list[Path], 
 
 def _jsonl_texts(path: Path) -> list[str]:
     """The "text" field of each line of a JSONL file (blank lines skipped); DataError naming file:line."""
-    import json
     out = []
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise DataError(f"{path}:{i}: not a JSON line ({type(e).__name__}: {e})") from None
-            except RecursionError:         # e.g. 100,000 nested '[': the parser recurses per level
-                raise DataError(f"{path}:{i}: not a JSON line (nested too deeply to read)") from None
-            text = rec.get("text") if isinstance(rec, dict) else None
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{i}: expected an object with a string \"text\" field, got "
-                                f"{type(text).__name__ if isinstance(rec, dict) else type(rec).__name__}")
-            out.append(text)
+    for n, rec, why in read_jsonl(path):
+        if why is not None:
+            raise DataError(f"{path}:{n}: {why}")
+        text = rec.get("text") if isinstance(rec, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{n}: expected an object with a string \"text\" field, got "
+                            f"{type(text).__name__ if isinstance(rec, dict) else type(rec).__name__}")
+        out.append(text)
     return out
 
 
@@ -188,19 +198,17 @@ def pack_documents(docs: Iterable[Sequence[int]], seq_len: int) -> Iterator[Row]
         yield {"tokens": tokens, "positions": positions, "segment_ids": segments}
 
 
-def stack_rows(rows: Sequence[Row]) -> dict[str, np.ndarray]:
-    """Rows -> (N, T) arrays."""
-    return {k: np.stack([r[k] for r in rows]) for k in ("tokens", "positions", "segment_ids")}
-
-
 # ----- the resumable stream -----
 
-class PackedStream:
-    """Batches of packed rows, (batch_size, seq_len) each. `state()` / `restore()` give exact resumption.
+class PackedStream(RowStream):
+    """Batches of packed rows: TEXT_KEYS -> int32 (batch_size, seq_len). `state()` / `restore()` give exact
+    resumption.
 
     shuffle=True: endless, file order reshuffled each epoch and rows shuffled within each shuffle group
-    of `shuffle_files` consecutive files. shuffle=False: files in order, one pass (for held-out evaluation).
+    of `shuffle_files` consecutive files. shuffle=False: files in order, one pass (for held-out evaluation);
+    the last batch is padded with empty rows.
     """
+    row_keys = TEXT_KEYS
 
     def __init__(self, files: Sequence[Path], tokenizer: TextEncoder, seq_len: int, batch_size: int,
                  seed: int = 0, shuffle_files: int = 64, shuffle: bool = True):
@@ -223,13 +231,8 @@ class PackedStream:
         return {"epoch": self._epoch, "group": self._group, "row": self._row, "seed": self.seed}
 
     def restore(self, state: dict[str, int]) -> None:
-        """Continue from a position returned by `state()` (the seed must match). A state written before
-        the rename of 'window' to 'group' is read the same way."""
-        if "group" not in state and "window" in state:
-            state = {**state, "group": state["window"]}
-        for key in ("epoch", "group", "row"):
-            if not isinstance(state.get(key), int) or state[key] < 0:
-                raise ValueError(f"PackedStream.restore: field '{key}' must be a non-negative int, got {state.get(key)!r}")
+        """Continue from a position returned by `state()` (the seed must match)."""
+        check_counters(state, ("epoch", "group", "row"), "PackedStream.restore")
         if state.get("seed", self.seed) != self.seed:
             raise ValueError(f"PackedStream.restore: state was saved with seed {state['seed']}, "
                              f"this stream has seed {self.seed} (data.seed)")
@@ -270,46 +273,29 @@ class PackedStream:
                     raise StopIteration
                 self._group, self._epoch = 0, self._epoch + 1
 
-    def __iter__(self) -> "PackedStream":
-        return self
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        """A (batch_size, seq_len) batch; the last batch of a non-shuffled pass is padded with empty rows."""
-        rows = []
-        try:
-            while len(rows) < self.batch_size:
-                rows.append(self.next_row())
-        except StopIteration:
-            if not rows:
-                raise
-            empty = {k: np.zeros(self.seq_len, np.int32) for k in ("tokens", "positions", "segment_ids")}
-            rows += [empty] * (self.batch_size - len(rows))
-        return stack_rows(rows)
-
-
-def make_streams(data: DataSection, tokenizer: TextEncoder, process_index: int = 0, process_count: int = 1
-                 ) -> tuple[Any, Any | None, Corpus]:
-    """(train stream, held-out stream or None, the corpus listing) for a run's data section.
+def make_streams(data: TextSettings, tokenizer: TextEncoder, process_index: int = 0, process_count: int = 1
+                 ) -> tuple[ShardedStream, ShardedStream | None, Corpus]:
+    """(train stream, held-out stream or None, the corpus listing) for a run's data settings.
 
     The train and held-out files are dealt into `data.shards` disjoint shards; this process reads only
-    its own shards (see data_shards). The held-out stream pads finished shards with empty rows.
+    its own shards (see shards.py). The held-out stream pads finished shards with empty rows.
     """
-    from mistral_jax.data import shards as ds
     corpus = list_files(data)
     train_files, val_files = split_files(corpus.files, data.val_percent)
     n = data.shards
-    mine = ds.owned_shards(n, process_index, process_count)
+    mine = owned_shards(n, process_index, process_count)
     per = data.batch_size // n
-    tr, va = ds.assign(train_files, n), ds.assign(val_files, n)
+    tr, va = assign(train_files, n), assign(val_files, n)
     empty = [s for s in range(n) if not tr[s]]
     if empty:
         raise DataError(f"data.shards={n} but only {len(train_files)} training files: shard(s) {empty} would "
                         "have none")
-    train = ds.ShardedStream(n, mine, lambda s: PackedStream(tr[s], tokenizer, data.seq_len, per, data.seed,
-                                                             data.shuffle_files))
+    train = ShardedStream(n, mine, lambda s: PackedStream(tr[s], tokenizer, data.seq_len, per, data.seed,
+                                                          data.shuffle_files))
     val = None
     if val_files:
-        val = ds.ShardedStream(n, mine, lambda s: (
+        val = ShardedStream(n, mine, lambda s: (
             PackedStream(va[s], tokenizer, data.seq_len, per, data.seed, data.shuffle_files, shuffle=False)
-            if va[s] else ds.Exhausted(per, data.seq_len)), endless_padding=True)
+            if va[s] else Exhausted(per, data.seq_len)), endless_padding=True)
     return train, val, corpus

@@ -10,22 +10,15 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import mistral_common
 import sentencepiece as spm
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mistral_jax.errors import first_line
-from mistral_jax.errors import TokenizerError
+from mistral_jax.data.chat_template import check_text, encode_prompt
+from mistral_jax.errors import TokenizerError, first_line
 
 # Model vocab size -> mistral-common package data file of the matching tokenizer.
 DEFAULT_FILES = {32000: "tokenizer.model.v1", 32768: "mistral_instruct_tokenizer_240323.model.v3"}
-
-
-def _mistral_common_data() -> Path:
-    try:
-        import mistral_common
-    except ImportError as e:
-        raise TokenizerError("the default tokenizers ship with the 'mistral-common' package; "
-                             "pip install mistral-common, or pass a tokenizer path") from e
-    return Path(mistral_common.__file__).parent / "data"
 
 
 def default_tokenizer_path(vocab_size: int = 32000) -> Path:
@@ -33,7 +26,7 @@ def default_tokenizer_path(vocab_size: int = 32000) -> Path:
     if vocab_size not in DEFAULT_FILES:
         raise TokenizerError(f"no default tokenizer for a model vocab of {vocab_size} (known: "
                              f"{', '.join(f'{n} -> {f}' for n, f in DEFAULT_FILES.items())}); pass a tokenizer path")
-    path = _mistral_common_data() / DEFAULT_FILES[vocab_size]
+    path = Path(mistral_common.__file__).parent / "data" / DEFAULT_FILES[vocab_size]
     if not path.is_file():
         raise TokenizerError(f"mistral-common is installed but has no {path}")
     return path
@@ -49,7 +42,8 @@ class Tokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (RuntimeError, OSError, ValueError) as e:
-            raise TokenizerError(f"tokenizer {self.path}: not a readable SentencePiece model ({first_line(e)})") from None
+            raise TokenizerError(f"tokenizer {self.path}: not a readable SentencePiece model "
+                                 f"({first_line(e)})") from None
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
         self.vocab_size = self.sp.get_piece_size()
@@ -68,7 +62,7 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Token ids of `text`, optionally with BOS / EOS. Raises ValueError for text that is not valid Unicode."""
-        _check_text(text, "text")
+        check_text(text, "text")
         ids = self.sp.encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
@@ -81,7 +75,6 @@ class Tokenizer:
     def chat_tokenizer(self) -> Any:
         """mistral-common's MistralTokenizer for this file (v1/v3 by name); TokenizerError if it has none."""
         if self._chat is None:
-            from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
             try:
                 mt = MistralTokenizer.from_file(str(self.path))
             except Exception as e:  # noqa: BLE001 - mistral-common raises several types for unknown files
@@ -107,19 +100,8 @@ class Tokenizer:
 
         messages: a list of {'role': 'system'|'user'|'assistant', 'content': str}: an optional first system
         message, then turns alternating user, assistant, ..., ending with a user turn. The same encoder as
-        fine-tuning's (`chat_data.encode_prompt`), so prompts and training data cannot disagree. Raises
+        fine-tuning's (`chat_template.encode_prompt`), so prompts and training data cannot disagree. Raises
         ValueError with a one-line reason otherwise.
         """
-        from mistral_jax.data.chat import encode_prompt
         return encode_prompt(messages, self.chat_tokenizer())
 
-
-def _check_text(text: Any, what: str) -> None:
-    """Raises ValueError naming `what` if text is not a str or holds a lone surrogate (not encodable as UTF-8)."""
-    if not isinstance(text, str):
-        raise ValueError(f"{what} must be a string, got {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"{what} holds a lone surrogate {text[e.start]!r} at character {e.start}; "
-                         "not valid Unicode text") from None

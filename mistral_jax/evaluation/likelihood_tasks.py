@@ -11,6 +11,8 @@ Per example:
   {text} replaced) and classified by the larger summed log-likelihood of the two label words ("acceptable",
   "unacceptable") as continuations (ties: "acceptable"). With chat, the label word is scored as the start
   of the assistant answer (its SentencePiece encoding).
+Every row also gets "n_tokens_run": the input positions its requests ran through the model (BOS and context
+included, padding excluded; see `summary` for tokens scored vs tokens run).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def run_scoring_task(task: str, examples: list[Example], tok: Tokenizer, scorer:
                        "moderate": (_prepare_moderate, _finish_moderate)}[task]
     requests: list[scoring.Request] = []
     owner: list[int] = []                 # request -> index into `pending`
-    pending: list[tuple[Example, Any, list[int]]] = []   # (example, prepared state, request ids)
+    pending: list[tuple[Example, Any, list[int], int]] = []   # (example, prepared state, request ids, inputs)
     for ex in examples:
         try:
             if ex.error is not None:
@@ -52,7 +54,7 @@ def run_scoring_task(task: str, examples: list[Example], tok: Tokenizer, scorer:
         ids = list(range(len(requests), len(requests) + len(reqs)))
         requests += reqs
         owner += [len(pending)] * len(reqs)
-        pending.append((ex, state, ids))
+        pending.append((ex, state, ids, sum(len(t) - 1 for t, _ in reqs)))
     results: list[scoring.Scored | None] = [None] * len(requests)
     left = [len(p[2]) for p in pending]
 
@@ -63,8 +65,8 @@ def run_scoring_task(task: str, examples: list[Example], tok: Tokenizer, scorer:
             j = owner[i]
             left[j] -= 1
             if left[j] == 0:
-                ex, state, ids = pending[j]
-                out.write({**base_row(ex), **finish(state, [results[k] for k in ids], st)})
+                ex, state, ids, n_run = pending[j]
+                out.write({**base_row(ex), **finish(state, [results[k] for k in ids], st), "n_tokens_run": n_run})
                 for k in ids:
                     results[k] = None       # free per-token arrays once written
                 finished += 1
@@ -153,4 +155,5 @@ def _finish_moderate(label: str, res: list[scoring.Scored], st: Settings) -> dic
     neg, pos = MODERATION_LABELS
     pred = pos if ll[pos] > ll[neg] else neg
     return {"label": label, "loglik": ll, "is_greedy": {w: r.is_greedy for w, r in zip(MODERATION_LABELS, res)},
-            "pred": pred, "correct": pred == label}
+            "n_tokens": {w: len(r.logprobs) for w, r in zip(MODERATION_LABELS, res)}, "pred": pred,
+            "correct": pred == label}

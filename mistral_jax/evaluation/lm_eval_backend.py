@@ -20,11 +20,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from mistral_jax.inference import scoring
+from mistral_jax.checkpoint.native import load_params
+from mistral_jax.data.tokenizer import Tokenizer
+from mistral_jax.inference import decode, scoring
+from mistral_jax.model import sharding
+from mistral_jax.runtime.dtypes import parse_dtype
 
 MODEL_NAME = "mistral-jax"
 
@@ -42,18 +47,11 @@ class MistralJaxLM(TemplateLM):
                  max_gen_toks: int = 256, rolling_overlap: int = 1, dtype: str = "float32", mesh: Any = None,
                  smallest_bucket: int = 64, seed: int = 0, **ignored: Any):
         super().__init__()
-        import jax.numpy as jnp
-
-        from mistral_jax.model import sharding
-        from mistral_jax.runtime.dtypes import parse_dtype
-        from mistral_jax.data.tokenizer import Tokenizer
-
         self._dtype = parse_dtype(dtype, "dtype") if isinstance(dtype, str) else jnp.dtype(dtype)
         if isinstance(mesh, str):
             mesh = sharding.make_mesh(*sharding.parse_mesh(mesh))
         self.mesh = mesh
         if checkpoint is not None:
-            from mistral_jax.checkpoint.native import load_params
             cfg, params = load_params(checkpoint, mesh=mesh, dtype=self._dtype, progress=False)
         elif params is None or cfg is None:
             raise ValueError("MistralJaxLM: give checkpoint=PATH, or params and cfg")
@@ -160,8 +158,6 @@ class MistralJaxLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from mistral_jax.inference import decode
-
         eos_text = self.tok.decode([self.tok.eos_id])
         groups: dict[tuple, list[int]] = {}
         parsed = []

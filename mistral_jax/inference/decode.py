@@ -10,7 +10,6 @@ job over prompts of many lengths compiles a handful of programs (`compiled_progr
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -134,36 +133,6 @@ def _prefill(params, cfg: ModelConfig, dtype: Dtype, tokens_BL, lengths_B, cache
     return last_BV, cache
 
 
-def forward_cached(params: Any, tokens_BT: jax.Array, *, cfg: ModelConfig, chunk: int,
-                   cache_len: int | None = None, dtype: Dtype = jnp.float32) -> jax.Array:
-    """Logits (B, T, V) of full sequences computed through the rolling cache, `chunk` tokens at a time.
-
-    chunk=1 is step-by-step cached decoding. T is padded up to a multiple of chunk internally.
-    cache_len (default: the window, or T without one) may not be smaller than that: a shorter cache
-    would drop keys that queries must see.
-    """
-    T = tokens_BT.shape[1]
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"forward_cached: chunk must be an integer >= 1, got {chunk!r}")
-    need = kv_cache.cache_size(cfg, T)
-    if cache_len is not None and cache_len < need:
-        window = f"the window {cfg.sliding_window}" if cfg.sliding_window is not None else "no window"
-        raise ValueError(f"forward_cached: cache_len {cache_len} is smaller than the {need} slots required for "
-                         f"{T} tokens with {window}")
-    return _forward_cached(packing.pack(params), tokens_BT, cfg=cfg, chunk=chunk, cache_len=cache_len or need, dtype=dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk", "cache_len"))
-def _forward_cached(params, tokens_BT, *, cfg: ModelConfig, chunk: int, cache_len: int, dtype: Dtype):
-    B, T = tokens_BT.shape
-    L = -(-T // chunk) * chunk
-    tokens_BL = jnp.pad(tokens_BT, ((0, 0), (0, L - T)))
-    with sharding.with_rules():
-        logits, _ = _prefill(params, cfg, dtype, tokens_BL, jnp.full((B,), T, jnp.int32),
-                             _new_cache(cfg, B, cache_len, dtype), chunk, all_logits=True)
-    return logits[:, :T]
-
-
 @dataclasses.dataclass(frozen=True)
 class DecodeShapes:
     """The static shapes of one generate program.
@@ -276,13 +245,6 @@ def compiled_programs() -> int:
     return _generate._cache_size() + _generate_fused._cache_size()
 
 
-def clear_programs() -> None:
-    """Drops every compiled generate program (both the fused and the plain jit), so `compiled_programs` counts
-    from zero."""
-    _generate.clear_cache()
-    _generate_fused.clear_cache()
-
-
 @dataclasses.dataclass
 class Generation:
     """Completion ids per prompt (EOS excluded) and whether each stopped on EOS."""
@@ -312,37 +274,13 @@ def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], ma
     eos_id -1 never stops; default cfg.eos_id.
     """
     prompts = [list(p) for p in prompts]
-    if not prompts:
-        raise ValueError("generate: no prompts given")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    for i, p in enumerate(prompts):
-        try:
-            check_prompt(p, cfg, max_new_tokens)
-        except ValueError as e:
-            raise ValueError(f"generate: prompts[{i}]: {e}") from None
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"generate: seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
-    rows = list(range(len(prompts))) if row_ids is None else [int(r) for r in row_ids]
-    if len(rows) != len(prompts) or not all(0 <= r <= MAX_ROW_ID for r in rows):
-        raise ValueError(f"generate: row_ids must be {len(prompts)} integers in [0, {MAX_ROW_ID}], got {row_ids!r}")
+    rows = _check_generate(cfg, prompts, max_new_tokens, seed, row_ids, prefill_chunk, bucket_smallest, pad_batch_to)
     sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
     dtype = jnp.dtype(dtype)      # one canonical static value: jnp.float32 and np.dtype("float32") share a compile
     eos = cfg.eos_id if eos_id is None else eos_id
     if isinstance(eos, bool) or not isinstance(eos, (int, np.integer)) or not -1 <= eos < cfg.vocab_size:
         raise ValueError(f"generate: eos_id must be -1 (never stop) or an id in [0, {cfg.vocab_size}), got {eos!r}")
-    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
-                                      or prefill_chunk < 1):
-        raise ValueError(f"generate: prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
     n_real = len(prompts)
-    if pad_batch_to is not None:
-        if isinstance(pad_batch_to, bool) or not isinstance(pad_batch_to, int) or pad_batch_to < 1:
-            raise ValueError(f"generate: pad_batch_to must be an integer >= 1, got {pad_batch_to!r}")
-        if pad_batch_to < n_real:
-            raise ValueError(f"generate: pad_batch_to {pad_batch_to} is smaller than the {n_real} prompts given")
-    if bucket_smallest is not None and (isinstance(bucket_smallest, bool) or not isinstance(bucket_smallest, int)
-                                        or bucket_smallest < 1):
-        raise ValueError(f"generate: bucket_smallest must be an integer >= 1 or None, got {bucket_smallest!r}")
     n_rows = max(n_real, pad_batch_to or 0)
     if mesh is not None:
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -378,6 +316,41 @@ def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], ma
     if return_info:
         return Generation(completions, stopped, kv_cache.cache_bytes(cache), int(steps), shapes)
     return completions
+
+
+def _is_count(v: Any) -> bool:
+    """Whether v is an integer >= 1 (not a bool)."""
+    return not isinstance(v, bool) and isinstance(v, int) and v >= 1
+
+
+def _check_generate(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int, seed: int,
+                    row_ids: Sequence[int] | None, prefill_chunk: int | None, bucket_smallest: int | None,
+                    pad_batch_to: int | None) -> list[int]:
+    """The row ids of `generate`'s prompts once its arguments are checked; ValueError naming the bad one."""
+    if not prompts:
+        raise ValueError("generate: no prompts given")
+    if not _is_count(max_new_tokens):
+        raise ValueError(f"generate: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    for i, p in enumerate(prompts):
+        try:
+            check_prompt(p, cfg, max_new_tokens)
+        except ValueError as e:
+            raise ValueError(f"generate: prompts[{i}]: {e}") from None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"generate: seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    rows = list(range(len(prompts))) if row_ids is None else [int(r) for r in row_ids]
+    if len(rows) != len(prompts) or not all(0 <= r <= MAX_ROW_ID for r in rows):
+        raise ValueError(f"generate: row_ids must be {len(prompts)} integers in [0, {MAX_ROW_ID}], got {row_ids!r}")
+    if prefill_chunk is not None and not _is_count(prefill_chunk):
+        raise ValueError(f"generate: prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+    if pad_batch_to is not None:
+        if not _is_count(pad_batch_to):
+            raise ValueError(f"generate: pad_batch_to must be an integer >= 1, got {pad_batch_to!r}")
+        if pad_batch_to < len(prompts):
+            raise ValueError(f"generate: pad_batch_to {pad_batch_to} is smaller than the {len(prompts)} prompts given")
+    if bucket_smallest is not None and not _is_count(bucket_smallest):
+        raise ValueError(f"generate: bucket_smallest must be an integer >= 1 or None, got {bucket_smallest!r}")
+    return rows
 
 
 def check_prompt(prompt: Sequence[int], cfg: ModelConfig, max_new_tokens: int) -> None:

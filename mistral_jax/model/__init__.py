@@ -1,1 +1,2 @@
-"""The Mistral transformer: config and presets, rotary embeddings, attention and its backends, the KV cache, LoRA, sharding rules."""
+"""The Mistral transformer: config and presets, rotary embeddings, attention and its backends, the KV cache,
+LoRA, sharding rules."""

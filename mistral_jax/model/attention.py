@@ -18,26 +18,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mistral_jax.model.blockwise import blockwise_attend
+from mistral_jax.model.mask import attention_mask
+
 IMPLS = ("auto", "dense", "blockwise", "splash", "xla")
-
-
-def attention_mask(q_pos_BT: jax.Array, k_pos_BS: jax.Array, window: int | None = None,
-                   q_seg_BT: jax.Array | None = None, k_seg_BS: jax.Array | None = None) -> jax.Array:
-    """Boolean (B, T, S) mask: query at position p sees keys at p-W+1 .. p (all keys <= p without a window).
-
-    Keys with a negative position (empty slots, padding) are never seen. With segment ids, a query
-    sees only keys of its own segment.
-    """
-    q = q_pos_BT[:, :, None]
-    k = k_pos_BS[:, None, :]
-    mask = (k >= 0) & (k <= q)
-    if window is not None:
-        mask &= (q - k) < window
-    if q_seg_BT is not None:
-        if k_seg_BS is None:
-            raise ValueError("attention_mask: q_seg_BT given without k_seg_BS")
-        mask &= q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
-    return mask
 
 
 def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
@@ -88,7 +72,6 @@ def multihead_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
     if impl == "dense":
         return attend(q_BTNH, k_BSKH, v_BSKH, attention_mask(q_pos_BT, k_pos_BS, window, q_seg_BT, k_seg_BS))
     if impl == "blockwise":
-        from mistral_jax.model.blockwise import blockwise_attend  # blockwise builds on this module's mask
         return blockwise_attend(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window, q_seg_BT, k_seg_BS,
                                 block_q=block, block_k=block, self_attention=self_attention)
     if impl == "splash":

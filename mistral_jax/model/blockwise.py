@@ -22,7 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mistral_jax.model.attention import attention_mask as _block_mask
+from mistral_jax.model.mask import attention_mask
 
 _NEG = -1e30  # finite "minus infinity" for masked logits and the running max
 MAX_LEVELS = 3  # at most 3 halvings of a one-block self-attention row's causal triangle (`_pieces`) ...
@@ -88,7 +88,7 @@ def _band(n_inner: int, outer: int, inner: int, reach: int | None, band: bool):
 def _score_probs(q_BQKGH, k_BCKH, qpos_BQ, kpos_BC, qseg_BQ, kseg_BC, window, lse_BKGQ, scale):
     """Masked probabilities (B, K, G, Q, C) = exp(scores - lse), zero where the mask is off."""
     s = jnp.einsum("bqkgh,bckh->bkgqc", q_BQKGH, k_BCKH, preferred_element_type=jnp.float32) * scale
-    mask = _block_mask(qpos_BQ, kpos_BC, window, qseg_BQ, kseg_BC)[:, None, None]
+    mask = attention_mask(qpos_BQ, kpos_BC, window, qseg_BQ, kseg_BC)[:, None, None]
     return jnp.where(mask, jnp.exp(s - lse_BKGQ[..., None]), 0.0)
 
 
@@ -119,7 +119,7 @@ def _forward(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, window
                 o_BKGQH, m_BKGQ, l_BKGQ = carry
                 s_BKGQC = jnp.einsum("bqkgh,bckh->bkgqc", q_BQKGH, k_BCKH,
                                      preferred_element_type=jnp.float32) * scale
-                mask_B11QC = _block_mask(qpos_BQ, kpos_BC, window, qseg_BQ, kseg_BC)[:, None, None]
+                mask_B11QC = attention_mask(qpos_BQ, kpos_BC, window, qseg_BQ, kseg_BC)[:, None, None]
                 s_BKGQC = jnp.where(mask_B11QC, s_BKGQC, _NEG)
                 m_new = jnp.maximum(m_BKGQ, jnp.max(s_BKGQC, axis=-1))
                 p_BKGQC = jnp.where(mask_B11QC, jnp.exp(s_BKGQC - m_new[..., None]), 0.0)
@@ -257,7 +257,7 @@ def _square_mask(qpos, kpos, qseg, kseg, window, level, n, side):
     """(B, n, side, 1, 1, side) mask of a level's squares."""
     B = qpos.shape[0]
     flat = lambda x, f: None if x is None else f(x, level, n, side).reshape(B * n, side)  # noqa: E731
-    m = _block_mask(flat(qpos, _rows), flat(kpos, _cols), window, flat(qseg, _rows), flat(kseg, _cols))
+    m = attention_mask(flat(qpos, _rows), flat(kpos, _cols), window, flat(qseg, _rows), flat(kseg, _cols))
     return m.reshape(B, n, side, 1, 1, side)
 
 
@@ -341,7 +341,7 @@ def blockwise_attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_
                      k_pos_BS: jax.Array, window: int | None = None, q_seg_BT: jax.Array | None = None,
                      k_seg_BS: jax.Array | None = None, block_q: int = 512, block_k: int = 512,
                      self_attention: bool = False) -> jax.Array:
-    """Attention output (B, T, N, H) under the position/segment mask of `attention.attention_mask`.
+    """Attention output (B, T, N, H) under the position/segment mask of `mask.attention_mask`.
 
     Equals `attention.attend(q, k, v, attention_mask(...))` for every query that sees at least one
     key; a query that sees none (padding) gets zeros. Logits, softmax and accumulation are float32.

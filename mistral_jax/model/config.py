@@ -70,10 +70,6 @@ class ModelConfig:
         object.__setattr__(self, "norm_eps", float(self.norm_eps))
         object.__setattr__(self, "rope_theta", float(self.rope_theta))
 
-    @property
-    def queries_per_kv(self) -> int:
-        return self.n_heads // self.n_kv_heads
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

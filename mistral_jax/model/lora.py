@@ -3,72 +3,40 @@
 A targeted projection W (in..., out...) gets A (in..., rank) and B (rank, out...), stored beside it as
 "<w>_lora_a" / "<w>_lora_b" in the same module (so scanned layers stack them like every other param), and
 computes y = x W + (alpha / rank) (x A) B (see `model.Transformer(lora=...)`). B starts at zero, so fresh
-adapters leave the model's outputs unchanged. This module holds the config and the pure params-tree
-operations: adding fresh adapters to base params, splitting adapters (trained) from base (frozen) and
-joining them back, and merging the adapters into the weights for export.
+adapters leave the model's outputs unchanged. This module holds the pure params-tree operations: adding
+fresh adapters to base params, splitting adapters (trained) from base (frozen) and joining them back, and
+merging the adapters into the weights for export (the config is in `lora_config`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Iterator, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax.model import transformer as model_lib
 from mistral_jax.model import packing
+from mistral_jax.model import transformer as model_lib
 from mistral_jax.model.config import ModelConfig
+from mistral_jax.model.lora_config import LORA_A_SUFFIX as A_SUFFIX
+from mistral_jax.model.lora_config import LORA_B_SUFFIX as B_SUFFIX
+from mistral_jax.model.lora_config import TARGETS, LoraConfig, check_rank
+from mistral_jax.model.param_tree import host_array, key_name
 
-TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 # (number of input dims, number of output dims) of each projection's per-layer weight
 _PROJ_DIMS = {"wq": (1, 2), "wk": (1, 2), "wv": (1, 2), "wo": (2, 1), "w1": (1, 1), "w2": (1, 1), "w3": (1, 1)}
-A_SUFFIX = model_lib.LORA_A_SUFFIX
-B_SUFFIX = model_lib.LORA_B_SUFFIX
 _ADAPTER_NAMES = frozenset(t + s for t in TARGETS for s in (A_SUFFIX, B_SUFFIX))
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-    """Adapter rank, scaling numerator alpha (updates are scaled by alpha / rank) and the targeted
-    projections (default: all seven, attention and MLP). Hashable: usable as a static jit argument."""
-    rank: int
-    alpha: float = 16.0
-    targets: tuple[str, ...] = TARGETS
-
-    def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"LoraConfig: field 'rank' must be an integer >= 1, got {self.rank!r}")
-        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
-                or not math.isfinite(self.alpha) or self.alpha <= 0):
-            raise ValueError(f"LoraConfig: field 'alpha' must be a finite number > 0, got {self.alpha!r}")
-        targets = self.targets
-        if isinstance(targets, str) or not isinstance(targets, (tuple, list)):
-            raise ValueError(f"LoraConfig: field 'targets' must be a tuple of names from {TARGETS}, got {targets!r}")
-        bad = [t for t in targets if t not in TARGETS]
-        if bad or not targets or len(set(targets)) != len(targets):
-            raise ValueError(f"LoraConfig: field 'targets' must be a non-empty subset of {TARGETS} without "
-                             f"repeats, got {tuple(targets)!r}" + (f" (unknown: {bad})" if bad else ""))
-        object.__setattr__(self, "targets", tuple(targets))
-
-    @property
-    def scale(self) -> float:
-        """alpha / rank, the factor on (x A) B."""
-        return self.alpha / self.rank
 
 
 # ----- adapters vs base: pure params-tree manipulation -----
 
-def _key_name(k: Any) -> str:
-    return str(getattr(k, "key", k))
-
-
 def is_adapter_path(path: tuple[str, ...]) -> bool:
     """True when `path` (params-tree keys, e.g. ("layers", "attention", "wq_lora_a")) names an adapter."""
-    return bool(path) and _key_name(path[-1]) in _ADAPTER_NAMES
+    return bool(path) and key_name(path[-1]) in _ADAPTER_NAMES
 
 
 def _split(tree: Mapping[str, Any], path: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -168,23 +136,13 @@ def add_adapters(params: Mapping[str, Any], cfg: ModelConfig, lcfg: LoraConfig, 
     return out
 
 
-def check_rank(cfg: ModelConfig, lcfg: LoraConfig, who: str = "lora") -> None:
-    """Raises a ValueError naming the field when lcfg.rank exceeds min(in, out) of a targeted projection
-    of cfg (such a rank adds nothing; a huge one would try to allocate rank x dim adapters)."""
-    from mistral_jax.training.run_config import lora_rank_error
-    error = lora_rank_error(lcfg.rank, lcfg.targets, cfg)
-    if error:
-        raise ValueError(f"{who}: field 'rank': {error}")
-
-
 def _leaf_paths(tree: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], Any]]:
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        yield tuple(_key_name(k) for k in path), leaf
+        yield tuple(key_name(k) for k in path), leaf
 
 
 def _check_against_model(params: Mapping[str, Any], cfg: ModelConfig, lcfg: LoraConfig | None, who: str) -> None:
     """Raises a ValueError naming the first param missing, unexpected or mis-shaped for cfg (and lcfg)."""
-    import flax.linen as nn
     scanned = "layers" in params
     want = {p: tuple(x.shape) for p, x in
             _leaf_paths(nn.unbox(model_lib.abstract_params(cfg, scan_layers=scanned, lora=lcfg)))}
@@ -301,10 +259,7 @@ def _host_views(w: Any) -> list[_View] | None:
 
 def _host_f32(x: Any) -> np.ndarray:
     """An adapter factor as a float32 host array (gathered from every process when sharded over several)."""
-    if isinstance(x, jax.Array) and jax.process_count() > 1:
-        from mistral_jax.runtime.distributed import to_host
-        return np.asarray(to_host(x), np.float32)
-    return np.asarray(jax.device_get(x), np.float32)
+    return np.asarray(host_array(x), np.float32)
 
 
 def _merge_on_host(views: list[_View], a_f32: np.ndarray, b_f32: np.ndarray, scale: np.float32, nb: int) -> None:

@@ -13,7 +13,8 @@ It depends on the program being compiled with `CPU_COMPILER_OPTIONS` (YNNPACK ke
 reductions, which it would otherwise take and feed with a widened copy of the weight), on both stages
 staying at most 32 wide apart from the partials' sum (XLA:CPU splits wider reductions through a
 materialised product), on an optimization barrier between them, and on more than 32 partials (with 32 or
-fewer XLA fuses both stages into one loop anyway, 5-10x slower). It is for inference only: its gradient has no dot and materialises (rows, Din, Dout).
+fewer XLA fuses both stages into one loop anyway, 5-10x slower). It is for inference only: its gradient
+has no dot and materialises (rows, Din, Dout).
 """
 
 from __future__ import annotations

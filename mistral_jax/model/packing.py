@@ -58,8 +58,3 @@ def unpack_after(w: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         return w, x
     w, x = jax.lax.optimization_barrier((w, x))
     return unpack(w), x
-
-
-def is_packed(tree: Any) -> bool:
-    """Whether any leaf of `tree` is a packed weight."""
-    return any(getattr(x, "dtype", None) == PACKED for x in jax.tree_util.tree_leaves(tree))

@@ -11,9 +11,14 @@ import numpy as np
 from mistral_jax.runtime.distributed import to_host
 
 
+def key_name(k: Any) -> str:
+    """One entry of a tree key path (a dict key entry, or a plain string) as a string."""
+    return str(getattr(k, "key", k))
+
+
 def param_name(kpath: tuple) -> str:
-    """"layers/attention/wq" from a tree key path (dict keys, or plain strings)."""
-    return "/".join(str(getattr(k, "key", k)) for k in kpath)
+    """"layers/attention/wq" from a tree key path (dict key entries, or plain strings)."""
+    return "/".join(key_name(k) for k in kpath)
 
 
 def flat_params(tree: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -22,16 +22,11 @@ from mistral_jax.model import packing
 from mistral_jax.model import sharding
 from mistral_jax.model.attention import multihead_attention
 from mistral_jax.model.config import ModelConfig
+from mistral_jax.model.lora_config import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraConfig
 from mistral_jax.model.rope import apply_rope
-
-if TYPE_CHECKING:
-    from mistral_jax.model.lora import LoraConfig
 
 Dtype = Any
 _init = nn.initializers.normal(stddev=0.02)
-# LoRA adapter params sit beside their weight in the same module: "<weight>_lora_a", "<weight>_lora_b".
-LORA_A_SUFFIX = "_lora_a"
-LORA_B_SUFFIX = "_lora_b"
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
@@ -104,7 +99,7 @@ class FeedForward(nn.Module):
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    lora: "LoraConfig | None" = None
+    lora: LoraConfig | None = None
     fused_matvec: bool = False
 
     @nn.compact
@@ -130,7 +125,7 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
     attn_impl: str = "auto"
     attn_block: int = 512
-    lora: "LoraConfig | None" = None
+    lora: LoraConfig | None = None
     fused_matvec: bool = False
 
     @nn.compact
@@ -187,7 +182,7 @@ class Block(nn.Module):
     param_dtype: Dtype = jnp.float32
     attn_impl: str = "auto"
     attn_block: int = 512
-    lora: "LoraConfig | None" = None
+    lora: LoraConfig | None = None
     fused_matvec: bool = False
 
     @nn.compact
@@ -237,7 +232,7 @@ class Transformer(nn.Module):
     scan_layers: bool = True
     attn_impl: str = "auto"    # attention.IMPLS: "auto" = splash on TPU, xla on GPU, blockwise otherwise
     attn_block: int = 512      # query/key block size of the blockwise path
-    lora: "LoraConfig | None" = None
+    lora: LoraConfig | None = None
     fused_matvec: bool = False
 
     def _block_cls(self) -> Any:
@@ -312,13 +307,6 @@ def unstack_layers(params: Mapping[str, Any], n_layers: int) -> dict[str, Any]:
     return out
 
 
-def stack_layers(params: Mapping[str, Any], n_layers: int) -> dict[str, Any]:
-    """Per-layer tree ("layers_0", ...) -> scanned tree ("layers" with a leading layer axis)."""
-    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
-    out["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(n_layers)])
-    return out
-
-
 # ----- params: abstract shapes, shardings, sharded init -----
 
 def _dummy_tokens() -> jax.Array:
@@ -326,7 +314,7 @@ def _dummy_tokens() -> jax.Array:
 
 
 def abstract_params(cfg: ModelConfig, param_dtype: Dtype = jnp.float32, scan_layers: bool = True,
-                    lora: "LoraConfig | None" = None) -> Any:
+                    lora: LoraConfig | None = None) -> Any:
     """Boxed (LogicallyPartitioned) ShapeDtypeStructs of the params (with `lora`, adapters included),
     without allocating anything."""
     model = Transformer(cfg, param_dtype=param_dtype, scan_layers=scan_layers, lora=lora)
@@ -337,21 +325,15 @@ def count_params(cfg: ModelConfig) -> int:
     return sum(x.size for x in jax.tree_util.tree_leaves(nn.unbox(abstract_params(cfg))))
 
 
-def param_logical_specs(cfg: ModelConfig, lora: "LoraConfig | None" = None) -> Any:
-    """Tree of PartitionSpecs in logical axis names, matching the unboxed params tree (with `lora`,
-    adapters included)."""
-    return nn.get_partition_spec(abstract_params(cfg, lora=lora))
-
-
 def param_shardings(cfg: ModelConfig, mesh: Mesh, param_dtype: Dtype = jnp.float32,
-                    scan_layers: bool = True, lora: "LoraConfig | None" = None) -> Any:
+                    scan_layers: bool = True, lora: LoraConfig | None = None) -> Any:
     """Tree of NamedShardings for the (unboxed) params on `mesh` (with `lora`, adapters included)."""
     abstract = abstract_params(cfg, param_dtype, scan_layers, lora)
     return sharding.logical_shardings(nn.get_partition_spec(abstract), mesh, nn.unbox(abstract))
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, mesh: Mesh | None = None,
-                param_dtype: Dtype = jnp.float32, lora: "LoraConfig | None" = None) -> Any:
+                param_dtype: Dtype = jnp.float32, lora: LoraConfig | None = None) -> Any:
     """Random params (unboxed), created directly in their shardings when a mesh is given. With `lora`,
     adapters too (B = 0); with scanned layers the base weights then differ from those drawn without it for
     the same rng (flax's scan shares rng counters between traces): to adapt given weights use
@@ -368,7 +350,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array, mesh: Mesh | None = None,
 
 def forward(params: Any, tokens_BT: jax.Array, cfg: ModelConfig, dtype: Dtype = jnp.float32,
             positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
-            lora: "LoraConfig | None" = None) -> jax.Array:
+            lora: LoraConfig | None = None) -> jax.Array:
     """Jitted full-sequence forward pass returning float32 logits (B, T, V) (with `lora`, params hold
     the adapters too). bfloat16 params are passed packed (packing.py), so no float32 copy is made."""
     return _forward(packing.pack(params), tokens_BT, cfg, dtype, positions_BT, segment_ids_BT, lora)
@@ -376,7 +358,7 @@ def forward(params: Any, tokens_BT: jax.Array, cfg: ModelConfig, dtype: Dtype = 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype", "lora"))
 def _forward(params: Any, tokens_BT: jax.Array, cfg: ModelConfig, dtype: Dtype, positions_BT: jax.Array | None,
-             segment_ids_BT: jax.Array | None, lora: "LoraConfig | None") -> jax.Array:
+             segment_ids_BT: jax.Array | None, lora: LoraConfig | None) -> jax.Array:
     with sharding.with_rules():
         logits, _ = Transformer(cfg, dtype=dtype, lora=lora).apply({"params": params}, tokens_BT, positions_BT,
                                                                    segment_ids_BT)

@@ -25,7 +25,3 @@ def parse_dtype(name: Any, what: str = "dtype") -> np.dtype:
         raise DtypeError(f"{what}: unsupported dtype {dt}; use one of {', '.join(DTYPE_NAMES)}")
     return dt
 
-
-def dtype_name(dtype: Any) -> str:
-    """'float32' | 'bfloat16' | 'float16' for any accepted dtype."""
-    return parse_dtype(dtype).name

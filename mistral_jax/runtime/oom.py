@@ -137,7 +137,7 @@ def host_available() -> int | None:
             vals.append(max(limit - usage, 0))
             break
     with contextlib.suppress(ImportError, OSError, ValueError):
-        import resource
+        import resource   # imported here: POSIX only (no RLIMIT_AS figure elsewhere)
         soft = resource.getrlimit(resource.RLIMIT_AS)[0]
         if soft != resource.RLIM_INFINITY:
             with open("/proc/self/status") as f:

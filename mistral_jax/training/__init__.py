@@ -1,1 +1,1 @@
-"""Training: run configs, optimizer, chunked loss, the sharded train step, the run loop, metrics, memory plans."""
+"""Training: run configs, optimizer, chunked loss, the sharded train step, the training run, metrics, memory plans."""

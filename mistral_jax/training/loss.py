@@ -12,13 +12,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mistral_jax.model import packing
+from mistral_jax.inference.head import chunk_logits, from_chunks, to_chunks
 
 
 def _chunk_nll(h_BcD: jax.Array, w_DV: jax.Array, targets_Bc: jax.Array) -> jax.Array:
     """Float32 NLL (B, c) of the targets under logits h @ w (w in any float dtype, or packed)."""
-    w_DV, h_BcD = packing.unpack_after(w_DV, h_BcD)   # a packed head is widened per chunk, never whole
-    logits_BcV = jnp.einsum("bcd,dv->bcv", h_BcD, w_DV.astype(h_BcD.dtype), preferred_element_type=jnp.float32)
+    logits_BcV = chunk_logits(h_BcD, w_DV)
     lse_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
     # a one-hot contraction, not a gather: its gradient is elementwise rather than a scatter, and it
     # partitions cleanly when the vocab axis is sharded.
@@ -33,17 +32,8 @@ def chunked_nll(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array, chunk:
     compute dtype chunk by chunk; a packed head, see `packing`, is unpacked chunk by chunk).
     Equal to the unchunked computation (values and gradients) up to float32 rounding.
     """
-    B, T, D = h_BTD.shape
     if chunk < 1:
         raise ValueError(f"chunked_nll: chunk must be >= 1, got {chunk}")
-    c = min(chunk, T)
-    n = -(-T // c)
-    pad = n * c - T
-    if pad:
-        h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
-        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-    h_nBcD = h_BTD.reshape(B, n, c, D).swapaxes(0, 1)
-    t_nBc = targets_BT.reshape(B, n, c).swapaxes(0, 1)
     body = jax.checkpoint(lambda h, t: _chunk_nll(h, w_DV, t))
-    nll_nBc = jax.lax.map(lambda xs: body(*xs), (h_nBcD, t_nBc))
-    return nll_nBc.swapaxes(0, 1).reshape(B, n * c)[:, :T]
+    nll_nBc = jax.lax.map(lambda xs: body(*xs), (to_chunks(h_BTD, chunk), to_chunks(targets_BT, chunk)))
+    return from_chunks(nll_nBc, h_BTD.shape[1])

@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax.training import optim
 from mistral_jax.model import sharding
-from mistral_jax.training import train_step as ts
 from mistral_jax.model.config import ModelConfig
+from mistral_jax.model.lora_config import LoraConfig
+from mistral_jax.training import optim
+from mistral_jax.training import train_step as ts
 from mistral_jax.training.run_config import OptimSection
 
 GiB = 2 ** 30
@@ -88,11 +89,7 @@ def plan(cfg: ModelConfig, mesh_shape: tuple[int, int, int], seq_len: int, batch
         raise ValueError(f"mesh {mesh_shape} needs {n_dev} devices, {len(jax.devices())} exist (set "
                          f"XLA_FLAGS=--xla_force_host_platform_device_count={n_dev} before jax starts)")
     mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:n_dev])
-    ts.check_batch_shape(mesh, grad_accum, batch)
-    lora = None
-    if lora_rank:
-        from mistral_jax.model.lora import LoraConfig
-        lora = LoraConfig(rank=lora_rank)
+    lora = LoraConfig(rank=lora_rank) if lora_rank else None
     o = OptimSection(grad_accum=grad_accum)
     opt = optim.make_optimizer(o, 1000)
     state = ts.abstract_state(cfg, opt, mesh, param_dtype, lora=lora)

@@ -9,25 +9,20 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mistral_jax.model import flops
+from mistral_jax.runtime.files import read_jsonl, write_atomic
 
 Record = dict[str, Any]
 
 
 def _parse_lines(path: Path) -> tuple[list[Record], list[int]]:
-    """(records, 1-based numbers of lines that are not a JSON record with a 'step'); blank lines skipped."""
+    """(records, 1-based numbers of lines that are not a JSON record with an integer 'step'); blank lines
+    skipped."""
     records, bad = [], []
-    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            bad.append(i)
-            continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
-            bad.append(i)
-            continue
-        records.append(rec)
+    for n, rec, why in read_jsonl(path):
+        if why is None and isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            records.append(rec)
+        else:
+            bad.append(n)
     return records, bad
 
 
@@ -85,9 +80,7 @@ class MetricsLog:
                 notes.append(f"metrics: dropped {len(records) - len(kept)} record(s) after checkpoint step "
                              f"{step}; those steps are redone")
             if bad or len(kept) < len(records):
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-                os.replace(tmp, path)
+                write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
         return cls(path), notes
 
     def write(self, record: Record) -> None:
@@ -126,7 +119,7 @@ def log_record(step: int, since_log: Sequence[dict[str, Any]], rows_per_step: in
 
 def plot_loss_curve(records: Sequence[Record], path: str | Path, title: str = "training loss") -> None:
     """Writes a PNG of loss against step."""
-    import matplotlib
+    import matplotlib   # imported here for start-up time: only the end of a run plots (and needs "Agg" first)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -149,11 +142,11 @@ class ScalarSinks:
                  config: dict[str, Any] | None = None, wandb_dir: str | Path | None = None):
         self._tb = self._wandb = None
         if tb_dir is not None:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter   # imported here for start-up time: only when it writes
             self._tb = SummaryWriter(logdir=str(tb_dir), flush_secs=10)
         if wandb_project:
             try:
-                import wandb
+                import wandb   # optional: installed only by those who log to Weights & Biases
             except ImportError:
                 raise ImportError("train.wandb_project is set but the 'wandb' package is not installed "
                                   "(pip install wandb), or leave train.wandb_project empty") from None

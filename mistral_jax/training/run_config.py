@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import sys
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - python 3.10
-    import tomli as tomllib
-
-from mistral_jax.model.config import ModelConfig
 from mistral_jax.errors import RunConfigError
+from mistral_jax.model.config import ModelConfig
+from mistral_jax.model.lora_config import TARGETS as LORA_TARGETS
+from mistral_jax.model.lora_config import lora_rank_error
 
 
 DtypeName = Literal["float32", "bfloat16", "float16"]
@@ -30,16 +27,8 @@ def _mesh_axis(v: int) -> int:
 MeshAxis = Annotated[int, AfterValidator(_mesh_axis)]
 
 
-def _remat_name(v: Any) -> Any:
-    """Configs (and checkpoint metadata) written before remat policies had a boolean: true is "full",
-    false is "none"."""
-    if isinstance(v, bool):
-        return "full" if v else "none"
-    return v
-
-
 # "none": keep activations; "full": recompute each block in the backward pass; "dots": keep matmul outputs
-RematName = Annotated[Literal["none", "full", "dots"], BeforeValidator(_remat_name)]
+RematName = Literal["none", "full", "dots"]
 
 
 class _Section(BaseModel):
@@ -63,9 +52,10 @@ CHAT_SOURCES = ("chat", "chat-examples")  # fine-tuning: conversations, loss on 
 
 class DataSection(_Section):
     """Where text comes from and how rows are packed."""
-    # "stdlib": Python's own library sources; "files": the `paths` globs; "chat": JSONL conversations at `paths` (held out: `val_paths`); "chat-examples": the
-    # built-in instruction set (mistral_jax.data.chat_examples), written into the run directory
-    source: Literal["stdlib", "files", "chat", "chat-examples"] = "stdlib"   # files: .jsonl files give their lines' "text"
+    # "stdlib": Python's own library sources; "files": the `paths` globs (.jsonl files give their lines' "text");
+    # "chat": JSONL conversations at `paths` (held out: `val_paths`); "chat-examples": the built-in instruction
+    # set (mistral_jax.data.chat_examples), written into the run directory
+    source: Literal["stdlib", "files", "chat", "chat-examples"] = "stdlib"
     paths: StrTuple = ()  # globs, for source = "files" or "chat"
     val_paths: StrTuple = ()  # held-out conversation files for source = "chat" (else val_percent of the lines)
     on_error: Literal["skip", "stop"] = "skip"  # bad conversation lines: skip and count, or stop the run
@@ -124,9 +114,6 @@ class TrainSection(_Section):
     # init_from_optional, a missing folder means random init (with a note) instead of an error
     init_from: str = ""
     init_from_optional: bool = False
-
-
-LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
 class LoraSection(_Section):
@@ -257,27 +244,6 @@ def _cross_check(rc: RunConfig, source: str) -> None:
         raise RunConfigError("\n".join(errors))
 
 
-def lora_projection_dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(input features, output features) of each LoRA-targetable projection of a layer of `cfg` (heads
-    flattened: wq maps dim -> n_heads * head_dim)."""
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    return {"wq": (cfg.dim, q), "wk": (cfg.dim, kv), "wv": (cfg.dim, kv), "wo": (q, cfg.dim),
-            "w1": (cfg.dim, cfg.hidden_dim), "w2": (cfg.hidden_dim, cfg.dim), "w3": (cfg.dim, cfg.hidden_dim)}
-
-
-def lora_rank_error(rank: int, targets: Sequence[str], cfg: ModelConfig) -> str | None:
-    """Why `rank` is too large for the targeted projections of `cfg` (None when it is not): a rank above
-    min(in, out) of a projection adds parameters but no expressiveness, and an absurd one would allocate
-    rank x dim adapters before failing."""
-    dims = lora_projection_dims(cfg)
-    name = min(targets, key=lambda t: min(dims[t]))
-    limit = min(dims[name])
-    if rank <= limit:
-        return None
-    return (f"{rank} exceeds {limit}, the smaller dimension of the targeted projection {name} "
-            f"({dims[name][0]} x {dims[name][1]} in this model); lora.rank must be <= min(in, out) of every target")
-
-
 def profile_range(text: str) -> tuple[int, int]:
     """(first, last) 0-based steps of an "A:B" profile range; ValueError naming the text otherwise."""
     parts = text.split(":")
@@ -349,20 +315,16 @@ def _resumable(section: str, field: str) -> bool:
 def resume_changes(saved_run: Mapping[str, Any], saved_model: Mapping[str, Any], rc: RunConfig) -> list[str]:
     """'section.field old -> new' for each field that differs from the checkpoint's and may not change on
     resume. `saved_model` is the checkpoint's resolved ModelConfig dict (preset + overrides), compared
-    field by field; fields a checkpoint does not record (written by an older version) are not compared."""
+    field by field."""
     out = []
-    now_model = rc.model_cfg().to_dict()
-    for k, v in now_model.items():
-        if k in saved_model and saved_model[k] != v:
+    for k, v in rc.model_cfg().to_dict().items():
+        if saved_model[k] != v:
             out.append(f"model.{k} {saved_model[k]!r} -> {v!r}")
-    now = rc.to_dict()
-    for section, fields in now.items():
-        saved = saved_run.get(section)
-        if not isinstance(saved, Mapping):
-            continue
+    for section, fields in rc.to_dict().items():
+        saved = saved_run[section]
         for k, v in fields.items():
             if section == "model" and k in ("preset", "overrides"):
                 continue  # compared above as the resolved model config
-            if k in saved and saved[k] != v and not _resumable(section, k):
+            if saved[k] != v and not _resumable(section, k):
                 out.append(f"{section}.{k} {saved[k]!r} -> {v!r}")
     return out

@@ -19,9 +19,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mistral_jax.model import transformer as model_lib
+from mistral_jax.model import lora as lora_lib
 from mistral_jax.model import packing
 from mistral_jax.model import sharding
+from mistral_jax.model import transformer as model_lib
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.training.loss import chunked_nll
 
@@ -91,7 +92,6 @@ def trainable(tree: Any, lora: Any = None) -> Any:
     """The trained part of a params-shaped tree: all of it, or with LoRA the adapter leaves only."""
     if lora is None:
         return tree
-    from mistral_jax.model import lora as lora_lib
     return lora_lib.split(tree)[0]
 
 
@@ -99,7 +99,6 @@ def frozen(tree: Any, lora: Any = None) -> Any:
     """The frozen part of a params-shaped tree: nothing (None) without LoRA, with it the base leaves."""
     if lora is None:
         return None
-    from mistral_jax.model import lora as lora_lib
     return lora_lib.split(tree)[1]
 
 
@@ -108,7 +107,6 @@ def with_base(trained: Any, base: Any, lora: Any = None) -> Any:
     leaves are not copied (the inverse of `trainable` / `frozen`)."""
     if lora is None:
         return trained
-    from mistral_jax.model import lora as lora_lib
     return lora_lib.join(trained, base)
 
 
@@ -184,7 +182,6 @@ def init_state(cfg: ModelConfig, optimizer: optax.GradientTransformation, rng: j
     if lora is not None:
         if params is None:
             raise ValueError("init_state: a LoRA state needs the base weights (params=...), e.g. from init_base")
-        from mistral_jax.model import lora as lora_lib
         adapters = trainable(lora_lib.add_adapters(params, cfg, lora, rng), lora)
         params = jax.device_put(jax.tree_util.tree_map(lambda x: jnp.asarray(x, param_dtype), adapters),
                                 shardings["params"])

@@ -15,6 +15,7 @@ import pytest
 
 from mistral_jax.cli import convert as convert_cli
 from mistral_jax.checkpoint import native as checkpoint
+from mistral_jax.checkpoint.native_meta import read_native_meta
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.errors import CheckpointError
 from mistral_jax.model.transformer import abstract_params
@@ -60,8 +61,8 @@ def test_edited_config_is_refused_naming_field_and_values(native, tmp_path, fiel
     with pytest.raises(CheckpointError, match=want.replace("(", r"\(").replace(")", r"\)")) as e:
         checkpoint.load_params(ckpt, progress=False)
     assert "\n" not in str(e.value) and "--no-verify" in str(e.value)
-    with pytest.raises(CheckpointError, match=f"field '{field}'"):  # the config reader programs call first
-        checkpoint.read_native_config(ckpt)
+    with pytest.raises(CheckpointError, match=f"field '{field}'"):  # reading the folder's files alone
+        read_native_meta(ckpt)
     cfg, _ = checkpoint.load_params(ckpt, progress=False, verify=False)  # deliberately unverified: as edited
     assert getattr(cfg, field) == value
 

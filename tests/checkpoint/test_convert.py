@@ -17,8 +17,10 @@ import pytest
 from mistral_jax.cli import convert as cli
 from mistral_jax.checkpoint import native as checkpoint
 from mistral_jax.checkpoint import torch_write
-from mistral_jax.errors import CheckpointError
+from mistral_jax.checkpoint.native_meta import read_native_meta
+from mistral_jax.errors import CheckpointError, WeightError
 from mistral_jax.model.config import ModelConfig
+from mistral_jax.model.param_tree import flat_params
 from mistral_jax.model.transformer import forward, param_shardings
 from mistral_jax.model.sharding import make_mesh
 from mistral_jax.checkpoint.weights import tensor_specs
@@ -404,7 +406,7 @@ def test_output_mode_follows_umask(native_ckpt, tmp_path):
 
 def _corrupt_value(folder: Path, param: str, cfg: ModelConfig, params, value: float) -> None:
     """Overwrites the first element of `param` inside the orbax data files (stored raw, uncompressed)."""
-    x = np.asarray(checkpoint._flat(params)[param])
+    x = np.asarray(flat_params(params)[param])
     raw = x.tobytes()
     hits = [f for f in (folder / "params").rglob("*") if f.is_file() and raw in f.read_bytes()]
     assert len(hits) == 1, hits
@@ -447,7 +449,7 @@ def _write_legacy(dst: Path, cfg: ModelConfig, params, version: int) -> None:
     meta = {"mistral_jax_format": version, "param_dtype": "float32", **cfg.to_dict()}
     (dst / "config.json").write_text(json.dumps(meta))
     if version >= 2:
-        digests = {k: tensor_digest(v) for k, v in checkpoint._flat(old).items()}
+        digests = {k: tensor_digest(v) for k, v in flat_params(old).items()}
         (dst / "checksums.json").write_text(json.dumps({"algorithm": ALGORITHM, "tensors": digests}))
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
         ckptr.save((dst / "params").absolute(), args=ocp.args.PyTreeSave(old))
@@ -495,7 +497,7 @@ def test_version_2_checkpoint_verified_per_layer_then_stacked(native_ckpt, tmp_p
     (mislabelled / "config.json").write_text(json.dumps(meta | {"mistral_jax_format": 2}))
     with pytest.raises(CheckpointError, match="field 'mistral_jax_format' is 2, but .*checksums.json recorded 3"):
         checkpoint.load_params(mislabelled, progress=False)
-    with pytest.raises(checkpoint.WeightError, match="missing param.*layers_0"):  # even unverified
+    with pytest.raises(WeightError, match="missing param.*layers_0"):  # even unverified
         checkpoint.load_params(mislabelled, progress=False, verify=False)
 
 
@@ -593,11 +595,11 @@ def test_infer_convert_alias(hf_gqa, tmp_path):
     env = os.environ | {"JAX_PLATFORMS": "cpu"}
     help_text = subprocess.run([sys.executable, "-m", "infer.convert", "--help"], cwd=root, env=env,
                                capture_output=True, text=True, check=True).stdout
-    assert help_text.startswith("usage: python -m convert ")
+    assert help_text.startswith("usage: python -m infer.convert ")
     proc = subprocess.run([sys.executable, "-m", "infer.convert", str(hf_gqa.path), str(tmp_path / "n"), "--quiet"],
                           cwd=root, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert checkpoint.read_native_config(tmp_path / "n")[0].vocab_size == 256
+    assert read_native_meta(tmp_path / "n")[0].vocab_size == 256
 
 
 def test_orbax_in_flight_budget_fits_the_largest_stacked_tensor():

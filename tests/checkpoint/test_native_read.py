@@ -14,6 +14,7 @@ import tensorstore as ts
 from mistral_jax.checkpoint import native as checkpoint
 from mistral_jax.model import transformer as model
 from mistral_jax.checkpoint import native_read
+from mistral_jax.errors import CheckpointError
 from mistral_jax.model.config import ModelConfig
 
 ARRAYS = {"a": ((5, 37, 19), ml_dtypes.bfloat16), "b": ((3, 300), np.float32), "c": ((7,), np.float32)}
@@ -64,13 +65,13 @@ def test_reads_are_bit_exact_in_bounded_ranges(tmp_path, monkeypatch, target, co
 def test_short_data_and_wrong_shape_are_one_line_errors(tmp_path):
     _save(tmp_path / "p", 0, False)
     reader = native_read.ParamReader(tmp_path / "p")
-    with pytest.raises(checkpoint.CheckpointError, match=r"param 'b' is stored as float32\(3, 300\), expected "):
+    with pytest.raises(CheckpointError, match=r"param 'b' is stored as float32\(3, 300\), expected "):
         reader.read("b", (3, 301), np.dtype(np.float32))
-    with pytest.raises(checkpoint.CheckpointError, match="no stored array for param 'zz'"):
+    with pytest.raises(CheckpointError, match="no stored array for param 'zz'"):
         reader.read("zz", (1,), np.dtype(np.float32))
     for f in (tmp_path / "p").glob("ocdbt.process_*/d/*"):
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
-    with pytest.raises(checkpoint.CheckpointError) as e:
+    with pytest.raises(CheckpointError) as e:
         native_read.ParamReader(tmp_path / "p").read("a", (5, 37, 19), np.dtype(ml_dtypes.bfloat16))
     assert "\n" not in str(e.value) and str(tmp_path / "p") in str(e.value)
 

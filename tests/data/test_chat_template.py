@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from mistral_jax.cli import generate as cli
-from mistral_jax.data import chat as chat_data
 from mistral_jax.inference import decode
 from mistral_jax.model import transformer as model
 from mistral_jax.checkpoint.native import save_params
 from mistral_jax.model.config import ModelConfig
+from mistral_jax.data.chat_template import encode_conversation
 from mistral_jax.data.tokenizer import Tokenizer
 
 DIALOGUE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
@@ -64,7 +64,7 @@ def test_generate_chat_uses_the_v3_template(v3_ckpt, tmp_path, monkeypatch):
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert sorted(r["completion_ids"] for r in rows) == sorted(seen_out)
     # the same encoder as fine-tuning: a training conversation's ids continue the generation prompt
-    ids, mask = chat_data.encode_conversation(DIALOGUE + [{"role": "assistant", "content": "6"}],
+    ids, mask = encode_conversation(DIALOGUE + [{"role": "assistant", "content": "6"}],
                                               Tokenizer.for_vocab(32768))
     assert ids[:len(want[0])] == want[0] and ids[len(want[0]):] == sp("6") + [2]
     assert all(mask[len(want[0]):]) and sum(mask) == len(sp("4")) + 1 + len(sp("6")) + 1

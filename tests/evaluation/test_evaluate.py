@@ -18,7 +18,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from mistral_jax.cli import evaluate as cli  # noqa: E402
-from mistral_jax.evaluation import evaluate as ev  # noqa: E402
+from mistral_jax.evaluation.lm_eval_tasks import TASKS_DIR  # noqa: E402
+from mistral_jax.evaluation.output import EXAMPLES_FILE, SUMMARY_FILE  # noqa: E402
 from mistral_jax.model import transformer as model
 from mistral_jax.inference import scoring
 from mistral_jax.model import sharding  # noqa: E402
@@ -150,14 +151,14 @@ def test_batched_buckets_mesh_and_greedy_flags(tiny, tok):
         greedy_seq.append(int(am[-1]))
     reqs.append((greedy_seq, 4))
     scoring._score_batch.clear_cache()          # earlier tests may have compiled some of these shapes
-    before = scoring.compiled_programs()
+    before = scoring._score_batch._cache_size()
     sc = scoring.Scorer(params, cfg, batch_size=3, max_input=160, pack=False)
     batched = sc.score(reqs)
     assert sc.buckets == (64, 128, 160)
     # a bucket's full batches share one program; its last, part-filled batch runs with fewer rows:
     # bucket 64 holds 7 requests (3 + 3 + 1 rows), 128 holds 2, 160 holds 1
     assert sc.used_shapes == {(3, 64), (1, 64), (2, 128), (1, 160)}
-    assert scoring.compiled_programs() - before == len(sc.used_shapes)
+    assert scoring._score_batch._cache_size() - before == len(sc.used_shapes)
     # packed (the default): the 10 requests (505 input positions) share 4 rows of 160 as segments
     pk = scoring.Scorer(params, cfg, batch_size=3, max_input=160)
     packed = pk.score(reqs)
@@ -208,13 +209,14 @@ def _write_jsonl(path, rows):
 
 def test_choice_cli_equals_hf_and_reports_bad_lines(tiny, tok, tmp_path, capsys):
     cfg, params, folder, hf = tiny
-    zen = [json.loads(x) for x in (REPO / "configs/eval/zen_choice.jsonl").read_text().splitlines()][:6]
+    zen = [json.loads(x) for x in (TASKS_DIR / "zen_choice.jsonl").read_text().splitlines()][:6]
     bad = ["{not json", {"context": "a", "choices": ["x", "y"], "label": 2}, {"context": "a", "choices": [],
            "label": 0}, {"context": "word " * 300, "choices": ["x"], "label": 0}]
     data = _write_jsonl(tmp_path / "choice.jsonl", zen[:3] + bad + zen[3:])
     rc = cli.main(["--checkpoint", str(folder), "--task", "choice", "--data", str(data), "--output",
                    str(tmp_path / "out"), "--batch-size", "4"])
     assert rc == 1
+    printed = capsys.readouterr().out
     rows = {r["line"]: r for r in map(json.loads, (tmp_path / "out/examples.jsonl").read_text().splitlines())}
     assert sorted(rows) == list(range(1, 11))
     assert f"{data}:4: not valid JSON" in rows[4]["error"]
@@ -222,7 +224,7 @@ def test_choice_cli_equals_hf_and_reports_bad_lines(tiny, tok, tmp_path, capsys)
     assert f"{data}:6: 'choices' must be a non-empty list" in rows[6]["error"]
     assert f"{data}:7:" in rows[7]["error"] and "longer than the evaluation context" in rows[7]["error"]
     good = [rows[n] for n in (1, 2, 3, 8, 9, 10)]
-    correct = 0
+    correct = n_scored = n_run = 0
     for ex, row in zip(zen, good):
         lls = []
         for c in ex["choices"]:
@@ -230,12 +232,22 @@ def test_choice_cli_equals_hf_and_reports_bad_lines(tiny, tok, tmp_path, capsys)
             whole = tok.encode(ex["context"] + " " + c, bos=True)
             lp, _ = hf_logprobs(hf, whole)
             lls.append(lp[len(ctx) - 1:].sum())
+            n_scored, n_run = n_scored + len(whole) - len(ctx), n_run + len(whole) - 1
         np.testing.assert_allclose(row["loglik"], lls, atol=1e-4, rtol=0)
         assert row["pred"] == int(np.argmax(lls)) and row["label"] == ex["label"]
         correct += int(np.argmax(lls)) == ex["label"]
     summary = json.loads((tmp_path / "out/summary.json").read_text())
     assert summary["errors"] == 4 and summary["scored"] == 6
     assert summary["acc"]["correct"] == correct and summary["acc"]["ci95"] == list(scoring.wilson_interval(correct, 6))
+    # tokens scored (the choices' continuation tokens) vs run (BOS + context + choice, per choice; no padding)
+    assert (summary["tokens_scored"], summary["tokens_run"]) == (n_scored, n_run) and n_run > 2 * n_scored
+    assert summary["this_run"]["tokens"] == n_run and "tokens_run" in summary["token_counts"]
+    # stdout: the headline metrics only (progress, counts and errors go to stderr)
+    lo, hi = summary["acc"]["ci95"]
+    assert printed.splitlines() == [
+        f"acc:      {correct / 6:.4f} ({correct} of 6), 95% Wilson interval [{lo:.4f}, {hi:.4f}]",
+        f"acc_norm: {summary['acc_norm']['value']:.4f} ({summary['acc_norm']['correct']} of 6), 95% Wilson "
+        "interval [{:.4f}, {:.4f}]".format(*summary["acc_norm"]["ci95"]), f"chance:   {summary['chance']:.4f}"]
     # --pack-length 0: one request per bucket row, the same log-likelihoods as the packed rows above
     assert cli.main(["--checkpoint", str(folder), "--task", "choice", "--data", str(data), "--output",
                      str(tmp_path / "unpacked"), "--batch-size", "4", "--pack-length", "0"]) == 1
@@ -260,7 +272,7 @@ def test_perplexity_cli_resumes_after_sigkill(tiny, tok, tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "infer.evaluate", *argv], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ex_file = out / ev.EXAMPLES_FILE
+    ex_file = out / EXAMPLES_FILE
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
@@ -277,7 +289,7 @@ def test_perplexity_cli_resumes_after_sigkill(tiny, tok, tmp_path):
     assert cli.main(argv[:-3] + ["8", "--max-length", "64"]) == 0           # batch size may change
     rows = [json.loads(x) for x in ex_file.read_text().splitlines()]
     assert sorted(r["line"] for r in rows) == list(range(1, len(docs) + 1))    # each example exactly once
-    summary = json.loads((out / ev.SUMMARY_FILE).read_text())
+    summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["this_run"]["skipped_already_scored"] == lines_before
     assert summary["tokens"] == sum(len(tok.encode(d["text"])) for d in docs)
     # spot check against HF: a document scored by the killed run and one scored by the rerun

@@ -15,10 +15,10 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from mistral_jax.cli import evaluate as cli  # noqa: E402
-from mistral_jax.evaluation import evaluate as ev  # noqa: E402
+from mistral_jax.evaluation.output import EXAMPLES_FILE, RUN_FILE, SUMMARY_FILE  # noqa: E402
 from mistral_jax.inference import scoring  # noqa: E402
 from mistral_jax.model.config import ModelConfig  # noqa: E402
-from tests.evaluation.test_evaluate import REPO, TINY, random_params  # noqa: E402
+from tests.evaluation.test_evaluate import TINY, random_params  # noqa: E402
 
 WORDS = Path(json.__file__).read_text().split()
 
@@ -48,11 +48,11 @@ def _argv(ckpt: Path, data, out: Path, *extra: str, task: str = "perplexity") ->
 
 
 def _rows(out: Path) -> list[str]:
-    return (out / ev.EXAMPLES_FILE).read_text().splitlines()
+    return (out / EXAMPLES_FILE).read_text().splitlines()
 
 
 def _summary(out: Path) -> dict:
-    return json.loads((out / ev.SUMMARY_FILE).read_text())
+    return json.loads((out / SUMMARY_FILE).read_text())
 
 
 def _no_load(monkeypatch):
@@ -80,28 +80,28 @@ def _one_error_line(capsys) -> str:
 def test_data_that_the_run_writes_is_refused_even_with_overwrite(ckpt, tmp_path, monkeypatch, capsys):
     out = tmp_path / "o"
     out.mkdir()
-    data = _docs(out / ev.EXAMPLES_FILE)
+    data = _docs(out / EXAMPLES_FILE)
     before = data.read_bytes()
     _no_load(monkeypatch)
     for extra in ((), ("--overwrite",)):
         assert cli.main(_argv(ckpt, data, out, *extra)) == 2
         line = _one_error_line(capsys)
-        assert f"--data {data}: is {out / ev.EXAMPLES_FILE}, a file this run writes" in line
+        assert f"--data {data}: is {out / EXAMPLES_FILE}, a file this run writes" in line
         assert data.read_bytes() == before
     # the same file under another name (a symbolic link, a hard link), and the other written files
     for name, link in (("alias.jsonl", os.symlink), ("hard.jsonl", os.link)):
         link(data, tmp_path / name)
         assert cli.main(_argv(ckpt, tmp_path / name, out, "--overwrite")) == 2
-        assert f"--data {tmp_path / name}: is {out / ev.EXAMPLES_FILE}" in _one_error_line(capsys)
-    run_file = _docs(out / ev.RUN_FILE)
+        assert f"--data {tmp_path / name}: is {out / EXAMPLES_FILE}" in _one_error_line(capsys)
+    run_file = _docs(out / RUN_FILE)
     assert cli.main(_argv(ckpt, run_file, out, "--overwrite")) == 2
-    assert f"is {out / ev.RUN_FILE}, a file this run writes" in _one_error_line(capsys)
+    assert f"is {out / RUN_FILE}, a file this run writes" in _one_error_line(capsys)
     # the few-shot file, the tokenizer, the moderation prompt and the checkpoint folder count too
     other = _docs(tmp_path / "other.jsonl")
-    (out / ev.SUMMARY_FILE).write_text("{}\n")
+    (out / SUMMARY_FILE).write_text("{}\n")
     assert cli.main(_argv(ckpt, other, out, "--overwrite", "--num-fewshot", "1", "--fewshot-data",
-                          str(out / ev.SUMMARY_FILE), task="choice")) == 2
-    assert f"--fewshot-data {out / ev.SUMMARY_FILE}: is {out / ev.SUMMARY_FILE}" in _one_error_line(capsys)
+                          str(out / SUMMARY_FILE), task="choice")) == 2
+    assert f"--fewshot-data {out / SUMMARY_FILE}: is {out / SUMMARY_FILE}" in _one_error_line(capsys)
     assert cli.main(_argv(ckpt, other, out, "--overwrite", "--moderation-prompt", str(run_file),
                           task="moderate")) == 2
     assert f"--moderation-prompt {run_file}: is" in _one_error_line(capsys)
@@ -128,18 +128,6 @@ def test_resume_with_the_data_spelled_differently_scores_nothing_again(ckpt, tmp
     # the same file twice is refused
     assert cli.main(_argv(ckpt, ["x.jsonl", str(tmp_path / "x.jsonl")], tmp_path / "twice")) == 2
     assert f"--data {tmp_path / 'x.jsonl'}: the same file as --data x.jsonl" in _one_error_line(capsys)
-    # a folder written before keys were resolved: rows keyed by the path as typed, no checkpoint identity
-    legacy = [{**json.loads(r), "key": f"x.jsonl:{json.loads(r)['line']}"} for r in first]
-    (out / ev.EXAMPLES_FILE).write_text("".join(json.dumps(r) + "\n" for r in legacy[:3]))
-    run = json.loads((out / ev.RUN_FILE).read_text())
-    ident = run.pop("checkpoint_id")
-    (out / ev.RUN_FILE).write_text(json.dumps(run))
-    capsys.readouterr()
-    assert cli.main(_argv(ckpt, tmp_path / "x.jsonl", out)) == 0
-    s = _summary(out)
-    assert (s["examples"], s["this_run"]["examples"], s["this_run"]["skipped_already_scored"]) == (n, 2, 3)
-    assert "predates checkpoint identities" in capsys.readouterr().err
-    assert json.loads((out / ev.RUN_FILE).read_text())["checkpoint_id"] == ident
 
 
 # ----- points 6 and 18: resume with another checkpoint or task -----
@@ -150,7 +138,7 @@ def test_resume_refuses_a_replaced_checkpoint_and_names_another_task(tmp_path, m
     out = tmp_path / "out"
     assert cli.main(_argv(ck, data, out)) == 0
     rows = _rows(out)
-    old_id = json.loads((out / ev.RUN_FILE).read_text())["checkpoint_id"]
+    old_id = json.loads((out / RUN_FILE).read_text())["checkpoint_id"]
     shutil.rmtree(ck)
     _save(ck, 2)                                  # another model at the same path
     from mistral_jax.checkpoint.integrity import checkpoint_identity
@@ -190,7 +178,7 @@ def test_a_corrupt_middle_row_loses_no_later_row(ckpt, tmp_path, capsys):
     rows = _rows(out)
     damaged = json.loads(rows[1])["line"]
     lines = rows[:1] + ['{"key": "garbage', "[1, 2]"] + rows[2:]     # row 2 damaged, and a stray line
-    (out / ev.EXAMPLES_FILE).write_text("\n".join(lines) + '\n{"key": "torn')
+    (out / EXAMPLES_FILE).write_text("\n".join(lines) + '\n{"key": "torn')
     capsys.readouterr()
     assert cli.main(_argv(ckpt, data, out)) == 0
     err = capsys.readouterr().err
@@ -224,10 +212,21 @@ def test_progress_moves_with_each_window_of_a_long_document(ckpt, tmp_path, monk
     argv = _argv(ckpt, data, tmp_path / "o", "--batch-size", "1")
     argv[argv.index("--max-length") + 1] = "32"
     assert cli.main(argv) == 1
-    frames = capsys.readouterr().err.split("\r")
+    captured = capsys.readouterr()
+    frames = captured.err.split("\r")
     during = [f for f in frames if "1/2" in f and "tok_s=" in f]       # the document is being scored
     tokens = [int(re.search(r"tokens=(\d+)", f).group(1)) for f in during]
     assert len(set(tokens)) >= n_win - 1 and tokens == sorted(tokens), during
+    # summary.json: tokens scored (every token after BOS, once) vs run (each window's inputs, overlaps included)
+    ids = Tokenizer.for_vocab(32000).encode(text, bos=True)
+    wins = scoring.rolling_windows(len(ids), 32, 16)
+    s = _summary(tmp_path / "o")
+    assert s["tokens_scored"] == s["tokens"] == len(ids) - 1
+    assert s["tokens_run"] == sum(w.end - w.start - 1 for w in wins) == s["this_run"]["tokens"] > len(ids)
+    # stdout: perplexity, bits per byte and the token counts, one "name: value" line each
+    assert captured.out.splitlines() == [f"perplexity:    {s['perplexity']:.4f}",
+                                         f"bits_per_byte: {s['bits_per_byte']:.4f}",
+                                         f"tokens_scored: {len(ids) - 1} (tokens_run {s['tokens_run']})"]
 
 
 # ----- point 12: infer.lm_eval checks --output before loading the model -----
@@ -250,8 +249,7 @@ def test_lm_eval_refuses_an_unwritable_output_before_loading(tmp_path, monkeypat
         ro.mkdir(mode=0o500)
         cases.append((ro, "not writable"))
     for out, why in cases:
-        argv = ["--checkpoint", str(tmp_path / "ck"), "--tasks", "zen_choice", "--include-path",
-                str(REPO / "configs/eval"), "--output", str(out)]
+        argv = ["--checkpoint", str(tmp_path / "ck"), "--tasks", "zen_choice", "--output", str(out)]
         assert lm_eval.main(argv) == 2
         line = _one_error_line(capsys)
         assert f"--output {out}" in line and why in line, line

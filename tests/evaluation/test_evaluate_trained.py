@@ -12,7 +12,9 @@ import optax
 import pytest
 
 from mistral_jax.cli import evaluate as cli
-from mistral_jax.evaluation import evaluate as ev
+from mistral_jax.evaluation.encoding import encode_pair
+from mistral_jax.evaluation.examples import MODERATION_LABELS
+from mistral_jax.evaluation.output import EXAMPLES_FILE, SUMMARY_FILE
 from mistral_jax.model import transformer as model_lib
 from mistral_jax.evaluation import prompts
 from mistral_jax.inference import scoring
@@ -81,10 +83,10 @@ def training_sequences(tok, template):
     """Two groups (choice, moderate) of (ids, n_answer): the requests infer.evaluate scores, correct answers."""
     choice, moderate = [], []
     for row in choice_rows():
-        ctx, cont = ev.encode_pair(tok, row["context"], " " + row["choices"][row["label"]])
+        ctx, cont = encode_pair(tok, row["context"], " " + row["choices"][row["label"]])
         choice.append((ctx + cont, len(cont)))
     for row in moderate_rows(0, N_MODERATE_TRAIN):
-        ctx, cont = ev.encode_pair(tok, prompts.fill_template(template, row["text"]), " " + row["label"])
+        ctx, cont = encode_pair(tok, prompts.fill_template(template, row["text"]), " " + row["label"])
         moderate.append((ctx + cont, len(cont)))
     return choice, moderate
 
@@ -144,8 +146,8 @@ def trained(tmp_path_factory):
 def run_cli(ckpt, task, data, out, *extra):
     rc = cli.main(["--checkpoint", str(ckpt), "--task", task, "--data", str(data), "--output", str(out),
                    "--batch-size", "16", *extra])
-    summary = json.loads((out / ev.SUMMARY_FILE).read_text())
-    rows = {r["line"]: r for r in map(json.loads, (out / ev.EXAMPLES_FILE).read_text().splitlines())}
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    rows = {r["line"]: r for r in map(json.loads, (out / EXAMPLES_FILE).read_text().splitlines())}
     return rc, summary, rows
 
 
@@ -162,8 +164,8 @@ def test_choice_trained_above_chance_and_shuffled_at_chance(trained, tmp_path):
     assert rc == 0 and lo <= 0.5 <= hi
 
 
-def test_moderate_trained_precision_recall_and_shuffled(trained, tmp_path):
-    ckpt, _ = trained
+def test_moderate_trained_precision_recall_and_shuffled(trained, tmp_path, capsys):
+    ckpt, tok = trained
     held_out = held_out_moderate_rows()               # new combinations of the two word lists
     bad = ["{oops", {"text": "garden tea", "label": "maybe"}, {"label": "acceptable"}, {"text": "", "label":
            "acceptable"}]
@@ -176,6 +178,19 @@ def test_moderate_trained_precision_recall_and_shuffled(trained, tmp_path):
     assert f"{data}:14: 'text' must be a non-empty string" in rows[14]["error"]
     # what the code guarantees: the confusion counts, rates and Wilson intervals follow from the rows
     check_moderation_summary(s, rows)
+    # the label words' tokens are scored; the prompt runs once per label word (BOS + template + text + word)
+    template = prompts.load_template(prompts.MODERATE)
+    text_of = {n: r["text"] for n, r in zip([*range(1, 11), *range(15, 53)], held_out)}    # line -> text
+    for r in (r for r in rows.values() if "error" not in r):
+        prompt = prompts.fill_template(template, text_of[r["line"]])
+        pairs = [encode_pair(tok, prompt, " " + w) for w in MODERATION_LABELS]
+        assert r["n_tokens"] == {w: len(c) for w, (_, c) in zip(MODERATION_LABELS, pairs)}, r
+        assert r["n_tokens_run"] == sum(len(a) + len(c) - 1 for a, c in pairs), r
+    assert s["tokens_scored"] == sum(sum(r["n_tokens"].values()) for r in rows.values() if "error" not in r)
+    lines = capsys.readouterr().out.splitlines()        # stdout: precision, recall, accuracy with intervals
+    assert [ln.split(":")[0] for ln in lines] == ["precision", "recall", "accuracy"], lines
+    assert lines[1] == "recall:    {:.4f} ({} of {}), 95% Wilson interval [{:.4f}, {:.4f}]".format(
+        s["recall"]["value"], s["recall"]["correct"], s["recall"]["n"], *s["recall"]["ci95"])
     c = s["confusion"]
     assert c["tp"] + c["fn"] == 24 and c["fp"] + c["tn"] == 24
     # the trained model's quality: measured 48/48 on every seed and vector width tried (see N_MODERATE_TRAIN);
@@ -260,7 +275,7 @@ def test_safe_prompt_chat_encoding_equals_mistral_common(trained, tmp_path, monk
                        tmp_path / "m", "--safe-prompt")
     ctx = _mc_chat([("system", PAPER_GUARDRAIL),
                     ("user", prompts.fill_template(prompts.load_template(prompts.MODERATE), text))])
-    assert rc == 0 and seen_req == [(ctx + tok.encode(w), len(tok.encode(w))) for w in ev.MODERATION_LABELS]
+    assert rc == 0 and seen_req == [(ctx + tok.encode(w), len(tok.encode(w))) for w in MODERATION_LABELS]
 
 
 def test_fewshot_prefix_determinism_and_exclusion(trained, tmp_path, monkeypatch):
@@ -286,7 +301,7 @@ def test_fewshot_prefix_determinism_and_exclusion(trained, tmp_path, monkeypatch
         parts = [rows[int(k.rsplit(":", 1)[1]) - 1] for k in shots[ln]]
         ctx = "\n\n".join([f"{p['context']} {p['choices'][p['label']]}" for p in parts] + [row["context"]])
         for c in row["choices"]:
-            a, b = ev.encode_pair(tok, ctx, " " + c)
+            a, b = encode_pair(tok, ctx, " " + c)
             assert next(reqs) == (a + b, len(b))
     # deterministic: another batch size and a resumed half give the same shots; another seed differs
     rc, _, out2 = run_cli(ckpt, "choice", data, tmp_path / "b", "--num-fewshot", "3", "--batch-size", "3")

@@ -11,7 +11,7 @@ import json  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from tests.evaluation.test_evaluate import REPO  # noqa: E402
+from mistral_jax.evaluation.lm_eval_tasks import TASKS_DIR  # noqa: E402
 
 pytestmark = pytest.mark.slow     # a whole infer.lm_eval run and lm-eval's own HF backend, ~20 s
 
@@ -26,13 +26,12 @@ def run(tmp_path_factory, eval_tiny):
     cfg, params, folder, hf = eval_tiny
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_HOME", str(tmp / "hf_home"))
-    mp.chdir(REPO)                               # the task YAMLs name their data relative to the repository
+    mp.chdir(tmp)                                # the packaged tasks' data is found from any working folder
     from mistral_jax.cli import lm_eval as cli
     out = tmp / "out"
     try:
-        rc = cli.main(["--checkpoint", str(folder), "--tasks", "zen_choice,stdlib_docs", "--include-path",
-                       "configs/eval", "--limit", str(LIMIT), "--max-length", "64", "--batch-size", "4",
-                       "--output", str(out)])
+        rc = cli.main(["--checkpoint", str(folder), "--tasks", "zen_choice,stdlib_docs", "--limit", str(LIMIT),
+                       "--max-length", "64", "--batch-size", "4", "--output", str(out)])
     finally:
         mp.undo()
     assert rc == 0
@@ -69,7 +68,7 @@ def test_accuracy_and_logliks_equal_infer_evaluate(run, tmp_path):
 
     folder, out = run
     data = tmp_path / "zen.jsonl"
-    data.write_text("".join((REPO / "configs/eval/zen_choice.jsonl").read_text().splitlines(True)[:LIMIT]))
+    data.write_text("".join((TASKS_DIR / "zen_choice.jsonl").read_text().splitlines(True)[:LIMIT]))
     assert ev_cli.main(["--checkpoint", str(folder), "--task", "choice", "--data", str(data), "--output",
                         str(tmp_path / "ev")]) == 0
     rows = sorted((json.loads(x) for x in (tmp_path / "ev/examples.jsonl").read_text().splitlines()),
@@ -90,7 +89,7 @@ def test_backend_equals_lm_eval_hf_backend(run):
     from mistral_jax.evaluation.lm_eval_backend import MistralJaxLM
 
     folder, _ = run
-    zen = [json.loads(x) for x in (REPO / "configs/eval/zen_choice.jsonl").read_text().splitlines()][:3]
+    zen = [json.loads(x) for x in (TASKS_DIR / "zen_choice.jsonl").read_text().splitlines()][:3]
     pairs = [(ex["context"], " " + c) for ex in zen for c in ex["choices"]] + [("", "Beautiful is better")]
     texts = [ex["context"] + " " + ex["choices"][ex["label"]] for ex in zen]
     texts.append("\n".join(f"{ex['context']} {ex['choices'][ex['label']]}" for ex in zen * 8))   # > 64 tokens
@@ -99,7 +98,7 @@ def test_backend_equals_lm_eval_hf_backend(run):
     for t in texts:   # precondition: both tokenizers agree on this text
         assert hf.tok_encode(t, add_special_tokens=False) == ours.tok_encode(t, add_special_tokens=False)
     pairs += [("The Zen of Python: Beautiful is ", "better than ugly."), ("Explicit is  ", " better")]
-    from mistral_jax.evaluation.evaluate import encode_pair
+    from mistral_jax.evaluation.encoding import encode_pair
     for c, x in pairs[-3:]:     # infer.evaluate's split of (context, continuation) is lm-eval's
         assert encode_pair(ours.tok, c, x) == hf._encode_pair(c, x) if c else True
     pairs.append((texts[-1], " Beautiful is better than ugly."))     # longer than max_length: left-truncated

@@ -11,6 +11,7 @@ from mistral_jax.model import transformer as model
 from mistral_jax.model import sharding
 from mistral_jax.checkpoint import weights
 from mistral_jax.model.config import ModelConfig
+from tests.inference.decode_helpers import clear_programs, forward_cached
 from tests import hf_ref
 
 W = 8
@@ -40,14 +41,14 @@ def full_logits(ref, seq):
 def test_step_by_step_cached_decode_equals_full_forward(ref, seq, full_logits):
     _, cfg, params = ref
     assert seq.shape[1] > 4 * W          # several wrap-arounds of the W-slot buffer
-    stepwise = np.asarray(decode.forward_cached(params, seq, cfg=cfg, chunk=1))
+    stepwise = np.asarray(forward_cached(params, seq, cfg=cfg, chunk=1))
     assert np.abs(stepwise - full_logits).max() <= 1e-5
 
 
 @pytest.mark.parametrize("chunk", [3, W, 2 * W + 5, 5 * W + 3])
 def test_chunked_prefill_equals_one_shot(ref, seq, full_logits, chunk):
     _, cfg, params = ref
-    out = np.asarray(decode.forward_cached(params, seq, cfg=cfg, chunk=chunk))
+    out = np.asarray(forward_cached(params, seq, cfg=cfg, chunk=chunk))
     assert np.abs(out - full_logits).max() <= 1e-5
 
 
@@ -168,11 +169,11 @@ def test_bad_prompts_raise_named_errors(ref):
 def test_forward_cached_refuses_a_cache_smaller_than_the_window(ref, seq, full_logits):
     _, cfg, params = ref
     with pytest.raises(ValueError, match=f"cache_len {W - 1} is smaller than the {W} slots .* window {W}"):
-        decode.forward_cached(params, seq, cfg=cfg, chunk=3, cache_len=W - 1)
+        forward_cached(params, seq, cfg=cfg, chunk=3, cache_len=W - 1)
     no_window = cfg.replace(sliding_window=None)
     with pytest.raises(ValueError, match="cache_len 10 is smaller than the 12 slots required for 12 tokens"):
-        decode.forward_cached(params, seq[:, :12], cfg=no_window, chunk=4, cache_len=10)
-    bigger = np.asarray(decode.forward_cached(params, seq, cfg=cfg, chunk=3, cache_len=2 * W))
+        forward_cached(params, seq[:, :12], cfg=no_window, chunk=4, cache_len=10)
+    bigger = np.asarray(forward_cached(params, seq, cfg=cfg, chunk=3, cache_len=2 * W))
     assert np.abs(bigger - full_logits).max() <= 1e-5                    # a larger cache is fine
 
 
@@ -188,7 +189,7 @@ def test_chunked_prefill_matches_mistral_inference_buffer_cache(ref, seq, tmp_pa
         write_mistral(folder, cfg, params)
     mi = load_mi(folder)
     theirs = np.stack(mi_logits(mi, np.asarray(seq).tolist(), chunk_size=chunk))
-    ours = np.asarray(decode.forward_cached(params, seq, cfg=cfg, chunk=chunk))
+    ours = np.asarray(forward_cached(params, seq, cfg=cfg, chunk=chunk))
     assert np.abs(ours[:, -1] - theirs[:, -1]).max() <= 1e-4     # next-token logits
     assert np.abs(ours - theirs).max() <= 1e-4                   # and every position on the way
 
@@ -200,7 +201,8 @@ def test_decode_cache_is_sharded_over_the_mesh(ref):
     toks = jax.device_put(jnp.ones((4, 8), jnp.int32), sharding.batch_sharding(mesh, 2))
     lens = jax.device_put(jnp.full((4,), 8, jnp.int32), sharding.batch_sharding(mesh, 1))
     live = jax.device_put(jnp.ones((4,), bool), sharding.batch_sharding(mesh, 1))
-    _, cache, _ = decode._generate(p, toks, lens, jax.random.key_data(decode.row_keys(0, jnp.arange(4))), live, jnp.int32(4), cfg=cfg,
+    keys = jax.random.key_data(decode.row_keys(0, jnp.arange(4)))
+    _, cache, _ = decode._generate(p, toks, lens, keys, live, jnp.int32(4), cfg=cfg,
                                    dtype=jnp.float32, chunk=8, cache_len=W, max_new=4,
                                    sampling=decode.SamplingConfig(), eos_id=-1)
     spec = jax.sharding.PartitionSpec
@@ -232,7 +234,7 @@ def test_bucketed_shapes_give_the_same_tokens_as_exact_shapes(ref):
 def test_twenty_prompt_lengths_compile_a_handful_of_programs(ref):
     _, cfg, params = ref
     lengths = [1 + 10 * i for i in range(20)]                       # 1 .. 191 tokens: 20 different lengths
-    decode.clear_programs()                 # count these calls' programs alone, whatever ran before
+    clear_programs()                        # count these calls' programs alone, whatever ran before
     outs = [decode.generate(params, cfg, [p], 3, eos_id=-1) for p in _lengths_prompts(cfg, lengths, 12)]
     assert all(len(o[0]) == 3 for o in outs)
     assert decode.compiled_programs() == 3                         # buckets 64, 128, 256
@@ -263,7 +265,8 @@ def test_filler_rows_start_finished_and_do_not_extend_the_loop(ref, eos_case):
     toks = np.zeros((4, s.prompt_len), np.int32)
     toks[0, :len(prompt)], toks[1:, 0] = prompt, cfg.bos_id
     out, _, steps = decode._generate(
-        params, jnp.asarray(toks), jnp.array([len(prompt), 1, 1, 1], jnp.int32), jax.random.key_data(decode.row_keys(0, jnp.zeros(4, int))),
+        params, jnp.asarray(toks), jnp.array([len(prompt), 1, 1, 1], jnp.int32),
+        jax.random.key_data(decode.row_keys(0, jnp.zeros(4, int))),
         jnp.array([True, False, False, False]), jnp.int32(n), cfg=cfg, dtype=jnp.dtype(jnp.float32), chunk=s.chunk,
         cache_len=s.cache_len, max_new=s.out_len, sampling=decode.SamplingConfig(), eos_id=jnp.int32(eos))
     out = np.asarray(out)

@@ -1,5 +1,6 @@
 """`python -m infer.generate` end to end on tiny random models (checked against HF `generate`), and chat encoding."""
 
+import contextlib
 import json
 
 import jax
@@ -9,10 +10,13 @@ import pytest
 from mistral_jax.cli import generate as cli
 from mistral_jax.inference import decode
 from mistral_jax.model import transformer as model
-from mistral_jax.checkpoint import weights
 from mistral_jax.checkpoint.native import save_params
 from mistral_jax.model.config import ModelConfig
+from tests.checkpoint.state_dict import params_to_state_dict
+from tests.inference.decode_helpers import clear_programs
+from tests.model.trees import stack_layers
 from mistral_jax.data.tokenizer import DEFAULT_FILES, Tokenizer, default_tokenizer_path
+from mistral_jax.evaluation.output import json_line
 
 GOOD = ["The quick brown fox", "def main():", "Once upon a time, in a land far away, there lived"]
 NEW = 6
@@ -26,7 +30,7 @@ def _hf_model(cfg, params):
     hf_cfg = MistralConfig(**{k: v for k, v in cfg.to_hf_config().items() if k not in ("architectures", "model_type")})
     hf_cfg._attn_implementation = "eager"
     m = MistralForCausalLM(hf_cfg).eval()
-    m.load_state_dict({k: torch.from_numpy(v) for k, v in weights.params_to_state_dict(params, cfg, "hf")},
+    m.load_state_dict({k: torch.from_numpy(v) for k, v in params_to_state_dict(params, cfg, "hf")},
                       strict=True)
     return m
 
@@ -60,7 +64,7 @@ def _random_params(cfg, seed):
         scale = 1.0 if "norm" in jax.tree_util.keystr(path) else 0.0
         return (scale + rs.randn(*x.shape) * (0.1 if scale else 0.08)).astype(np.float32)
     per_layer = jax.tree_util.tree_map_with_path(init, nn.unbox(model.abstract_params(cfg, scan_layers=False)))
-    return jax.tree_util.tree_map(np.asarray, model.stack_layers(per_layer, cfg.n_layers))
+    return jax.tree_util.tree_map(np.asarray, stack_layers(per_layer, cfg.n_layers))
 
 
 def _planted(tmp_path_factory, name, cfg, seed, prompt, step, new_id):
@@ -245,23 +249,21 @@ def test_output_is_checked_first_and_written_atomically(ckpt, tmp_path, capsys, 
     assert _run(path, src, out) == 2 and "exists; pass --overwrite" in capsys.readouterr().err
     assert out.read_text() == "previous\n"
 
-    real_open = cli._open_temp
+    real_atomic_file = cli.atomic_file
 
     class Full:                               # a disk that fills up on the first row
-        def __init__(self, f):
-            self.f, self.closed = f, False
-
         def write(self, b):
             raise OSError(28, "No space left on device")
 
         def flush(self):
             pass
 
-        def close(self):
-            self.closed = True
-            self.f.close()
+    @contextlib.contextmanager
+    def full_disk(path, mode):
+        with real_atomic_file(path, mode):
+            yield Full()
 
-    monkeypatch.setattr(cli, "_open_temp", lambda o: (lambda t, f: (t, Full(f)))(*real_open(o)))
+    monkeypatch.setattr(cli, "atomic_file", full_disk)
     assert _run(path, src, out, "--overwrite") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: writing {out}: No space left on device"]
@@ -279,8 +281,12 @@ def test_generate_cli_one_off_prompt_and_bad_arguments(ckpt, tmp_path, capsys):
     assert cli.main(["--checkpoint", str(path), "--prompt", GOOD[0], "--max-new-tokens", str(NEW)]) == 0
     printed = capsys.readouterr().out
     tok = Tokenizer()
-    ids, _ = _hf_greedy(hf, tok.encode(GOOD[0], bos=True), NEW, tok.eos_id)
-    assert printed == tok.decode(ids) + "\n" and tok.eos_id not in ids
+    prompt_ids = tok.encode(GOOD[0], bos=True)
+    ids, _ = _hf_greedy(hf, prompt_ids, NEW, tok.eos_id)
+    # the prompt, then its completion: the text the completion's ids decode to after the prompt's ids
+    head, full = tok.decode(prompt_ids), tok.decode(prompt_ids + ids)
+    assert full.startswith(head) and printed == GOOD[0] + full[len(head):] + "\n" and tok.eos_id not in ids
+    assert printed.rstrip("\n").endswith(tok.decode(ids).strip()) and len(printed) > len(GOOD[0]) + 1
     assert cli.main(["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "nope" in capsys.readouterr().err
     assert cli.main(["--checkpoint", str(path), "--prompt", "x", "--mesh", "3,1,1"]) == 2
@@ -301,6 +307,15 @@ def test_generate_cli_one_off_prompt_and_bad_arguments(ckpt, tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err, (flags, err)
+
+
+def test_one_off_prompt_is_shown_before_its_completion():
+    tok = Tokenizer()
+    prompt_ids, comp = tok.encode("The quick brown", bos=True), tok.encode("fox jumps")
+    row = {"line": 1, "prompt": "The quick brown", "completion": tok.decode(comp), "completion_ids": comp}
+    assert row["completion"] == "fox jumps"            # the first piece is "▁...": its space is dropped
+    assert cli.shown_with_prompt(False, tok, {0: prompt_ids})(0, row) == "The quick brown fox jumps"
+    assert cli.shown_with_prompt(True, tok, {0: prompt_ids})(0, row) == "The quick brown\nfox jumps"
 
 
 def test_chat_encoding_v1_and_v3_literal_pieces():
@@ -330,7 +345,7 @@ def test_chat_encoding_v1_and_v3_literal_pieces():
 
 
 def test_output_rows_escape_lone_surrogates():
-    line = cli._json_line({"prompt": "\ud800x", "completion": "é"})
+    line = json_line({"prompt": "\ud800x", "completion": "é"})
     assert json.loads(line.decode("utf-8")) == {"prompt": "\ud800x", "completion": "é"}
     assert line.endswith(b"\n") and line.count(b"\n") == 1
 
@@ -350,7 +365,7 @@ def test_length_sorted_batches_keep_input_order_and_results(ckpt, tmp_path, caps
              "The quick brown fox jumps over", "A"]
     src, out = tmp_path / "mixed.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps({"prompt": t, "id": i}) + "\n" for i, t in enumerate(texts)))
-    decode.clear_programs()               # count this run's compilations alone, whatever ran before
+    clear_programs()                      # count this run's compilations alone, whatever ran before
     assert _run(path, src, out, "--batch-size", "2") == 0          # 3 batches, the last with one filler row
     rows = _rows(out)
     assert [r["id"] for r in rows] == list(range(5)) and [r["prompt"] for r in rows] == texts

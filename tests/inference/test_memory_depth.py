@@ -18,6 +18,7 @@ from mistral_jax.model import transformer as model
 from mistral_jax.model import packing
 from mistral_jax.inference import scoring
 from mistral_jax.model.config import ModelConfig
+from tests.model.trees import is_packed
 
 DEPTHS = (2, 8)
 BASE = ModelConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, hidden_dim=1024, vocab_size=512,
@@ -91,7 +92,7 @@ def test_scorer_and_generate_pack_what_they_are_given():
     """The public entry points pack bf16 params themselves (callers hold plain bf16 trees)."""
     cfg = _cfg(2)
     params = model.init_params(cfg, jax.random.key(0), param_dtype=jnp.bfloat16)
-    assert packing.is_packed(scoring.Scorer(params, cfg, dtype=jnp.bfloat16).params)
+    assert is_packed(scoring.Scorer(params, cfg, dtype=jnp.bfloat16).params)
     # and packing shares the bf16 buffers on the CPU backend: no bytes copied
     packed = packing.pack(params)
     w, p = params["layers"]["feed_forward"]["w1"], packed["layers"]["feed_forward"]["w1"]
@@ -99,7 +100,7 @@ def test_scorer_and_generate_pack_what_they_are_given():
     assert p.unsafe_buffer_pointer() == w.unsafe_buffer_pointer()
     np.testing.assert_array_equal(np.asarray(jax.jit(packing.unpack)(p)).view(np.uint16),
                                   np.asarray(w).view(np.uint16))
-    assert not packing.is_packed(packing.pack(model.init_params(cfg, jax.random.key(0))))  # float32 stays
+    assert not is_packed(packing.pack(model.init_params(cfg, jax.random.key(0))))  # float32 stays
 
 
 def test_packed_generate_matches_unpacked_program():

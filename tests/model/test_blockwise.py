@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mistral_jax.model.attention import attend, attention_mask
+from mistral_jax.model.attention import attend
+from mistral_jax.model.mask import attention_mask
 from mistral_jax.model.blockwise import blockwise_attend
 from tests.packed import two_documents
 

@@ -15,11 +15,12 @@ from jax.sharding import PartitionSpec as P
 
 from mistral_jax.model import cache as kv_cache
 from mistral_jax.checkpoint import native as checkpoint
-from mistral_jax.inference import decode
 from mistral_jax.model import lora
 from mistral_jax.model import transformer as model
 from mistral_jax.model import sharding
 from mistral_jax.model.config import ModelConfig
+from tests.inference.decode_helpers import forward_cached
+from tests.model.trees import param_logical_specs, stack_layers
 
 CFG = ModelConfig.preset("tiny").replace(vocab_size=256, sliding_window=8)
 LCFG = lora.LoraConfig(rank=4, alpha=8.0)
@@ -127,7 +128,7 @@ def test_adapter_tree_names_shapes_and_logical_axes(base, adapted):
     a = np.asarray(att["wq_lora_a"])
     assert np.abs(a).max() <= 1 / math.sqrt(D) and a.std() > 0.5 / math.sqrt(3 * D)   # uniform +-1/sqrt(fan_in)
     assert not np.array_equal(a[0], a[1])                                              # per-layer draws
-    specs = model.param_logical_specs(CFG, lora=LCFG)["layers"]
+    specs = param_logical_specs(CFG, lora=LCFG)["layers"]
     assert specs["attention"]["wq_lora_a"] == P("layers", "embed", None)
     assert specs["attention"]["wq_lora_b"] == P("layers", None, "q_heads", "head_dim")
     assert specs["attention"]["wo_lora_a"] == P("layers", "q_heads", "head_dim", None)
@@ -150,7 +151,7 @@ def test_split_join_and_adapter_paths(adapted):
     assert not lora.is_adapter_path(("layers", "attention", "wq"))
     assert not lora.is_adapter_path(("output",)) and not lora.is_adapter_path(())
     # any params-shaped tree splits the same way (here: the logical specs)
-    spec_adapters, _ = lora.split(model.param_logical_specs(CFG, lora=LCFG))
+    spec_adapters, _ = lora.split(param_logical_specs(CFG, lora=LCFG))
     assert jax.tree_util.tree_structure(spec_adapters, is_leaf=lambda x: isinstance(x, P)) == \
            jax.tree_util.tree_structure(adapters)
     with pytest.raises(ValueError, match="'layers/attention/wq' is in both"):
@@ -208,7 +209,7 @@ def test_adapter_grads_scanned_remat_equal_unscanned(trained, tokens):
         return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
 
     adapters, frozen = lora.split(model.unstack_layers(params, CFG.n_layers))
-    g_loop = model.stack_layers(jax.jit(jax.grad(loss))(adapters, frozen), CFG.n_layers)
+    g_loop = stack_layers(jax.jit(jax.grad(loss))(adapters, frozen), CFG.n_layers)
     diffs = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), grads, g_loop)
     assert max(jax.tree_util.tree_leaves(diffs)) <= 1e-6, diffs
     assert min(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads)) > 1e-5   # all adapters learn
@@ -228,7 +229,7 @@ def test_merged_export_matches_the_adapter_model(base, trained, merged, tokens, 
     assert np.abs(np.asarray(model.forward(base, tokens, CFG)) - want).max() > 1e-3      # the merge did something
     # per-layer trees merge the same way
     per_layer = lora.merge(model.unstack_layers(params, CFG.n_layers), LCFG)
-    for k, x in _leaves(model.stack_layers(per_layer, CFG.n_layers)).items():
+    for k, x in _leaves(stack_layers(per_layer, CFG.n_layers)).items():
         np.testing.assert_allclose(np.asarray(x), np.asarray(_leaves(merged)[k]), rtol=0, atol=1e-7)
     # an ordinary native checkpoint
     checkpoint.save_params(tmp_path / "export", CFG, merged)
@@ -260,7 +261,7 @@ def test_merge_refuses_a_mismatched_config(trained):
 
 
 def test_cached_decoding_with_adapters_and_merged(trained, merged, tokens):
-    """The LoRA model through the KV cache (chunks of 3) and decode.forward_cached on the merged params
+    """The LoRA model through the KV cache (chunks of 3) and `forward_cached` on the merged params
     (what generation uses) both equal the adapter model's full forward."""
     params = trained[0]
     want = np.asarray(model.forward(params, tokens, CFG, lora=LCFG))
@@ -278,7 +279,7 @@ def test_cached_decoding_with_adapters_and_merged(trained, merged, tokens):
         logits, cache = run_chunk(params, tokens[:, i:i + chunk], pos, cache)
         outs.append(np.asarray(logits))
     assert np.abs(np.concatenate(outs, axis=1) - want).max() <= 1e-5
-    got = np.asarray(decode.forward_cached(merged, tokens, cfg=CFG, chunk=3))
+    got = np.asarray(forward_cached(merged, tokens, cfg=CFG, chunk=3))
     assert np.abs(got - want).max() <= 1e-5
 
 

@@ -12,9 +12,12 @@ from mistral_jax.checkpoint import native as checkpoint
 from mistral_jax.model import transformer as model
 from mistral_jax.model import sharding
 from mistral_jax.checkpoint import weights
-from mistral_jax.model.attention import attend, attention_mask
+from mistral_jax.model.attention import attend
+from mistral_jax.model.mask import attention_mask
 from mistral_jax.model.config import ModelConfig
-from mistral_jax.errors import ConfigError
+from mistral_jax.errors import ConfigError, WeightError
+from tests.checkpoint.state_dict import params_to_state_dict
+from tests.model.trees import param_logical_specs
 
 # Max |bf16-compute logits - f32 logits| relative to max |f32 logits| on the hf_gqa model: measured
 # 0.0055-0.0079 over token seeds 4-23 (0.0055, 0.0064, 0.0078 for the seeds used below); 1.5x the worst.
@@ -134,7 +137,7 @@ def test_sharded_forward_equals_single_device(gqa):
                                     "w2": P(None, "tensor", "fsdp")}}
     got_specs = jax.tree_util.tree_map(lambda x: x.sharding.spec, sharded["layers"])
     assert got_specs == layer_specs
-    assert model.param_logical_specs(cfg)["layers"]["attention"]["wo"] == P("layers", "q_heads", "head_dim", "embed")
+    assert param_logical_specs(cfg)["layers"]["attention"]["wo"] == P("layers", "q_heads", "head_dim", "embed")
     tokens = np.random.RandomState(3).randint(0, cfg.vocab_size, (4, 40))
     tok_sharded = jax.device_put(jnp.asarray(tokens), sharding.batch_sharding(mesh))
     out = model.forward(sharded, tok_sharded, cfg)
@@ -385,18 +388,18 @@ def test_mismatched_weights_name_tensor(gqa):
     sd = ref.state_dict()
     bad = dict(sd)
     bad["model.layers.1.self_attn.k_proj.weight"] = np.zeros((3, cfg.dim), np.float32)
-    with pytest.raises(weights.WeightError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight.*\(3, 64\)"):
+    with pytest.raises(WeightError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight.*\(3, 64\)"):
         weights.state_dict_to_params(bad, cfg, "hf")
     missing = {k: v for k, v in sd.items() if k != "lm_head.weight"}
-    with pytest.raises(weights.WeightError, match="missing.*lm_head.weight"):
+    with pytest.raises(WeightError, match="missing.*lm_head.weight"):
         weights.state_dict_to_params(missing, cfg, "hf")
-    with pytest.raises(weights.WeightError, match="unexpected.*model.layers.1"):
+    with pytest.raises(WeightError, match="unexpected.*model.layers.1"):
         weights.state_dict_to_params(sd, cfg.replace(n_layers=1), "hf")
 
 
 def test_mistral_layout_row_reorder_round_trips(gqa):
     ref, cfg, params = gqa
-    sd_m = dict(weights.params_to_state_dict(params, cfg, "mistral"))
+    sd_m = dict(params_to_state_dict(params, cfg, "mistral"))
     assert "layers.0.attention.wq.weight" in sd_m
     hf_q = ref.state_dict()["model.layers.0.self_attn.q_proj.weight"]
     assert np.array_equal(weights.interleaved_to_half(sd_m["layers.0.attention.wq.weight"], cfg.n_heads), hf_q)

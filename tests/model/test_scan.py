@@ -14,6 +14,7 @@ from mistral_jax.model import cache as kv_cache
 from mistral_jax.model import transformer as model
 from mistral_jax.training import train_step as ts
 from mistral_jax.model.config import ModelConfig
+from tests.model.trees import param_logical_specs, stack_layers
 
 CFG = ModelConfig.preset("tiny").replace(n_layers=3, vocab_size=256, sliding_window=8)
 TOL = 1e-5
@@ -51,7 +52,7 @@ def test_params_are_stacked_with_a_layers_axis(params):
     assert not any(k.startswith("layers_") for k in params)
     # split_rngs: every layer gets its own random init
     assert not np.array_equal(np.asarray(wq[0]), np.asarray(wq[1]))
-    specs = model.param_logical_specs(CFG)
+    specs = param_logical_specs(CFG)
     assert specs["layers"]["feed_forward"]["w1"] == jax.sharding.PartitionSpec("layers", "embed", "mlp")
     assert model.count_params(CFG) == sum(x.size for x in jax.tree_util.tree_leaves(params))
     # unstack_layers gives exactly the unscanned model's tree
@@ -73,7 +74,7 @@ def test_scanned_equals_unscanned_logits_and_grads(params, batch, remat):
     loss_s, g_s = _loss_and_grads(params, batch, True, remat)
     loss_u, g_u = _loss_and_grads(per_layer, batch, False, remat)
     assert abs(float(loss_s) - float(loss_u)) <= TOL * abs(float(loss_u))
-    g_u = model.stack_layers(g_u, CFG.n_layers)
+    g_u = stack_layers(g_u, CFG.n_layers)
     diffs = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), g_s, g_u)
     assert max(jax.tree_util.tree_leaves(diffs)) <= TOL, diffs
     assert float(jnp.abs(g_s["layers"]["attention"]["wq"]).max()) > 1e-3   # gradients reach every block

@@ -156,7 +156,8 @@ def test_kill_both_and_resume_continues_bit_exactly(runs, tmp_path):
     for p in procs:
         p.send_signal(signal.SIGKILL)
     _wait(procs)
-    assert _wait(_start_pair(run_dir, tmp_path, resume=True)) == [0, 0], (tmp_path / "p0-resume.log").read_text()[-2000:]
+    assert _wait(_start_pair(run_dir, tmp_path, resume=True)) == [0, 0], \
+        (tmp_path / "p0-resume.log").read_text()[-2000:]
     resumed, uninterrupted = _losses(run_dir), _losses(runs / "two")
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     assert all(resumed[s] == uninterrupted[s] for s in range(1, 7)), (resumed, uninterrupted)
@@ -285,7 +286,8 @@ def test_finetune_on_two_processes_equals_one_process(tmp_path):
 
 
 def test_each_process_reads_its_own_chat_lines(tmp_path):
-    from mistral_jax.data import chat as cd
+    from mistral_jax.data.chat_files import ChatReport
+    from mistral_jax.data.chat_template import as_chat_tokenizer
     from mistral_jax.data.chat_examples import write_examples
     from mistral_jax.training.chat_source import read_share
 
@@ -376,7 +378,9 @@ def test_evaluate_on_two_processes_equals_one(tmp_path):
     # identical: params are all-gathered over fsdp (no cross-process partial sums), rows stay on their devices
     for k in a:
         assert a[k] == b[k], (k, a[k], b[k])
-    rows = lambda d: {r["key"]: r for r in map(json.loads, (tmp_path / d / "examples.jsonl").read_text().splitlines())}  # noqa: E731
+
+    def rows(d):
+        return {r["key"]: r for r in map(json.loads, (tmp_path / d / "examples.jsonl").read_text().splitlines())}
     ra, rb = rows("one"), rows("two")
     assert sorted(ra) == sorted(rb)
     for key in ra:

@@ -85,7 +85,8 @@ def test_wrapped_errors_are_recognised(xla_oom, numpy_oom, kind, how):
 
 
 def test_an_error_quoted_in_a_message_is_recognised(xla_oom):
-    """checkpoint.py and train_loop quote orbax's errors: '... (JaxRuntimeError: RESOURCE_EXHAUSTED: ...)'."""
+    """The checkpoint readers and the training run quote orbax's errors:
+    '... (JaxRuntimeError: RESOURCE_EXHAUSTED: ...)'."""
     e = ValueError(f"ckpt/params: cannot restore params ({type(xla_oom).__name__}: {xla_oom})")
     assert oom.is_oom(e) and oom.requested_bytes(e) == PIB
 
@@ -265,7 +266,7 @@ def test_convert_reading(numpy_oom, monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main([str(tmp_path / "src"), str(tmp_path / "out"), "--format", "hf", "--quiet"])
     assert info.value.code == 3
-    _one_line(capsys, f"python -m convert: out of memory while reading {tmp_path / 'src'}: requested 1.00 PiB",
+    _one_line(capsys, f"python -m infer.convert: out of memory while reading {tmp_path / 'src'}: requested 1.00 PiB",
               "--dtype bfloat16")
 
 

@@ -11,7 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from mistral_jax.data import chat as cd
+from mistral_jax.data.chat_files import REASONS, expand_paths, overlap_message, read_chat_data
+from mistral_jax.data.chat_stream import ChatStream
+from mistral_jax.data.chat_template import encode_prompt
+from mistral_jax.errors import ChatDataError, ChatFormatError
 from mistral_jax.training import chat_source
 from mistral_jax.data import text as data_lib
 from mistral_jax.model import lora as lora_lib
@@ -22,7 +25,7 @@ from mistral_jax.training import train_step as ts
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.training.run_config import DataSection
 from mistral_jax.data.tokenizer import Tokenizer
-from mistral_jax.training.train_loop import diverged_message
+from mistral_jax.training.step_loop import diverged_message
 from tests.packed import two_documents
 from mistral_jax.cli import finetune
 

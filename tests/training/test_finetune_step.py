@@ -16,7 +16,7 @@ from mistral_jax.training import train_step as ts
 from mistral_jax.checkpoint.native import save_params
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.runtime.prefetch import Prefetcher
-from mistral_jax.training.train_loop import load_init_params
+from mistral_jax.training.start_state import load_init_params
 from mistral_jax.errors import RunError
 
 

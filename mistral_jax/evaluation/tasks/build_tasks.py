@@ -1,6 +1,6 @@
 """Builds the two example evaluation data sets in this folder from text that ships with Python.
 
-    python configs/eval/build_tasks.py
+    python -m mistral_jax.evaluation.tasks.build_tasks
 
 - zen_choice.jsonl (multiple choice, task `zen_choice`): the 19 aphorisms of "The Zen of Python" (the
   standard library's `this` module, rot13-decoded). Each aphorism is cut after its first half of words:
@@ -21,6 +21,8 @@ import json
 import random
 import sys
 from pathlib import Path
+
+from mistral_jax.runtime.files import write_atomic
 
 HERE = Path(__file__).resolve().parent
 DOC_MODULES = ("json", "string", "textwrap", "csv", "heapq", "bisect", "fractions", "difflib", "shlex",
@@ -58,7 +60,7 @@ def stdlib_docs() -> list[dict]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"wrote {len(rows)} rows to {path}", file=sys.stderr)
 
 
