@@ -47,7 +47,7 @@ class DataError(ValueError):
 
 
 class ChatFormatError(ValueError):
-    """A conversation breaks the rules; `reason` is a key of REASONS, the message is one line."""
+    """A conversation breaks the rules; `reason` is a key of `data.chat_files.REASONS`, the message is one line."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)

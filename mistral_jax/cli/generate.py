@@ -48,11 +48,10 @@ from mistral_jax.evaluation.prompts import system_prompt
 from mistral_jax.inference import decode
 from mistral_jax.model import sharding
 from mistral_jax.runtime import distributed, oom
+from mistral_jax.runtime.arg_types import int_in as int_arg  # an argparse type: an integer in [lo, hi]
 from mistral_jax.runtime.dtypes import parse_dtype
 from mistral_jax.runtime.files import atomic_file, file_identity, jsonl_lines, parse_json_line
 
-
-int_arg = distributed.int_in  # an argparse type: an integer in [lo, hi]
 PROG = "python -m infer.generate"      # the command name usage and messages show (mistral-jax passes its own)
 
 

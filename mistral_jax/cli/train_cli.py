@@ -27,7 +27,7 @@ EXIT_STATUS = ("exit status: 0 done, 1 run failed (bad data, checkpoint, diverge
 # The stage an out-of-memory failure is reported in: the innermost of these functions on its stack
 # ("module:function" -> a name, or a function of that frame's locals giving one).
 OOM_STAGES = {
-    "mistral_jax.training.data_source:make_data": "reading the data",
+    "mistral_jax.training.sources:make_data": "reading the data",
     "mistral_jax.training.start_state:load_init_params": "loading the --init-from checkpoint",
     "mistral_jax.checkpoint.train_state:restore": "restoring the checkpoint (--resume)",
     "mistral_jax.training.train_step:init_state": "creating the params and optimizer state",

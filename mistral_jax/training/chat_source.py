@@ -1,6 +1,6 @@
 """Fine-tuning data for the training run: JSONL conversations (or the built-in example set) encoded with
 Mistral's instruct templates, split into held-out and training conversations, dealt into `data.shards`
-shards of which this process runs its own (see data_shards)."""
+shards of which this process runs its own (see data/shards.py)."""
 
 from __future__ import annotations
 

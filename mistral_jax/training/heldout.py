@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from mistral_jax.checkpoint.native import save_params
 from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.errors import DataError
+from mistral_jax.evaluation.summary import exact_match
 from mistral_jax.inference.decode import generate
 from mistral_jax.model import lora as lora_lib
 from mistral_jax.model import packing
@@ -58,7 +59,7 @@ def answer_exact_match(params: Any, cfg: ModelConfig, mesh: Mesh, tokenizer: Tok
         outs = generate(params, cfg, [p for p, _ in chunk], max_new_tokens, seed=seed, mesh=mesh)
         for (_, ref), out in zip(chunk, outs):
             got = tokenizer.decode(out)
-            rows.append({"reference": ref, "answer": got, "match": got.strip() == ref.strip()})
+            rows.append({"reference": ref, "answer": got, "match": exact_match(got, ref)})
     return (sum(r["match"] for r in rows) / len(rows) if rows else 0.0), rows
 
 

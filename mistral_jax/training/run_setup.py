@@ -22,7 +22,8 @@ from mistral_jax.model.lora_config import LoraConfig
 from mistral_jax.runtime.dtypes import parse_dtype
 from mistral_jax.training import run_config as rc_lib
 from mistral_jax.training import train_step as ts
-from mistral_jax.training.data_source import DataSource, make_data
+from mistral_jax.training.data_source import DataSource
+from mistral_jax.training.sources import make_data
 
 Log = Callable[[str], None]
 

@@ -161,8 +161,6 @@ def _with_frozen_base(step_fn: Callable, base_packed: Any) -> Callable:
 
 def _global_data_state(data_state: dict[str, Any]) -> dict[str, Any]:
     """The data position a checkpoint records: every process's shards' positions merged, for sharded streams."""
-    if "shards" not in data_state:
-        return data_state
     return data_shards.merge_states(distributed.allgather_json(data_state))
 
 

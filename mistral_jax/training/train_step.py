@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mistral_jax.model import lora as lora_lib
 from mistral_jax.model import packing
 from mistral_jax.model import sharding
+from mistral_jax.data.rows import BATCH_KEYS  # noqa: F401  (also read as train_step.BATCH_KEYS)
 from mistral_jax.model import transformer as model_lib
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.training.loss import chunked_nll
@@ -29,7 +30,6 @@ from mistral_jax.training.loss import chunked_nll
 # {'step': int32 scalar, 'params': the trained params (with LoRA: the adapters only), 'opt_state': optax state}
 TrainState = dict[str, Any]
 Batch = dict[str, jax.Array]
-BATCH_KEYS = ("tokens", "positions", "segment_ids", "target_mask")
 LOSS_CHUNK = 512  # sequence positions per output-head/loss chunk
 # (params, tokens_BT, positions_BT, segment_ids_BT, *, target_mask_BT, cfg, dtype, remat, lora)
 #   -> (summed NLL, token count)

@@ -293,7 +293,7 @@ def test_each_process_reads_its_own_chat_lines(tmp_path):
 
     write_examples(tmp_path, 60, 6, seed=0)
     rc = rc_lib.load(FT_TOML, [f"{k}={v}" for k, v in {**FT_SETS, "data.shards": 4}.items()])
-    tok = cd.as_chat_tokenizer(Tokenizer.for_vocab(32000))
+    tok = as_chat_tokenizer(Tokenizer.for_vocab(32000))
     files = [tmp_path / "train.jsonl"], [tmp_path / "val.jsonl"]
     lines = lambda convs: {(c.file, c.line) for c in convs}  # noqa: E731
     one_train, one_val, one_report = read_share(rc, tok, *files, 0, 1)
@@ -305,7 +305,7 @@ def test_each_process_reads_its_own_chat_lines(tmp_path):
     assert not lines(t0 + v0) & lines(t1 + v1)                     # disjoint shares ...
     assert lines(t0 + t1) == lines(one_train) and lines(v0 + v1) == lines(one_val)   # ... covering the data
     assert r0.lines + r1.lines == one_report.lines == 66             # each process parsed only its lines
-    assert cd.ChatReport.merged([r0.to_dict(), r1.to_dict()]).to_dict() == one_report.to_dict()
+    assert ChatReport.merged([r0.to_dict(), r1.to_dict()]).to_dict() == one_report.to_dict()
 
 
 def _one_then_two(one_argv: list[str], two_argv: list[str]) -> list[str]:

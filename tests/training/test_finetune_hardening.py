@@ -57,11 +57,11 @@ def test_a_file_named_twice_is_one_file_and_cannot_be_held_out_too(tmp_path, mon
     (tmp_path / "good.jsonl").write_text("\n".join(GOOD) + "\n")
     (tmp_path / "link.jsonl").symlink_to(tmp_path / "good.jsonl")
     absolute = str(tmp_path / "good.jsonl")
-    assert cd.expand_paths(["good.jsonl", absolute, "link.jsonl", "*.jsonl"]) == [Path("good.jsonl")]
+    assert expand_paths(["good.jsonl", absolute, "link.jsonl", "*.jsonl"]) == [Path("good.jsonl")]
     for val in (absolute, "link.jsonl"):
-        with pytest.raises(cd.ChatDataError, match=r"^chat data: good.jsonl is both a training and a held-out "
-                                                   rf"file \(named {val} among the held-out files\)"):
-            cd.make_chat_streams(["good.jsonl"], Tokenizer(), 64, 2, val_paths=[val])
+        assert overlap_message(expand_paths(["good.jsonl"]), expand_paths([val])) == (
+            f"good.jsonl is both a training and a held-out file (named {val} among the held-out files); "
+            "a conversation cannot be trained on and held out")
     # the training program: a config error (exit 2), one line naming both fields and the file
     assert _finetune(tmp_path / "run", "data.source=chat", 'data.paths=["good.jsonl"]',
                      f'data.val_paths=["{absolute}"]') == 2
@@ -162,24 +162,24 @@ def test_deep_nesting_and_tool_calls_are_counted_skips(tmp_path):
                                {"role": "assistant", "content": "hello", "tool_calls": None}]}
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join([GOOD[0], DEEP, json.dumps(tool), json.dumps(null_calls), GOOD[1]]) + "\n")
-    data = cd.read_chat_data(path, Tokenizer(), 64)
+    data = read_chat_data(path, Tokenizer(), 64)
     rep = data.report
     assert (rep.conversations, rep.skipped) == (3, {"bad_json": 1, "tool_calls": 1})
     assert rep.messages == [f"{path}:2: not valid JSON (nested too deeply to read)",
                             f"{path}:3: messages[1]: a 'assistant' message with 'tool_calls'; tool calls are not "
                             "supported (they would be dropped), so the conversation is skipped"]
-    assert set(rep.skipped) <= set(cd.REASONS)
-    with pytest.raises(cd.ChatDataError, match=f"^{path}:2: not valid JSON \\(nested too deeply"):
-        cd.read_chat_data(path, Tokenizer(), 64, on_error="stop")
-    with pytest.raises(cd.ChatFormatError, match="'tool_calls'") as e:
-        cd.encode_prompt(tool["messages"][:3], Tokenizer())            # a prompt with tool calls: refused too
+    assert set(rep.skipped) <= set(REASONS)
+    with pytest.raises(ChatDataError, match=f"^{path}:2: not valid JSON \\(nested too deeply"):
+        read_chat_data(path, Tokenizer(), 64, on_error="stop")
+    with pytest.raises(ChatFormatError, match="'tool_calls'") as e:
+        encode_prompt(tool["messages"][:3], Tokenizer())            # a prompt with tool calls: refused too
     assert e.value.reason == "tool_calls"
 
 
 def test_pretraining_jsonl_with_deep_nesting_names_the_line(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text(json.dumps({"text": "fine"}) + "\n" + DEEP + "\n")
-    with pytest.raises(data_lib.DataError, match=f"^{path}:2: not a JSON line \\(nested too deeply to read\\)$"):
+    with pytest.raises(data_lib.DataError, match=f"^{path}:2: not valid JSON \\(nested too deeply to read\\)$"):
         data_lib.read_documents([path], Tokenizer())
 
 
@@ -195,7 +195,7 @@ def test_no_usable_conversation_says_why_and_writes_the_report(tmp_path, content
     path = tmp_path / "chat.jsonl"
     path.write_text(content)
     rc = rc_lib.load(FT_TINY, ["data.source=chat", f'data.paths=["{path}"]', "eval.answers=0"])
-    with pytest.raises(cd.ChatDataError) as e:
+    with pytest.raises(ChatDataError) as e:
         chat_source.make_chat_data(rc, Tokenizer(), tmp_path)
     msg = str(e.value)
     assert msg == (f"chat data: no usable conversations in training file(s) {path}: {counts}; 0 dropped as longer "
@@ -204,8 +204,8 @@ def test_no_usable_conversation_says_why_and_writes_the_report(tmp_path, content
     assert report["train_conversations"] == 0 and report["files"] == [str(path)]
     assert report["n_skipped"] == sum(report["skipped"].values()) and len(report["messages"]) == report["n_skipped"]
     # the library's stream says the same
-    with pytest.raises(cd.ChatDataError, match=re.escape(f"chat data: no usable conversations in {path}: {counts};")):
-        cd.ChatStream(path, Tokenizer(), 128, 2)
+    with pytest.raises(ChatDataError, match=re.escape(f"chat data: no usable conversations in {path}: {counts};")):
+        ChatStream(read_chat_data(path, Tokenizer(), 128), 2)
 
 
 def test_all_bad_file_in_the_program_is_one_line(tmp_path, capsys):
