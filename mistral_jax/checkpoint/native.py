@@ -27,6 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from mistral_jax.checkpoint.hub import resolve_checkpoint
 from mistral_jax.checkpoint.atomic import atomic_dir
 from mistral_jax.checkpoint.formats import FORMATS, NATIVE_MARKER, detect_format
 from mistral_jax.checkpoint.integrity import ALGORITHM, tensor_digest
@@ -147,7 +148,7 @@ def load_params_with_notes(path: str | Path, mesh: Mesh | None = None, dtype: An
                            progress: bool = True, allow_nonfinite: bool = False,
                            verify: bool = True) -> tuple[ModelConfig, Any, list[str]]:
     """Like `load_params`, also returning notes about inferred or overridden config values."""
-    path = Path(path)
+    path = resolve_checkpoint(path)   # a Hub id (org/name[@revision]) when no such local folder exists
     fmt = fmt or detect_format(path)
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")

@@ -32,7 +32,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                                 epilog="exit status: 0 converted, 1 error (one line naming the culprit), 2 bad "
                                        "arguments, 3 out of memory (one line naming the stage, the bytes requested "
                                        "and available, and what to change)")
-    p.add_argument("src", help="checkpoint folder to read (native, Hugging Face or mistral-inference)")
+    p.add_argument("src", help="checkpoint folder to read (native, Hugging Face or mistral-inference), or a "
+                   "Hugging Face Hub id org/name[@revision]")
     p.add_argument("dst", help="folder to write (a symlink is written through)")
     p.add_argument("--to", choices=("native", "hf", "mistral"), default="native",
                    help="output layout (default: native)")
@@ -76,9 +77,11 @@ def run(args: argparse.Namespace, prog: str = PROG) -> None:
     from mistral_jax.checkpoint import torch_write
     from mistral_jax.checkpoint.atomic import check_dst
     from mistral_jax.checkpoint.formats import detect_format
+    from mistral_jax.checkpoint.hub import resolve_checkpoint
     from mistral_jax.checkpoint.peft import merge_peft_adapter
 
-    check_dst(args.dst, args.force, src=args.src)  # fail before reading gigabytes
+    check_dst(args.dst, args.force, src=args.src)  # fail before reading (or downloading) gigabytes
+    args.src = str(resolve_checkpoint(args.src))
     dtype = args.dtype
     if dtype is None and args.to == "native":
         fmt = args.format or detect_format(args.src)

@@ -73,7 +73,8 @@ PROG = "python -m infer.evaluate"      # the command name usage and messages sho
 def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="native checkpoint dir, or an HF / mistral-inference folder")
+    p.add_argument("--checkpoint", required=True, help="native checkpoint dir, an HF / mistral-inference "
+                   "folder, or a Hub id org/name[@revision]")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", required=True, type=Path, nargs="+", help="JSONL file(s) (perplexity: or text files)")
     p.add_argument("--output", required=True, type=Path, help="output folder (created; reused to resume)")
@@ -286,6 +287,8 @@ def _prepare(args: argparse.Namespace, guard: oom.Reporter, inp: _Inputs, writer
     """Refuses a resume of another run, loads the model and opens the output folder."""
     from mistral_jax.checkpoint.native import load_params  # start-up time: loaded after the argument checks
     from mistral_jax.checkpoint.integrity import checkpoint_identity
+    from mistral_jax.checkpoint.hub import resolve_checkpoint
+    args.checkpoint = str(resolve_checkpoint(args.checkpoint))   # run.json names the snapshot of a Hub id
     run = {"task": args.task, "data": [str(d.resolve()) for d in args.data],
            "data_sha256": file_digest(args.data), "checkpoint": str(Path(args.checkpoint).resolve())}
     if Path(args.checkpoint).is_dir():      # else load_params says what is wrong

@@ -84,7 +84,8 @@ def dtype_arg(text: str) -> Any:
 def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="native checkpoint dir, or an HF / mistral-inference folder")
+    p.add_argument("--checkpoint", required=True, help="native checkpoint dir, an HF / mistral-inference "
+                   "folder, or a Hub id org/name[@revision]")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", type=Path,
                      help="JSONL file, one {\"prompt\": ...} (or {\"messages\": [...]} with --chat) per line, "

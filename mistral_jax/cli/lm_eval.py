@@ -41,7 +41,8 @@ PROG = "python -m infer.lm_eval"      # the command name usage and messages show
 def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="native checkpoint dir, or an HF / mistral-inference folder")
+    p.add_argument("--checkpoint", required=True, help="native checkpoint dir, an HF / mistral-inference "
+                   "folder, or a Hub id org/name[@revision]")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task (or group) names")
     p.add_argument("--include-path", type=Path, default=None,
                    help="folder of task YAML files of your own (the example tasks need none)")
