@@ -50,6 +50,7 @@ def report(tmp_path_factory):
     return res, md, proc.stdout, cpu_s
 
 
+@pytest.mark.slow
 def test_every_section_ran_ok(report):
     res, md, stdout, cpu_s = report
     # the whole smoke is under 3 minutes of work: CPU seconds, which other jobs on the machine do not inflate

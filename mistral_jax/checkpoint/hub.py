@@ -28,7 +28,7 @@ META = ("generation_config.json", "tokenizer.model*", "tokenizer.json", "tokeniz
 SAFETENSORS = (("*.safetensors",), ("*.safetensors.index.json",))                     # (weights, indexes)
 PICKLES = (("pytorch_model*.bin", "consolidated.*.pth"), ("pytorch_model*.bin.index.json",))
 MISTRAL_PREFIX = "consolidated"      # mistral-inference's weight files
-NATIVE_FILE = "checksums.json"       # at the top of a native checkpoint (format version 2 and later)
+NATIVE_FILE = "checksums.json"       # at the top of a native checkpoint (format version 3)
 SUBFOLDERS = "*/*"
 
 

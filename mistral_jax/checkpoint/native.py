@@ -1,13 +1,10 @@
 """This library's checkpoint format (config.json + checksums.json + orbax params) and one loader for
 native, HF and mistral-inference folders.
 
-Native format version 3 (FORMAT_VERSION): config.json holds the config fields, the format marker and the
-param dtype; checksums.json holds a sha256 of every param's bytes (in its stored dtype) and a copy of
-config.json's fields ("config"), both verified on load; the params are the scanned tree (per-layer params
-stacked under "layers", leading axis n_layers). Versions 1 and 2 stored per-layer params ("layers_0",
-"layers_1", ...): they still load (version 2's checksums verified per stored param), and their layers are
-stacked on the host, one param at a time. Version-1 folders (no checksums) load with a note that they were
-not verified, and so do folders whose checksums.json predates its "config" copy (config not verified).
+Native format version 3 (FORMAT_VERSION, the only one read): config.json holds the config fields, the format
+marker and the param dtype; checksums.json holds a sha256 of every param's bytes (in its stored dtype) and a
+copy of config.json's fields ("config"), both verified on load; the params are the scanned tree (per-layer
+params stacked under "layers", leading axis n_layers).
 """
 
 from __future__ import annotations
@@ -174,8 +171,7 @@ def load_params(path: str | Path, mesh: Mesh | None = None, dtype: Any = jnp.flo
 
     NaN/inf values (or values a cast to `dtype` overflows) are refused with a CheckpointError naming the
     tensor unless `allow_nonfinite`. A native checkpoint's params are checked against their stored
-    checksums, and its config.json against the copy saved beside them, unless `verify=False` (version-1
-    folders have neither, older version 2-3 folders no config copy: a note says so).
+    checksums, and its config.json against the copy saved beside them, unless `verify=False`.
     """
     cfg, params, notes = load_params_with_notes(path, mesh, dtype, fmt, rope_theta, progress, allow_nonfinite,
                                                 verify)

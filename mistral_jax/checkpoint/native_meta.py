@@ -1,6 +1,6 @@
 """The native format's folder files: config.json (config fields, format marker, param dtype) and
-checksums.json (a sha256 of every param's bytes and a copy of config.json's fields), and the params tree a
-config calls for (scanned, or per layer in format versions 1-2).
+checksums.json (a sha256 of every param's bytes and a copy of config.json's fields), and the (scanned)
+params tree a config calls for.
 """
 
 from __future__ import annotations
@@ -19,17 +19,15 @@ from mistral_jax.model.config import ModelConfig
 from mistral_jax.model.param_tree import flat_params
 from mistral_jax.model.transformer import abstract_params
 
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
-SCANNED_SINCE = 3  # versions before this store per-layer ("layers_{i}") params
+FORMAT_VERSION = 3  # the one version read and written
 CHECKSUMS = "checksums.json"
 CONFIG_COPY = "config"  # checksums.json's copy of config.json's fields
 
 
-def check_tree(cfg: ModelConfig, got: dict[str, Any], source: str, scan_layers: bool = True) -> None:
-    """Raises WeightError naming the first param whose presence or shape differs from the config's
-    (scanned tree, or the per-layer tree of format versions 1-2 when not scan_layers)."""
-    want = {k: tuple(v.shape) for k, v in flat_params(nn.unbox(abstract_params(cfg, scan_layers=scan_layers))).items()}
+def check_tree(cfg: ModelConfig, got: dict[str, Any], source: str) -> None:
+    """Raises WeightError naming the first param whose presence or shape differs from the config's scanned
+    tree."""
+    want = {k: tuple(v.shape) for k, v in flat_params(nn.unbox(abstract_params(cfg))).items()}
     missing = sorted(set(want) - set(got))
     unexpected = sorted(set(got) - set(want))
     if missing:
@@ -42,7 +40,7 @@ def check_tree(cfg: ModelConfig, got: dict[str, Any], source: str, scan_layers: 
 
 
 def _read_checksums_file(path: Path) -> dict[str, Any]:
-    """checksums.json of a native folder: {"algorithm", "tensors": {param: digest}, optional "config"}."""
+    """checksums.json of a native folder: {"algorithm", "tensors": {param: digest}, "config": {field: value}}."""
     source = path / CHECKSUMS
     try:
         d = json.loads(source.read_text())
@@ -53,7 +51,10 @@ def _read_checksums_file(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{source}: field 'algorithm' is {algorithm!r}, this library checks {ALGORITHM!r}")
     if not isinstance(digests, dict):
         raise CheckpointError(f"{source}: field 'tensors' must be an object, got {type(digests).__name__}")
-    if CONFIG_COPY in d and not isinstance(d[CONFIG_COPY], dict):
+    if CONFIG_COPY not in d:
+        raise CheckpointError(f"{source}: field '{CONFIG_COPY}' (the copy of config.json) is missing; this library "
+                              f"reads native format version {FORMAT_VERSION}, whose checksums.json holds it")
+    if not isinstance(d[CONFIG_COPY], dict):
         raise CheckpointError(f"{source}: field '{CONFIG_COPY}' must be an object, got "
                               f"{type(d[CONFIG_COPY]).__name__}")
     return d
@@ -64,14 +65,11 @@ def _same_value(a: Any, b: Any) -> bool:
     return a == b and isinstance(a, bool) == isinstance(b, bool) and (a is None) == (b is None)
 
 
-def _check_config_copy(path: Path, fields: Mapping[str, Any], sums: Mapping[str, Any]) -> list[str]:
+def _check_config_copy(path: Path, fields: Mapping[str, Any], sums: Mapping[str, Any]) -> None:
     """CheckpointError naming the first field of config.json that differs from checksums.json's copy of it
-    (the config as saved); a note when the copy is absent (written before checksums covered the config)."""
+    (the config as saved)."""
     source, sums_path = path / "config.json", path / CHECKSUMS
-    saved = sums.get(CONFIG_COPY)
-    if saved is None:
-        return [f"{sums_path}: holds no copy of config.json (written before checksums covered the config); "
-                "config.json not verified (save the checkpoint again to add it)"]
+    saved = sums[CONFIG_COPY]
     hint = (f"{source.name} was changed after the checkpoint was saved: restore it, or adopt the change with "
             f"`mistral-jax convert --no-verify {path} NEW_FOLDER`")
     for k in [*fields, *(k for k in saved if k not in fields)]:
@@ -84,15 +82,13 @@ def _check_config_copy(path: Path, fields: Mapping[str, Any], sums: Mapping[str,
         if not _same_value(fields[k], saved[k]):
             raise CheckpointError(f"{source}: field '{k}' is {fields[k]!r}, but {sums_path} recorded {saved[k]!r} "
                                   f"when the checkpoint was saved; {hint}")
-    return []
 
 
-def read_native_meta(path: str | Path, verify: bool = True
-                      ) -> tuple[ModelConfig, str, int, dict[str, Any] | None, list[str]]:
-    """(config, stored param dtype name, format version, checksums.json or None, notes) of a native folder.
+def read_native_meta(path: str | Path, verify: bool = True) -> tuple[ModelConfig, str, dict[str, Any] | None]:
+    """(config, stored param dtype name, checksums.json or None) of a native folder.
 
-    With `verify`, config.json is checked against checksums.json's copy of it (format versions 2-3); the
-    checksums are returned then (None for version 1 or without `verify`)."""
+    With `verify`, config.json is checked against checksums.json's copy of it and the checksums are returned
+    (None without `verify`)."""
     path = Path(path)
     source = path / "config.json"
     try:
@@ -102,19 +98,18 @@ def read_native_meta(path: str | Path, verify: bool = True
     if not isinstance(d, dict):
         raise CheckpointError(f"{source}: expected a JSON object")
     version = d.get(NATIVE_MARKER)
-    if version not in READABLE_VERSIONS or isinstance(version, bool):
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise CheckpointError(f"{source}: field '{NATIVE_MARKER}' is {version!r}, this library reads "
-                              f"version(s) {', '.join(map(str, READABLE_VERSIONS))}")
-    sums, notes = None, []
-    if verify and version >= 2:
+                              f"version(s) {FORMAT_VERSION}")
+    sums = None
+    if verify:
         sums = _read_checksums_file(path)
-        notes = _check_config_copy(path, d, sums)
-    elif verify:
-        notes = [f"{path}: native format version {version} has no checksums; params and config not verified "
-                 "(save it again to add them)"]
+        _check_config_copy(path, d, sums)
     d.pop(NATIVE_MARKER)
-    dtype = d.pop("param_dtype", "float32")
-    return ModelConfig.from_dict(d, source=str(source)), dtype, version, sums, notes
+    if "param_dtype" not in d:
+        raise CheckpointError(f"{source}: missing field 'param_dtype'")
+    dtype = d.pop("param_dtype")
+    return ModelConfig.from_dict(d, source=str(source)), dtype, sums
 
 
 def param_digests(path: Path, sums: Mapping[str, Any], names: list[str]) -> dict[str, str]:

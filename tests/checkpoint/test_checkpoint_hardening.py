@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -88,23 +89,34 @@ def test_config_rewritten_with_the_same_values_loads(native, tmp_path):
     assert cfg == CFG and notes == []
 
 
-def test_checkpoint_without_config_copy_loads_with_a_note(native, tmp_path):
-    """A checkpoint written before checksums.json held the config loads (params verified), with a note."""
+def test_checksums_without_config_copy_are_refused_in_one_line(native, tmp_path):
+    """checksums.json must hold the copy of config.json (format version 3): without it (or with another type)
+    a verified load is refused naming the file; `verify=False` reads neither."""
     ckpt = _copy(native, tmp_path)
     sums = json.loads((ckpt / "checksums.json").read_text())
     del sums["config"]
     (ckpt / "checksums.json").write_text(json.dumps(sums))
-    _edit_config(ckpt, sliding_window=4)  # cannot be noticed: the note says so
-    cfg, params, notes = checkpoint.load_params_with_notes(ckpt, progress=False)
-    assert cfg.sliding_window == 4
-    assert len(notes) == 1 and "config.json not verified" in notes[0] and "checksums.json" in notes[0], notes
-    _, ref = checkpoint.load_params(native, progress=False)
-    for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    want = f"^{re.escape(str(ckpt / 'checksums.json'))}: field 'config' .*is missing"
+    with pytest.raises(CheckpointError, match=want) as e:
+        checkpoint.load_params(ckpt, progress=False)
+    assert "\n" not in str(e.value)
+    cfg, _ = checkpoint.load_params(ckpt, progress=False, verify=False)
+    assert cfg == CFG
     sums["config"] = [1, 2]
     (ckpt / "checksums.json").write_text(json.dumps(sums))
     with pytest.raises(CheckpointError, match="checksums.json: field 'config' must be an object, got list"):
         checkpoint.load_params(ckpt, progress=False)
+
+
+def test_missing_param_dtype_is_refused(native, tmp_path):
+    ckpt = _copy(native, tmp_path)
+    d = json.loads((ckpt / "config.json").read_text())
+    del d["param_dtype"]
+    (ckpt / "config.json").write_text(json.dumps(d))
+    with pytest.raises(CheckpointError, match="field 'param_dtype' is missing;.*recorded 'float32'"):
+        checkpoint.load_params(ckpt, progress=False)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(ckpt / 'config.json'))}: missing field 'param_dtype'$"):
+        checkpoint.load_params(ckpt, progress=False, verify=False)
 
 
 def test_convert_refuses_an_edited_config_and_adopts_it_with_no_verify(native, tmp_path, capsys):

@@ -18,7 +18,7 @@ from mistral_jax.cli import convert as cli
 from mistral_jax.checkpoint import native as checkpoint
 from mistral_jax.checkpoint import torch_write
 from mistral_jax.checkpoint.native_meta import read_native_meta
-from mistral_jax.errors import CheckpointError, WeightError
+from mistral_jax.errors import CheckpointError
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.model.param_tree import flat_params
 from mistral_jax.model.transformer import forward, param_shardings
@@ -437,68 +437,23 @@ def test_native_checksum_catches_corruption(native_ckpt, tmp_path, value, capsys
     assert param in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
-def _write_legacy(dst: Path, cfg: ModelConfig, params, version: int) -> None:
-    """A native folder as format versions 1-2 wrote it: per-layer params ("layers_0", ...); version 2 adds
-    checksums.json keyed by those per-layer paths."""
-    import orbax.checkpoint as ocp
-
-    from mistral_jax.checkpoint.integrity import ALGORITHM, tensor_digest
-    from mistral_jax.model.transformer import unstack_layers
-    old = jax.tree_util.tree_map(np.asarray, unstack_layers(params, cfg.n_layers))
-    dst.mkdir()
-    meta = {"mistral_jax_format": version, "param_dtype": "float32", **cfg.to_dict()}
-    (dst / "config.json").write_text(json.dumps(meta))
-    if version >= 2:
-        digests = {k: tensor_digest(v) for k, v in flat_params(old).items()}
-        (dst / "checksums.json").write_text(json.dumps({"algorithm": ALGORITHM, "tensors": digests}))
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
-        ckptr.save((dst / "params").absolute(), args=ocp.args.PyTreeSave(old))
-
-
-def test_version_1_checkpoint_loads_unverified(native_ckpt, tmp_path):
-    """Version 1: per-layer params, no checksums; loads (stacked) with a note."""
-    cfg, ref = checkpoint.load_params(native_ckpt, progress=False)
-    old = tmp_path / "v1"
-    _write_legacy(old, cfg, ref, 1)
-    got_cfg, params, notes = checkpoint.load_params_with_notes(old, progress=False)
-    assert got_cfg == cfg and any("version 1 has no checksums" in n for n in notes)
-    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(ref)
-    for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+@pytest.mark.parametrize("version", [1, 2, 4, "3", True, None])
+def test_other_format_versions_are_refused_in_one_line(native_ckpt, tmp_path, capsys, version):
+    """Only native format version 3 is read: any other value of the marker (the unreleased per-layer versions
+    1-2 included) is refused naming the field and the version read, verified or not."""
+    old = tmp_path / "old"
+    shutil.copytree(native_ckpt, old)
     meta = json.loads((old / "config.json").read_text())
-    (old / "config.json").write_text(json.dumps(meta | {"mistral_jax_format": 7}))
-    with pytest.raises(CheckpointError, match="'mistral_jax_format' is 7"):
-        checkpoint.load_params(old, progress=False)
-
-
-def test_version_2_checkpoint_verified_per_layer_then_stacked(native_ckpt, tmp_path):
-    """Version 2: per-layer params with per-layer checksums (and no copy of the config: a note says it is not
-    verified); loads verified and stacked onto a mesh, and a corrupt per-layer param is named by its stored
-    path. A scanned tree labelled version 2 is refused."""
-    cfg, ref = checkpoint.load_params(native_ckpt, progress=False)
-    old = tmp_path / "v2"
-    _write_legacy(old, cfg, ref, 2)
-    mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    _, params, notes = checkpoint.load_params_with_notes(old, mesh=mesh, progress=False)
-    assert len(notes) == 1 and "config.json not verified" in notes[0], notes
-    expected = param_shardings(cfg, mesh)
-    for a, b, sh in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(params),
-                        jax.tree_util.tree_leaves(expected)):
-        assert b.sharding.is_equivalent_to(sh, b.ndim)
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    from mistral_jax.model.transformer import unstack_layers
-    old_params = unstack_layers(ref, cfg.n_layers)
-    _corrupt_value(old, "layers_1/attention/wq", cfg, old_params, 0.5)
-    with pytest.raises(CheckpointError, match="param 'layers_1/attention/wq' does not match its sha256"):
-        checkpoint.load_params(old, progress=False)
-    mislabelled = tmp_path / "m"
-    shutil.copytree(native_ckpt, mislabelled)
-    meta = json.loads((mislabelled / "config.json").read_text())
-    (mislabelled / "config.json").write_text(json.dumps(meta | {"mistral_jax_format": 2}))
-    with pytest.raises(CheckpointError, match="field 'mistral_jax_format' is 2, but .*checksums.json recorded 3"):
-        checkpoint.load_params(mislabelled, progress=False)
-    with pytest.raises(WeightError, match="missing param.*layers_0"):  # even unverified
-        checkpoint.load_params(mislabelled, progress=False, verify=False)
+    (old / "config.json").write_text(json.dumps(meta | {"mistral_jax_format": version}))
+    want = f"{old / 'config.json'}: field 'mistral_jax_format' is {version!r}, this library reads version(s) 3"
+    for verify in (True, False):
+        with pytest.raises(CheckpointError) as e:
+            checkpoint.load_params(old, progress=False, verify=verify)
+        assert str(e.value) == want
+    assert cli.main([str(old), str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "field 'mistral_jax_format'" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_nonfinite_source_refused_unless_allowed(hf_gqa, tmp_path, capsys):

@@ -283,6 +283,7 @@ def _adapted(dtype, mesh):
     return base, adapters
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_merge_in_place_rewrites_the_base_buffers(dtype):
     mesh = sharding.make_mesh(1, 2, 2, devices=jax.devices()[:4])

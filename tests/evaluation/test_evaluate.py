@@ -134,6 +134,7 @@ def test_rolling_windows_rule():
                 assert [a[:len(a) - len(b) + 1] for a, b in ours] == [a for a, _ in theirs]
 
 
+@pytest.mark.slow
 def test_batched_buckets_mesh_and_greedy_flags(tiny, tok):
     cfg, params, _, hf = tiny
     doc = _doc(tok, 300)
@@ -261,6 +262,7 @@ def test_choice_cli_equals_hf_and_reports_bad_lines(tiny, tok, tmp_path, capsys)
     assert runs[0]["positions_run"] * 2 < runs[1]["positions_run"]
 
 
+@pytest.mark.slow
 def test_perplexity_cli_resumes_after_sigkill(tiny, tok, tmp_path):
     cfg, params, folder, hf = tiny
     words = Path(json.__file__).read_text().split() * 4

@@ -217,6 +217,7 @@ def _lengths_prompts(cfg, lengths, seed):
     return [rs.randint(3, cfg.vocab_size, n).tolist() for n in lengths]
 
 
+@pytest.mark.slow
 def test_bucketed_shapes_give_the_same_tokens_as_exact_shapes(ref):
     """Padding prompts, cache and output up to length buckets changes no greedy or sampled token."""
     _, cfg, params = ref
@@ -231,6 +232,7 @@ def test_bucketed_shapes_give_the_same_tokens_as_exact_shapes(ref):
         assert all(len(t) == 3 * W for t in bucketed.tokens) and len({tuple(t) for t in bucketed.tokens}) == 4
 
 
+@pytest.mark.slow
 def test_twenty_prompt_lengths_compile_a_handful_of_programs(ref):
     _, cfg, params = ref
     lengths = [1 + 10 * i for i in range(20)]                       # 1 .. 191 tokens: 20 different lengths

@@ -74,6 +74,7 @@ def _check_growth(name: str, temps: dict[int, int], allowed_per_layer: int) -> N
         f"{extra * allowed_per_layer}; one float32 copy of the extra layers' weights is {f32_layers}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 4])
 def test_decode_temp_flat_in_depth(packed_params, batch):
     temps, cache = {}, 0
@@ -103,6 +104,7 @@ def test_scorer_and_generate_pack_what_they_are_given():
     assert not is_packed(packing.pack(model.init_params(cfg, jax.random.key(0))))  # float32 stays
 
 
+@pytest.mark.slow
 def test_packed_generate_matches_unpacked_program():
     """Same tokens from packed and unpacked bf16 params through the same decode program."""
     cfg = _cfg(2)

@@ -49,6 +49,7 @@ def test_self_attention_matches_dense(window, band):
     assert max(_compare(q, k, v, ct, pos, pos, window, bq=8, bk=4 if band else 8, self_attention=band)) <= TOL
 
 
+@pytest.mark.slow
 def test_packed_rows_with_segment_ids():
     rng = np.random.default_rng(1)
     T = 48
@@ -115,6 +116,7 @@ def test_bad_arguments():
         blockwise_attend(jnp.zeros((1, 4, 2, 8)), k, k, pos, pos, q_seg_BT=pos)
 
 
+@pytest.mark.slow
 def test_model_blockwise_equals_dense_logits_and_grads():
     """The whole model with blockwise attention: packed rows, window smaller than the sequence."""
     from mistral_jax.model import transformer as model_lib
@@ -192,6 +194,7 @@ def _xla_rows(T: int) -> tuple[jax.Array, jax.Array]:
     return jnp.asarray(pos), jnp.asarray(seg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("segments", [False, True], ids=["positions", "positions+segments"])
 def test_xla_dot_product_attention_path_matches_dense(segments):
     """The "xla" path (jax.nn.dot_product_attention, what "auto" picks on GPU; XLA on CPU) follows the

@@ -75,6 +75,7 @@ def test_table_gradient_equals_plain_take(shape, dtype):
     np.testing.assert_allclose(np.asarray(grad), ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_model_embedding_gradient_equals_plain_take(monkeypatch):
     """The tiny model's loss gradient for tok_embeddings on the (2, 2, 2) mesh against one device with
     `embed.lookup` replaced by the plain take (today's lookup before the fix)."""
@@ -141,6 +142,7 @@ for shape in ((2, 2, 2), (2, 4, 1)):
 """
 
 
+@pytest.mark.slow
 def test_sharded_step_compiles_without_full_rematerialization():
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_CPP_MAX_VLOG_LEVEL")}
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",

@@ -63,6 +63,7 @@ def test_params_are_stacked_with_a_layers_axis(params):
     assert "['layers_2']['attention']['wq']" in shapes(unscanned)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "full", "dots"])
 def test_scanned_equals_unscanned_logits_and_grads(params, batch, remat):
     tokens, pos, seg = batch
