@@ -50,7 +50,14 @@ def atomic_dir(dst: str | Path, force: bool = False, src: str | Path | None = No
     step it arrives in, the temp folder and any set-aside old folder are removed, and an old `dst`
     already moved aside is put back.
     """
-    real = check_dst(dst, force, src)
+    with replace_dir(check_dst(dst, force, src)) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def replace_dir(real: Path) -> Iterator[Path]:
+    """Yields a temp folder beside the (already checked) folder `real` that replaces it only if the block
+    succeeds; see `atomic_dir`."""
     real.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=real.parent))
     old: Path | None = None

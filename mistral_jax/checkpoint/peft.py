@@ -12,14 +12,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
 
+from mistral_jax.checkpoint.atomic import replace_dir
 from mistral_jax.checkpoint.integrity import check_values
 from mistral_jax.checkpoint.peft_config import (CONFIG_FILE, HF_MODULES, HF_NAMES, check_run_lora,
                                                 read_adapter_config, write_adapter_config)
@@ -29,7 +28,6 @@ from mistral_jax.model.config import ModelConfig
 from mistral_jax.model.lora_config import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraConfig
 from mistral_jax.model.param_tree import host_array
 from mistral_jax.runtime.dtypes import parse_dtype
-from mistral_jax.runtime.files import umask
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 LEGACY_WEIGHTS_FILE = "adapter_model.bin"    # PEFT's save_pretrained(safe_serialization=False)
@@ -95,26 +93,8 @@ def _adapter_dir(dst: str | Path, force: bool) -> Iterator[Path]:
             what = f"it holds {others[:3]}" if others else f"no {CONFIG_FILE}"
             raise CheckpointError(f"{dst}: destination is not a PEFT adapter folder ({what}); refusing to replace it "
                                   "even with --force")
-    real.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=real.parent))
-    old: Path | None = None
-    try:
-        os.chmod(tmp, 0o777 & ~umask())
+    with replace_dir(real) as tmp:
         yield tmp
-        if real.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{real.name}.old-", dir=real.parent))
-            os.replace(real, old / "x")
-            try:
-                os.replace(tmp, real)
-            except BaseException:
-                os.replace(old / "x", real)
-                raise
-        else:
-            os.replace(tmp, real)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _our_adapters(params: Mapping[str, Any], cfg: ModelConfig, lcfg: LoraConfig) -> dict[tuple[str, ...], Any]:
