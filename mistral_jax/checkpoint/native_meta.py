@@ -18,6 +18,7 @@ from mistral_jax.errors import CheckpointError, WeightError
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.model.param_tree import flat_params
 from mistral_jax.model.transformer import abstract_params
+from mistral_jax.runtime.files import read_json_object
 
 FORMAT_VERSION = 3  # the one version read and written
 CHECKSUMS = "checksums.json"
@@ -91,12 +92,7 @@ def read_native_meta(path: str | Path, verify: bool = True) -> tuple[ModelConfig
     (None without `verify`)."""
     path = Path(path)
     source = path / "config.json"
-    try:
-        d = json.loads(source.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{source}: cannot read native config ({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{source}: expected a JSON object")
+    d = read_json_object(source, CheckpointError)
     version = d.get(NATIVE_MARKER)
     if version != FORMAT_VERSION or isinstance(version, bool):
         raise CheckpointError(f"{source}: field '{NATIVE_MARKER}' is {version!r}, this library reads "

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 from mistral_jax.errors import CheckpointError
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.model.lora_config import TARGETS, LoraConfig, lora_rank_error
+from mistral_jax.runtime.files import read_json_object
 
 CONFIG_FILE = "adapter_config.json"
 # our projection -> its module in Hugging Face's MistralDecoderLayer; PEFT's target_modules use the last part
@@ -132,12 +133,7 @@ def read_adapter_config(folder: str | Path, cfg: ModelConfig) -> tuple[LoraConfi
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; a PEFT adapter folder holds {CONFIG_FILE} and its weights")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_json_object(path, CheckpointError)
     if raw.get("peft_type") != "LORA":
         raise _refuse(path, "peft_type", raw.get("peft_type"), "only LORA adapters are supported")
     if raw.get("task_type") not in TASK_TYPES:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping
+
 from mistral_jax.errors import ConfigError
+from mistral_jax.runtime.files import read_json_object
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "presets"  # package data
 
@@ -256,13 +257,7 @@ def _build(cls: type, kw: dict[str, Any], names: Mapping[str, str], source: str)
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
-    return d
+    return read_json_object(path, ConfigError)
 
 
 def _require_mapping(d: Any, source: str) -> None:

@@ -97,3 +97,16 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
     """(line number, value, None) or (line number, None, why) for each non-blank line of a JSONL file."""
     for n, raw in jsonl_lines(Path(path).read_bytes()):
         yield (n, *parse_json_line(raw))
+
+
+def read_json_object(path: str | Path, error: type[Exception]) -> dict[str, Any]:
+    """The JSON object in a file; `error` with one line naming the file when it cannot be read, is not JSON or
+    holds something else."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise error(f"{path}: not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value

@@ -1,6 +1,7 @@
 """runtime.files: atomic file replacement and the JSON Lines reader."""
 
 import os
+import re
 
 import pytest
 
@@ -30,3 +31,16 @@ def test_jsonl_lines_numbers_skip_blanks_and_bom(tmp_path):
     assert rows[1][2].startswith("not valid JSON (")
     assert rows[2][2] == "not UTF-8 text (byte 0xff at byte 1 of the line)"
     assert rows[3][2] == "not valid JSON (nested too deeply to read)"
+
+
+def test_read_json_object_errors_name_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    for text, why in (("{", "not valid JSON ("), ("[1]", "expected a JSON object, got list"),
+                      ("\udcff", "not valid JSON (")):
+        path.write_bytes(text.encode("utf-8", "surrogateescape"))
+        with pytest.raises(ValueError, match="^" + re.escape(f"{path}: {why}")):
+            files.read_json_object(path, ValueError)
+    path.write_text('{"a": 1}')
+    assert files.read_json_object(path, ValueError) == {"a": 1}
+    with pytest.raises(ValueError, match="not valid JSON"):
+        files.read_json_object(tmp_path / "missing.json", ValueError)
