@@ -1,4 +1,5 @@
-"""`python -m train.finetune`: instruction fine-tuning on conversations (`mistral_jax.cli.finetune`; also `mistral-jax finetune`)."""
+"""`python -m train.finetune`: instruction fine-tuning on conversations (`mistral_jax.cli.finetune`; also
+`mistral-jax finetune`)."""
 
 import sys
 

@@ -3,8 +3,9 @@
 
 Trains on JSONL conversations (`{"messages": [...]}` or `{"prompt", "completion"}` lines) encoded with
 Mistral's own instruct templates (mistral-common, v1 or v3 by the model's vocab), with the loss on the
-assistant answers only, fully or with LoRA adapters (lora.rank > 0). Same run directory as pretraining, plus
-data_report.json (skipped lines) and answers.jsonl (held-out greedy answers).
+assistant answers only, fully or with LoRA adapters (lora.rank > 0; lora.init_from starts them from a PEFT
+adapter folder). Same run directory as pretraining, plus data_report.json (skipped lines), answers.jsonl
+(held-out greedy answers) and, for a LoRA run, adapter/ (the trained adapters as a PEFT folder).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Memory plan of a training layout: `python -m train.plan --preset mistral-7b-v0.1 --mesh data=1,fsdp=8,tensor=1
---seq-len 4096 --batch 8 [--remat full] [--device-memory h100]`.
+"""Memory plan of a training layout, e.g. `python -m train.plan --preset mistral-7b-v0.1 --mesh
+data=1,fsdp=8,tensor=1 --seq-len 4096 --batch 8 --remat full --device-memory h100`.
 
 Prints per-device bytes of params, optimizer state, gradients and the batch (exact, from the shardings) and
 the compiled train step's XLA memory analysis (arguments, temporaries: activations and gradients live
@@ -35,13 +35,15 @@ def _mesh(text: str) -> tuple[int, int, int]:
 
 
 PROG = "python -m train.plan"
+# --help's description: the docstring's first paragraph (one sentence with a complete example command)
+DESCRIPTION = " ".join(__doc__.split("\n\n")[0].split())
 
 
 def parse_args(argv: Sequence[str] | None, prog: str = PROG) -> argparse.Namespace:
     """Parsed and checked flags (argparse exits with status 2 and a one-line error for a bad value or a
     layout the plan cannot simulate: see `memory_plan.check_layout`)."""
     from mistral_jax.training.memory_plan import MAX_SIMULATED_DEVICES, check_layout   # starts no jax backend
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
                                 epilog="exit status: 0 planned (whether or not it fits), 2 bad arguments, 3 out of "
                                        "host memory while planning (one line; try --no-compile)")
     p.add_argument("--preset", default="mistral-7b-v0.1", help="model preset (mistral_jax/model/presets/NAME.json)")

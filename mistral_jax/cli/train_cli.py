@@ -37,6 +37,8 @@ OOM_STAGES = {
     "mistral_jax.training.heldout:heldout_loss": "computing the held-out loss",
     "mistral_jax.training.heldout:answer_exact_match": "generating the held-out answers",
     "mistral_jax.checkpoint.native:save_params": "exporting the params",
+    "mistral_jax.checkpoint.peft:load_peft_adapter": "loading the lora.init_from adapter",
+    "mistral_jax.checkpoint.peft:save_peft_adapter": "exporting the PEFT adapter",
 }
 
 
@@ -69,7 +71,7 @@ def parse_args(argv: Sequence[str] | None, prog: str, description: str, example:
                    help="continue from the latest checkpoint in the run dir (a fresh start if there is none)")
     p.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start from the params of a checkpoint folder (native, Hugging Face or mistral-inference; "
-                        "fresh optimizer)")
+                        "fresh optimizer), or a Hugging Face Hub id org/name[@revision] (no such local folder)")
     p.add_argument("--profile-steps", default=None, metavar="A:B",
                    help="record a jax.profiler trace of steps A..B (0-based) into <run dir>/profile")
     distributed.add_arguments(p)

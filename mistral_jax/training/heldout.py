@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 import jax
 from jax.sharding import Mesh
 
+from mistral_jax.checkpoint import peft
 from mistral_jax.checkpoint.native import save_params
 from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.errors import DataError
@@ -28,6 +29,8 @@ from mistral_jax.training import run_config as rc_lib
 from mistral_jax.training import train_step as ts
 from mistral_jax.training.metrics import ScalarSinks
 from mistral_jax.training.run_setup import RunSetup
+
+EXAMPLE_WIDTH = 160   # characters of an example's message or answer in the log
 
 
 def heldout_loss(params: Any, cfg: ModelConfig, mesh: Mesh, val_stream: Iterator, n_batches: int, dtype: Any,
@@ -111,25 +114,54 @@ def answers_summary(s: RunSetup, plain: Any, sinks: ScalarSinks, step: int = 0, 
         write_atomic(s.run_dir / f"{pre}answers.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     s.log(f"{label} greedy answers: exact match {score:.3f} over {len(rows)} conversations ({pre}answers.jsonl)")
     if rows:
-        s.log(f"{label} example dialogue:\n{s.tokenizer.decode(answers[0][0])}\n  -> model: "
-              f"{rows[0]['answer']!r} (reference {rows[0]['reference']!r})")
+        s.log(example_lines(label, s.tokenizer, answers[0][0], rows[0]["answer"], rows[0]["reference"]))
     sinks.write({"step": step, "exact_match": score}, prefix="heldout/")
     return {f"{pre}heldout_exact_match": score, f"{pre}heldout_answers": len(rows)}
 
 
-def evaluate_and_export(s: RunSetup, params: Any, sinks: ScalarSinks, step: int = 0, base: Any = None
-                        ) -> dict[str, Any]:
+def one_line(text: str, width: int = EXAMPLE_WIDTH) -> str:
+    """`text` with its whitespace runs as single spaces, cut to `width` characters (ending in '...')."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 3].rstrip() + "..."
+
+
+def last_user_message(tokenizer: Tokenizer, prompt: list[int]) -> str:
+    """The last user message of a chat prompt's ids: the text after its last `[INST]` (a control token of v2/v3
+    tokenizers, plain text in v1) up to `[/INST]`; the whole decoded prompt if it has none."""
+    sp = getattr(tokenizer, "sp", None)
+    if sp is not None and tokenizer.vocab_size > 4 and sp.id_to_piece(3) == "[INST]" and sp.is_control(3):
+        start = max((i for i, t in enumerate(prompt) if t == 3), default=-1) + 1
+        prompt = [t for t in prompt[start:] if t != 4]
+    text = tokenizer.decode(prompt)
+    return text.rpartition("[INST]")[2].partition("[/INST]")[0] if "[INST]" in text else text
+
+
+def example_lines(label: str, tokenizer: Tokenizer, prompt: list[int], answer: str, reference: str) -> str:
+    """The log lines of one held-out example: its last user message, then the model's answer and the reference,
+    each cut to one readable line."""
+    return (f"{label} example: user: {one_line(last_user_message(tokenizer, prompt))}\n"
+            f"  -> model: {one_line(answer)} | reference: {one_line(reference)}")
+
+
+def evaluate_and_export(s: RunSetup, params: Any, sinks: ScalarSinks, step: int = 0, base: Any = None,
+                        base_name: str | None = None) -> dict[str, Any]:
     """Per rc.eval: the held-out loss, then the export of the plain params, the greedy answers and a sample;
     returns their summary fields.
 
     With LoRA (`params` the adapters, `base` the frozen base weights) the held-out loss is taken with the
     adapters unmerged; then, if anything needs the plain model, the adapters are merged into the base in
-    place (`lora.merge_in_place`: the base arrays become the merged model, nothing is held twice).
+    place (`lora.merge_in_place`: the base arrays become the merged model, nothing is held twice). Before
+    that, the export also writes the adapters as a PEFT folder, <run dir>/adapter, whose
+    base_model_name_or_path is `base_name` (the base's path or Hub id; None for random base weights).
     """
     rc = s.rc
     summary = heldout_summary(s, params, sinks, step, "", base)
     answers = bool(rc.eval.answers and s.data.answers)
     plain = params
+    if s.lora is not None and rc.eval.export:   # every process calls it (sharded adapters); process 0 writes
+        peft.save_peft_adapter(s.run_dir / "adapter", s.cfg, params, s.lora, base_model_name_or_path=base_name,
+                               force=True)
+        summary["adapter"] = str(s.run_dir / "adapter")
     if s.lora is not None and (rc.eval.export or answers or rc.eval.sample_tokens):
         plain = lora_lib.merge_in_place(lora_lib.join(params, base), s.lora)
     if rc.eval.export:         # every process writes its shards of the params (a shared run dir)

@@ -136,10 +136,13 @@ def plot_loss_curve(records: Sequence[Record], path: str | Path, title: str = "t
 
 class ScalarSinks:
     """TensorBoard event files (tensorboardX) in `tb_dir` and, when `wandb_project` is given, a Weights &
-    Biases run; each log record's numeric fields become scalars at its step. Either may be off."""
+    Biases run (its files under `wandb_dir`/wandb; `run_id` continues that run, e.g. on resume: see
+    `wandb_run_id`); each log record's numeric fields become scalars at its step. Either may be off.
+    wandb's own settings apply (WANDB_MODE=offline: no network, the run stays in the folder)."""
 
     def __init__(self, tb_dir: str | Path | None, wandb_project: str = "", run_name: str = "",
-                 config: dict[str, Any] | None = None, wandb_dir: str | Path | None = None):
+                 config: dict[str, Any] | None = None, wandb_dir: str | Path | None = None,
+                 run_id: str | None = None):
         self._tb = self._wandb = None
         if tb_dir is not None:
             from tensorboardX import SummaryWriter   # imported here for start-up time: only when it writes
@@ -150,8 +153,14 @@ class ScalarSinks:
             except ImportError:
                 raise ImportError("train.wandb_project is set but the 'wandb' package is not installed "
                                   "(pip install wandb), or leave train.wandb_project empty") from None
-            self._wandb = wandb.init(project=wandb_project, name=run_name or None, config=config or {},
-                                     dir=str(wandb_dir) if wandb_dir else None, resume="allow")
+            try:
+                self._wandb = wandb.init(project=wandb_project, name=run_name or None, config=config or {},
+                                         dir=str(wandb_dir) if wandb_dir else None, id=run_id,
+                                         resume="allow" if run_id else None, settings=wandb.Settings(console="off"))
+            except Exception as e:   # wandb raises its own types (no API key, unreachable server, bad settings)
+                self.close()
+                raise RuntimeError(f"train.wandb_project {wandb_project!r}: wandb.init failed "
+                                   f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
 
     def write(self, record: Record, prefix: str = "train/") -> None:
         scalars = {k: float(v) for k, v in record.items()
@@ -167,3 +176,14 @@ class ScalarSinks:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def wandb_run_id(run_dir: Path, resumed: bool) -> str:
+    """The W&B run id of a run directory, kept in <run dir>/wandb_id: a resumed run continues the run its
+    first part logged to; a fresh run (also one in a folder an earlier run used) gets a new id."""
+    path = run_dir / "wandb_id"
+    if resumed and path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = os.urandom(6).hex()
+    write_atomic(path, run_id)
+    return run_id

@@ -3,7 +3,8 @@ start or resume (`start_state`), the step loop with logging and checkpoints (`st
 evaluation, export and a sample (`heldout`).
 
 A run directory holds config.json, metrics.jsonl (one record per log step), checkpoints/ (orbax;
-train state + data position + metadata), export/ (final params), loss_curve.png and summary.json.
+train state + data position + metadata), export/ (final params; a LoRA run's with its adapters merged, and
+adapter/ beside it: the adapters as a PEFT folder), loss_curve.png and summary.json (W&B: wandb/, wandb_id).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from mistral_jax.runtime.files import write_atomic
 from mistral_jax.training import run_config as rc_lib
 from mistral_jax.training import start_state
 from mistral_jax.training.heldout import evaluate, evaluate_and_export
-from mistral_jax.training.metrics import MetricsLog, ScalarSinks, plot_loss_curve, read_metrics
+from mistral_jax.training.metrics import MetricsLog, ScalarSinks, plot_loss_curve, read_metrics, wandb_run_id
 from mistral_jax.training.run_setup import RunSetup, peak_flops, prepare
 from mistral_jax.training.step_loop import StepRecorder, run_steps
 
@@ -75,7 +76,8 @@ def _run(setup: RunSetup, resume: bool, init_from: str | None) -> dict[str, Any]
         state, stopped = run_steps(setup, start, meta, recorder)
         if stopped:
             return {"stopped_by": "SIGTERM", "step": int(state["step"])}
-        summary = evaluate_and_export(setup, state["params"], sinks, step=int(state["step"]), base=start.base)
+        summary = evaluate_and_export(setup, state["params"], sinks, step=int(state["step"]), base=start.base,
+                                      base_name=_base_name(start.base_record))
     finally:
         sinks.close()
     summary.update(steps=int(state["step"]), wall_s=round(time.time() - setup.t_start, 1),
@@ -97,10 +99,11 @@ def _outputs(setup: RunSetup, resumed_step: int | None) -> tuple[MetricsLog, Sca
         metrics_log, notes = MetricsLog.fresh(run_dir / "metrics.jsonl")
     for note in notes:
         setup.log(note)
+    run_id = wandb_run_id(run_dir, resumed_step is not None) if rc.train.wandb_project else None
     try:
         sinks = ScalarSinks(run_dir / "tensorboard" if rc.train.tensorboard else None, rc.train.wandb_project,
-                            run_name=run_dir.name, config=rc.to_dict(), wandb_dir=run_dir)
-    except ImportError as e:
+                            run_name=run_dir.name, config=rc.to_dict(), wandb_dir=run_dir, run_id=run_id)
+    except (ImportError, RuntimeError) as e:
         metrics_log.close()
         raise RunError(str(e)) from None
     return metrics_log, sinks
@@ -116,6 +119,14 @@ def _baseline(setup: RunSetup, start: start_state.Start, sinks: ScalarSinks) -> 
     if setup.data.val is not None:
         setup.data.val.restore(setup.data.val_start)
     return baseline
+
+
+def _base_name(record: dict[str, Any] | None) -> str | None:
+    """A LoRA base's name for its PEFT adapter's base_model_name_or_path: the Hub id or the folder it was
+    read from; None for random base weights (or full training)."""
+    if record is None or record.get("kind") != "checkpoint":
+        return None
+    return record.get("hub_id") or record.get("path")
 
 
 def _finish(setup: RunSetup, summary: dict[str, Any], base_record: dict[str, Any] | None) -> dict[str, Any]:

@@ -122,6 +122,10 @@ class LoraSection(_Section):
     rank: int = Field(0, ge=0)
     alpha: float = Field(16.0, gt=0)
     targets: StrTuple = LORA_TARGETS
+    # a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) the adapters start from (a fresh
+    # run; --resume continues from the checkpoint). Its r, lora_alpha and target_modules apply: rank 0 means
+    # "the file's r"; a rank, alpha or targets the config sets explicitly must equal the file's
+    init_from: str = ""
 
 
 class CheckpointSection(_Section):
@@ -161,9 +165,9 @@ class RunConfig(_Section):
 
     def replace(self, **sections: Mapping[str, Any]) -> "RunConfig":
         """A validated copy with some section fields changed, e.g. `rc.replace(optim={'schedule_steps': 12})`."""
-        d = self.to_dict()
+        d = self.model_dump(mode="json", exclude_unset=True)   # keeps which fields were set (lora.init_from)
         for name, fields in sections.items():
-            d[name].update(fields)
+            d.setdefault(name, {}).update(fields)
         return from_dict(d, source="config")
 
 

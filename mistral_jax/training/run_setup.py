@@ -12,10 +12,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from mistral_jax.checkpoint import peft
 from mistral_jax.checkpoint.train_state import TrainCheckpointer
 from mistral_jax.data import shards as data_shards
 from mistral_jax.data.tokenizer import DEFAULT_FILES, Tokenizer
-from mistral_jax.errors import DataError, RunError, first_line
+from mistral_jax.errors import CheckpointError, DataError, RunError, first_line
 from mistral_jax.model import flops, sharding
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.model.lora_config import LoraConfig
@@ -73,7 +74,8 @@ def prepare(rc: rc_lib.RunConfig, run_dir: Path, log: Log, profile_steps: str | 
     data = make_data(rc, tokenizer, run_dir)
     log(data.description)
     ckpt = TrainCheckpointer(run_dir / "checkpoints", keep=rc.checkpoint.keep, async_save=rc.checkpoint.async_save)
-    return RunSetup(rc, cfg, run_dir, mesh, dtype, param_dtype, tokenizer, data, ckpt, log, t_start, lora_config(rc))
+    return RunSetup(rc, cfg, run_dir, mesh, dtype, param_dtype, tokenizer, data, ckpt, log, t_start,
+                    lora_config(rc, cfg))
 
 
 def make_run_mesh(mesh_cfg: rc_lib.MeshSection) -> Mesh:
@@ -105,11 +107,21 @@ def load_tokenizer(path: str, vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def lora_config(rc: rc_lib.RunConfig) -> LoraConfig | None:
-    """The run's LoraConfig, or None for full training (lora.rank = 0)."""
-    if rc.lora.rank == 0:
-        return None
-    return LoraConfig(rank=rc.lora.rank, alpha=rc.lora.alpha, targets=tuple(rc.lora.targets))
+def lora_config(rc: rc_lib.RunConfig, cfg: ModelConfig) -> LoraConfig | None:
+    """The run's LoraConfig, or None for full training (lora.rank = 0 without lora.init_from). With
+    lora.init_from, the PEFT adapter's r, lora_alpha and target_modules, checked against the rank (unless 0),
+    alpha and targets the config sets explicitly; RunError (one line naming the file and field) otherwise."""
+    lo = rc.lora
+    if not lo.init_from:
+        return None if lo.rank == 0 else LoraConfig(rank=lo.rank, alpha=lo.alpha, targets=tuple(lo.targets))
+    given = lo.model_fields_set
+    try:
+        adapter, _ = peft.read_adapter_config(lo.init_from, cfg)
+        return peft.check_run_lora(adapter, lo.init_from, rank=lo.rank or None,
+                                   alpha=lo.alpha if "alpha" in given else None,
+                                   targets=lo.targets if "targets" in given else None)
+    except CheckpointError as e:
+        raise RunError(f"lora.init_from {first_line(e)}") from None
 
 
 def measure_peak(mesh: Mesh, dtype: Any) -> tuple[float, str]:

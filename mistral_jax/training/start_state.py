@@ -1,9 +1,10 @@
-"""Where a training run starts: a fresh train state (random, or from --init-from params), or the latest
-checkpoint on --resume, checked against the run's config first.
+"""Where a training run starts: a fresh train state (random, or from --init-from params: a folder or a Hugging
+Face Hub id), or the latest checkpoint on --resume, checked against the run's config first.
 
-A LoRA run (lora.rank > 0) keeps its frozen base weights out of the train state: they are loaded (or drawn)
-once here; checkpoints hold the adapters, their optimizer state and the data position, and their metadata
-records the base's identity (`train_state.BASE_META`), checked when --resume reloads it.
+A LoRA run (lora.rank > 0, or lora.init_from: adapters that start from a PEFT folder) keeps its frozen base
+weights out of the train state: they are loaded (or drawn) once here; checkpoints hold the adapters, their
+optimizer state and the data position, and their metadata records the base's identity
+(`train_state.BASE_META`), checked when --resume reloads it.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import optax
 from jax.sharding import Mesh
 
 from mistral_jax.checkpoint import train_state as tc
+from mistral_jax.checkpoint import peft
+from mistral_jax.checkpoint.hub import resolve_checkpoint
 from mistral_jax.checkpoint.native import load_params
-from mistral_jax.errors import RunError, first_line
+from mistral_jax.errors import CheckpointError, RunError, first_line
 from mistral_jax.model import lora as lora_lib
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.training import optim
@@ -105,31 +108,48 @@ def begin(setup: RunSetup, saved_meta: Meta | None, latest: int | None, init_fro
     rc, log = setup.rc, setup.log
     optimizer = optim.make_optimizer(rc.optim, rc.optim.schedule_steps)
     schedule = optim.learning_rate_schedule(rc.optim, rc.optim.schedule_steps)
+    name = init_from
     if saved_meta is None:
-        init_from = _fresh_init_from(rc, init_from, log)
-    init_params, base, base_record = _initial_params(setup, init_from, saved_meta, latest)
+        init_from, name = _fresh_init_from(rc, init_from, log)
+    init_params, base, base_record = _initial_params(setup, init_from, saved_meta, latest, name)
     first = next(setup.data.train)
     state = _initial_state(setup, optimizer, latest if saved_meta is not None else None, init_params, base)
     return Start(state, optimizer, schedule, base, base_record, saved_meta, first)
 
 
-def _fresh_init_from(rc: rc_lib.RunConfig, init_from: str | None, log: Log) -> str | None:
-    """The params a fresh run starts from: --init-from, else train.init_from (None when it is optional and
-    missing: random init, with a note)."""
-    if not init_from and rc.train.init_from:
-        if Path(rc.train.init_from).exists() or not rc.train.init_from_optional:
-            init_from = rc.train.init_from
-        else:
-            log(f"train.init_from {rc.train.init_from} does not exist (train.init_from_optional): random init")
+def resolve_init_from(init_from: str, what: str = "--init-from") -> str:
+    """The folder to read for `init_from`: a local path as given, else the snapshot folder of the Hugging Face
+    Hub id `org/name[@revision]` it names (`hub.resolve_checkpoint`); RunError (one line naming `what`)
+    when it is neither."""
+    try:
+        return str(resolve_checkpoint(init_from))
+    except CheckpointError as e:
+        raise RunError(f"{what} {first_line(e)}") from None
+
+
+def _fresh_init_from(rc: rc_lib.RunConfig, init_from: str | None, log: Log) -> tuple[str | None, str | None]:
+    """(the folder a fresh run's params start from, its name as given: a path or Hub id): --init-from, else
+    train.init_from ((None, None) when it is optional and missing: random init, with a note)."""
+    name = init_from
     if init_from:
-        log(f"initial params from {init_from}")
-    return init_from
+        init_from = resolve_init_from(init_from)
+    elif rc.train.init_from:
+        try:
+            init_from, name = str(resolve_checkpoint(rc.train.init_from)), rc.train.init_from
+        except CheckpointError as e:
+            if not rc.train.init_from_optional:
+                raise RunError(f"train.init_from {first_line(e)}") from None
+            log(f"train.init_from {first_line(e)} (train.init_from_optional): random init")
+    if init_from:
+        log(f"initial params from {name}" + (f" ({init_from})" if init_from != name else ""))
+    return init_from, name
 
 
-def _initial_params(setup: RunSetup, init_from: str | None, saved_meta: Meta | None, latest: int | None
-                    ) -> tuple[Any, Any, dict[str, Any] | None]:
+def _initial_params(setup: RunSetup, init_from: str | None, saved_meta: Meta | None, latest: int | None,
+                    name: str | None = None) -> tuple[Any, Any, dict[str, Any] | None]:
     """(--init-from params of a fresh full-training run or None, LoRA's frozen base or None, the base's
-    record or None): what a run's train state starts from besides its checkpoint."""
+    record or None): what a run's train state starts from besides its checkpoint. `init_from` is the folder
+    to read, `name` the path or Hub id it was given as."""
     s = setup
     if s.lora is None:
         init_params = (load_init_params(init_from, s.cfg, s.mesh, s.param_dtype, s.log)
@@ -138,7 +158,7 @@ def _initial_params(setup: RunSetup, init_from: str | None, saved_meta: Meta | N
     if saved_meta is not None:
         where = f"step {latest} in {s.ckpt.directory}"
         return (None, *resumed_lora_base(saved_meta, init_from, s.cfg, s.mesh, s.param_dtype, where, s.log))
-    return (None, *lora_base(s.rc, s.cfg, s.mesh, s.param_dtype, init_from, s.log))
+    return (None, *lora_base(s.rc, s.cfg, s.mesh, s.param_dtype, init_from, s.log, name))
 
 
 def _initial_state(setup: RunSetup, optimizer: optax.GradientTransformation, latest: int | None,
@@ -155,13 +175,26 @@ def _initial_state(setup: RunSetup, optimizer: optax.GradientTransformation, lat
         s.log(f"resumed from step {int(state['step'])} ({s.ckpt.directory})")
     else:
         state = ts.init_state(s.cfg, optimizer, jax.random.key(s.rc.train.seed), s.mesh, s.param_dtype,
-                              init_params if lora is None else base, lora=lora)
+                              init_params if lora is None else base, lora=lora, adapters=_peft_adapters(s))
     if lora is not None:
         n_train = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
         n_all = n_train + sum(x.size for x in jax.tree_util.tree_leaves(base))
         s.log(f"LoRA rank {lora.rank}, alpha {lora.alpha} on {', '.join(lora.targets)}: {n_train:,} trained of "
               f"{n_all:,} params; optimizer state {lora_lib.count_bytes(state['opt_state']) / 2**20:.1f} MiB")
     return state
+
+
+def _peft_adapters(s: RunSetup) -> Any:
+    """A fresh LoRA run's starting adapters from the PEFT folder lora.init_from (None: fresh, B = 0)."""
+    folder = s.rc.lora.init_from
+    if s.lora is None or not folder:
+        return None
+    try:
+        lcfg, adapters = peft.load_peft_adapter(folder, s.cfg)
+    except (OSError, ValueError) as e:   # CheckpointError, WeightError are ValueErrors
+        raise RunError(f"lora.init_from {first_line(e)}") from None
+    s.log(f"LoRA adapters from {folder} ({peft.describe(lcfg)})")
+    return adapters
 
 
 def load_init_params(path: str, cfg: ModelConfig, mesh: Mesh, param_dtype: Any, log: Log = print,
@@ -186,14 +219,17 @@ def load_init_params(path: str, cfg: ModelConfig, mesh: Mesh, param_dtype: Any, 
 
 
 def lora_base(rc: rc_lib.RunConfig, cfg: ModelConfig, mesh: Mesh, param_dtype: Any, init_from: str | None,
-              log: Log) -> tuple[Any, dict[str, Any]]:
+              log: Log, name: str | None = None) -> tuple[Any, dict[str, Any]]:
     """(frozen base weights, their record for the checkpoints) of a fresh LoRA run: the --init-from
-    checkpoint (its identity taken before it is read), else random weights from train.seed."""
+    checkpoint folder (its identity taken before it is read; a Hub id it was given as, `name`, recorded as
+    "hub_id"), else random weights from train.seed."""
     if init_from:
         try:
             record = tc.folder_base_record(init_from)
         except (OSError, ValueError) as e:
             raise RunError(f"--init-from {init_from}: {first_line(e)}") from None
+        if name and not Path(name).exists():
+            record["hub_id"] = name
         return load_init_params(init_from, cfg, mesh, param_dtype, log), record
     log("note: LoRA (lora.rank > 0) without --init-from trains adapters on random base weights")
     base = ts.init_base(cfg, jax.random.key(rc.train.seed), mesh, param_dtype)
@@ -215,6 +251,11 @@ def resumed_lora_base(saved_meta: Meta, init_from: str | None, cfg: ModelConfig,
         log(f"LoRA base: random weights drawn again from seed {seed} (identity {record['identity']})")
         return base, record
     path = init_from or record["path"]
+    if init_from:
+        try:
+            path = str(resolve_checkpoint(init_from))   # a Hub id's snapshot; a missing folder is reported below
+        except CheckpointError:
+            pass
     if not Path(path).is_dir():
         raise RunError(f"--resume: the LoRA base {path} that the checkpoint ({where}) was trained on is missing; "
                        "restore it there or pass --init-from the folder that holds it now")
@@ -225,5 +266,9 @@ def resumed_lora_base(saved_meta: Meta, init_from: str | None, cfg: ModelConfig,
     error = tc.base_mismatch(record, found["identity"], f"at {path}")
     if error:
         raise RunError(f"--resume: {error}")
+    if init_from and not Path(init_from).exists():   # the Hub id it was read by, for the exported adapter
+        found["hub_id"] = init_from
+    elif not init_from and record.get("hub_id"):
+        found["hub_id"] = record["hub_id"]
     log(f"LoRA base: {path} (identity {found['identity']}, as recorded)")
     return load_init_params(path, cfg, mesh, param_dtype, log, what="--resume: the LoRA base"), found

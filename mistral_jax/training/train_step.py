@@ -172,17 +172,20 @@ def init_base(cfg: ModelConfig, rng: jax.Array, mesh: Mesh, param_dtype: Any = j
 
 
 def init_state(cfg: ModelConfig, optimizer: optax.GradientTransformation, rng: jax.Array, mesh: Mesh,
-               param_dtype: Any = jnp.float32, params: Any | None = None, lora: Any = None) -> TrainState:
+               param_dtype: Any = jnp.float32, params: Any | None = None, lora: Any = None,
+               adapters: Any = None) -> TrainState:
     """A fresh train state created in its shardings (random params unless `params` is given).
 
-    With LoRA, `params` are the frozen base weights (required; e.g. `init_base`): fresh adapters (B = 0)
-    are drawn from `rng` for them, and the state holds the adapters only; the base is not copied.
+    With LoRA, `params` are the frozen base weights (required; e.g. `init_base`): the state holds the adapters
+    only (the base is not copied): `adapters` when given (e.g. `peft.load_peft_adapter`'s), else fresh ones
+    (B = 0) drawn from `rng`.
     """
     shardings = state_shardings(cfg, optimizer, mesh, param_dtype, lora=lora)
     if lora is not None:
         if params is None:
             raise ValueError("init_state: a LoRA state needs the base weights (params=...), e.g. from init_base")
-        adapters = trainable(lora_lib.add_adapters(params, cfg, lora, rng), lora)
+        if adapters is None:
+            adapters = trainable(lora_lib.add_adapters(params, cfg, lora, rng), lora)
         params = jax.device_put(jax.tree_util.tree_map(lambda x: jnp.asarray(x, param_dtype), adapters),
                                 shardings["params"])
     elif params is None:

@@ -51,7 +51,7 @@ def _env(devices: int) -> dict:
 
 
 def _start_pair(run_dir: Path, log_dir: Path, resume: bool = False, extra: dict | None = None,
-                heartbeat: int = 30, **cmd) -> list[subprocess.Popen]:
+                heartbeat: int = 30, env: dict | None = None, **cmd) -> list[subprocess.Popen]:
     port = _free_port()
     procs = []
     for i in range(2):
@@ -59,7 +59,7 @@ def _start_pair(run_dir: Path, log_dir: Path, resume: bool = False, extra: dict 
         procs.append(subprocess.Popen(
             _cmd(run_dir, extra, resume, **cmd) + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                             "--process-id", str(i), "--heartbeat-timeout", str(heartbeat)],
-            cwd=REPO, env=_env(2), stdout=log, stderr=subprocess.STDOUT))
+            cwd=REPO, env={**_env(2), **(env or {})}, stdout=log, stderr=subprocess.STDOUT))
     return procs
 
 
@@ -71,13 +71,14 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
-def _ref_and_pair(base: Path, extra: dict | None = None, **cmd) -> Path:
+def _ref_and_pair(base: Path, extra: dict | None = None, pair_extra: dict | None = None, pair_env: dict | None = None,
+                  **cmd) -> Path:
     """Runs a training program as 1 process x 4 devices (base/ref) and as 2 processes x 2 devices (base/two)
-    at the same time; both must exit 0."""
+    at the same time (the pair with `pair_extra` settings and `pair_env` variables too); both must exit 0."""
     ref_log = open(base / "ref.log", "w")
     ref = subprocess.Popen(_cmd(base / "ref", extra, **cmd), cwd=REPO, env=_env(4), stdout=ref_log,
                            stderr=subprocess.STDOUT)
-    pair = _start_pair(base / "two", base, extra=extra, **cmd)
+    pair = _start_pair(base / "two", base, extra={**(extra or {}), **(pair_extra or {})}, env=pair_env, **cmd)
     codes = _wait(pair) + _wait([ref])
     assert codes == [0, 0, 0], [(p, (base / p).read_text()[-2000:]) for p in ("p0.log", "p1.log", "ref.log")]
     return base
@@ -86,8 +87,9 @@ def _ref_and_pair(base: Path, extra: dict | None = None, **cmd) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """1 process x 4 devices (reference) and 2 processes x 2 devices, both 6 steps, then an export and a
-    sample."""
-    return _ref_and_pair(tmp_path_factory.mktemp("mp"), {"eval.export": "true", "eval.sample_tokens": 8})
+    sample; the pair also logs to an offline Weights & Biases run."""
+    return _ref_and_pair(tmp_path_factory.mktemp("mp"), {"eval.export": "true", "eval.sample_tokens": 8},
+                         pair_extra={"train.wandb_project": "mp-test"}, pair_env={"WANDB_MODE": "offline"})
 
 
 def _assert_same_export(a: Path, b: Path) -> None:
@@ -131,6 +133,19 @@ def test_side_effects_happen_once(runs):
     steps = sorted(int(p.name) for p in (two / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [3, 6]
     assert not [p for p in (two / "checkpoints").iterdir() if "tmp" in p.name]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_wandb_logs_the_metrics_once_offline(runs):
+    from tests.wandb_offline import history
+
+    folders = list((runs / "two" / "wandb").glob("offline-run-*"))
+    assert len(folders) == 1, folders                                           # process 0 only
+    files = list(folders[0].glob("run-*.wandb"))
+    assert len(files) == 1 and files[0].stem == "run-" + (runs / "two" / "wandb_id").read_text()
+    logged = {r["_step"]: r["train/loss"] for r in history(files[0]) if "train/loss" in r}
+    assert logged == _losses(runs / "two")
 
 
 @pytest.mark.multiprocess

@@ -229,6 +229,7 @@ def test_evaluate_loading(numpy_oom, monkeypatch, tmp_path, capsys):
     from mistral_jax.checkpoint import native as checkpoint
     data = tmp_path / "doc.txt"
     data.write_text("some text\n")
+    (tmp_path / "ckpt").mkdir()          # a folder (not a Hub id): the load itself runs out of memory
     monkeypatch.setattr(checkpoint, "load_params", _raiser(numpy_oom))
     with pytest.raises(SystemExit) as info:
         evaluate.main(["--checkpoint", str(tmp_path / "ckpt"), "--task", "perplexity", "--data", str(data),
@@ -334,6 +335,7 @@ def long_context_ckpt(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_generate_cli_cache_that_cannot_fit(long_context_ckpt):
     """2^27 new tokens: a 32 GiB float32 key cache (and as much for values), beyond the 16 GiB address space."""
     proc = _run("infer.generate", "--checkpoint", str(long_context_ckpt), "--prompt", "Hello",
@@ -344,6 +346,7 @@ def test_generate_cli_cache_that_cannot_fit(long_context_ckpt):
     assert "--batch-size" not in line    # one prompt: a smaller batch would not help
 
 
+@pytest.mark.slow
 def test_pretrain_cli_model_that_cannot_fit(tmp_path):
     """An MLP 2^46 wide: 16 PiB of w1 alone, refused when the train state is created."""
     proc = _run("train.pretrain", "--config", "configs/pretrain-tiny.toml", "--run-dir", str(tmp_path / "run"),

@@ -65,6 +65,7 @@ def test_test_shape_compiles_without_loops():
     assert SEQ <= ts.LOSS_CHUNK and SEQ <= 512 and CFG.n_layers == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_train_step_work_over_model_flops(remat):
     ratio = _ratio(remat)

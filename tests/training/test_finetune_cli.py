@@ -58,7 +58,8 @@ def test_bad_lines_are_counted_or_stop_the_run(tmp_path, capsys):
             "eval.before": "false", "eval.export": "false", "data.val_percent": 0.0}
     optional = {"train.init_from": str(tmp_path / "missing"), "train.init_from_optional": "true"}
     assert finetune.main(_argv(tmp_path / "skip", **sets, **optional)) == 0     # missing optional init: random
-    assert "does not exist (train.init_from_optional): random init" in capsys.readouterr().out
+    assert f"train.init_from {tmp_path / 'missing'}: no such folder (train.init_from_optional): random init" \
+        in capsys.readouterr().out
     report = json.loads((tmp_path / "skip" / "data_report.json").read_text())
     assert report["n_skipped"] == 4 and report["conversations"] == 36
     assert any(m.startswith(f"{data}:4: ") for m in report["messages"])
@@ -71,7 +72,7 @@ def test_bad_lines_are_counted_or_stop_the_run(tmp_path, capsys):
 def test_required_init_from_must_exist(tmp_path, capsys):
     assert finetune.main(_argv(tmp_path / "x", **{"train.init_from": str(tmp_path / "missing")})) == 1
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
-    assert len(err) == 1 and err[0].startswith(f"error: --init-from {tmp_path / 'missing'}: "), err
+    assert err == [f"error: train.init_from {tmp_path / 'missing'}: no such folder"], err
 
 
 def test_programs_refuse_the_other_kind_of_data(tmp_path, capsys):

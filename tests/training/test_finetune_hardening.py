@@ -125,6 +125,7 @@ def test_finetune_program_refuses_inf_lr_and_huge_rank_with_exit_2(tmp_path, cap
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")
 def test_an_update_to_non_finite_params_is_not_applied():
     """lr=1e39 is a finite float64 but infinite in float32: the loss and gradients at the step are finite,

@@ -64,6 +64,7 @@ def _full_logits_loss(params, cfg, b):
     return total, count
 
 
+@pytest.mark.slow
 def test_masked_loss_counts_exactly_the_targets(cfg, params):
     b = _chat_rows(3, 40, seed=0)
     loss = jax.jit(lambda p, b: ts.summed_loss(p, b["tokens"], b["positions"], b["segment_ids"], cfg=cfg,
@@ -90,6 +91,7 @@ def test_masked_loss_counts_exactly_the_targets(cfg, params):
     assert abs(float(changed_sum) - float(got_sum)) > 1e-3
 
 
+@pytest.mark.slow
 def test_packed_row_loss_is_sum_of_conversations(cfg, params):
     b = _chat_rows(1, 48, seed=1)
     loss = jax.jit(lambda p, t, pos, seg, m: ts.summed_loss(p, t, pos, seg, cfg=cfg, target_mask_BT=m))
@@ -116,6 +118,7 @@ def _one_step(cfg, mesh, host, grad_accum):
     return step(state, ts.put_batch(host, mesh, grad_accum))
 
 
+@pytest.mark.slow
 def test_masked_accumulation_and_mesh_equal_one_big_step(cfg):
     assert len(jax.devices()) >= 8, "needs 8 simulated devices (tests/conftest.py)"
     host = _chat_rows(8, 32, seed=2)

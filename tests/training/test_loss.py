@@ -25,6 +25,7 @@ def inputs():
     return h, w, t, mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [64, 300, 1000])   # 300 = T; 64 leaves a ragged last chunk
 def test_chunked_equals_unchunked(inputs, chunk):
     h, w, t, mask = inputs
@@ -57,6 +58,7 @@ def test_bad_chunk(inputs):
         chunked_nll(h, w, t, chunk=0)
 
 
+@pytest.mark.slow
 def test_train_loss_is_the_chunked_loss_of_the_model():
     """train_step.summed_loss (chunked head + loss) equals full logits + token_nll, values and gradients."""
     from mistral_jax.model import transformer as model_lib

@@ -20,6 +20,7 @@ def _measured(tree) -> int:
     return max(per_device.values())
 
 
+@pytest.mark.slow
 def test_state_bytes_equal_the_created_arrays():
     cfg = ModelConfig.preset("tiny")
     p = mp.plan(cfg, (2, 2, 2), 32, 8, compile=True)
@@ -31,6 +32,7 @@ def test_state_bytes_equal_the_created_arrays():
     assert p.compiled["argument"] >= p.params + p.opt_state and p.compiled["temp"] > 0
 
 
+@pytest.mark.slow
 def test_lora_plan_compiles_the_step_with_its_separate_base():
     """A LoRA step takes the frozen base as its own argument (not in the state): the plan compiles it so."""
     cfg = ModelConfig.preset("tiny")
@@ -60,6 +62,7 @@ def test_7b_counts_and_cli(capsys):
     assert "--device-memory: expected one of" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_fsdp_keeps_activations_split_over_the_batch():
     """With params sharded over fsdp and one row per device, the step's temporaries must not exceed those of
     pure data parallelism (same per-device rows): the model's activation constraints keep the batch split.
@@ -116,3 +119,12 @@ def test_device_memory_must_be_a_positive_finite_size(memory, capsys):
     err = capsys.readouterr().err
     assert err.strip() == (f"error: --device-memory: expected one of {sorted(mp.DEVICE_MEMORY)} or a positive size "
                            f"like 16GiB, got {memory!r}")
+
+
+def test_help_description_is_whole_and_its_example_parses():
+    text = plan_cli.DESCRIPTION
+    assert text.count("`") % 2 == 0 and text.endswith(".")
+    example = text.split("`")[1]
+    assert example.startswith(plan_cli.PROG + " ")
+    args = plan_cli.parse_args(example[len(plan_cli.PROG):].split())
+    assert (args.seq_len, args.batch, args.mesh) == (4096, 8, (1, 8, 1))

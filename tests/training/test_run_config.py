@@ -133,3 +133,19 @@ def test_make_mesh_uses_auto_axes_and_infers_minus_one():
         sharding.make_mesh(2, -1, 2, devices=jax.devices()[:6])
     with pytest.raises(ValueError, match="needs 4 devices, have 8"):
         sharding.make_mesh(1, 4, 1, devices=jax.devices()[:8])
+
+
+def test_lora_init_from_takes_the_adapter_settings_the_config_leaves_unset(tmp_path):
+    from mistral_jax.checkpoint.peft_config import write_adapter_config
+    from mistral_jax.errors import RunError
+    from mistral_jax.model.lora_config import LoraConfig
+    from mistral_jax.training.run_setup import lora_config
+
+    write_adapter_config(tmp_path, LoraConfig(rank=2, alpha=8.0, targets=("wq", "wv")), None)
+    rc = rc_lib.load(TINY_TOML, [f"lora.init_from={tmp_path}"]).replace(optim={"schedule_steps": 3})
+    assert lora_config(rc, rc.model_cfg()) == LoraConfig(rank=2, alpha=8.0, targets=("wq", "wv"))
+    rc = rc_lib.load(TINY_TOML, [f"lora.init_from={tmp_path}", "lora.targets=['wq']"]).replace(train={"steps": 2})
+    with pytest.raises(RunError) as e:           # set explicitly (kept through replace): must agree
+        lora_config(rc, rc.model_cfg())
+    assert str(e.value) == (f"lora.init_from {tmp_path / 'adapter_config.json'}: field 'target_modules' adapts "
+                            "['wq', 'wv'] (['q_proj', 'v_proj']) but the run sets lora.targets = ['wq']")

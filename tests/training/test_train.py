@@ -50,6 +50,7 @@ def _setup(cfg, mesh, lr=1e-3, steps=30, grad_accum=1, eps=1e-8):
     return state, step
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_fixed_batch(cfg):
     mesh = _mesh(1, 1, 1)
     state, step = _setup(cfg, mesh, lr=3e-3)
@@ -63,6 +64,7 @@ def test_loss_falls_on_a_fixed_batch(cfg):
     assert int(state["step"]) == 30
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device(cfg):
     assert len(jax.devices()) >= 8, "needs 8 simulated devices (tests/conftest.py)"
     host = _batch(4, 32, seed=1)
@@ -91,6 +93,7 @@ def test_sharded_step_equals_single_device(cfg):
         assert x.addressable_shards[0].data.shape == (cfg.n_layers, cfg.dim // 2, cfg.n_heads // 2, cfg.head_dim)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_big_batch(cfg):
     mesh = _mesh(1, 2, 1)
     host = _batch(8, 32, seed=2)
@@ -145,6 +148,7 @@ def _poisoned_loss(params, tokens_BT, positions_BT, segment_ids_BT, **kw):
     return s * jnp.where(tokens_BT[0, 0] == POISON, jnp.nan, 1.0), n
 
 
+@pytest.mark.slow
 def test_non_finite_step_leaves_state_bit_identical(cfg):
     mesh = _mesh(1, 1, 1)
     o = rc_lib.OptimSection(lr=1e-3, warmup_steps=0)
@@ -169,6 +173,7 @@ def test_non_finite_step_leaves_state_bit_identical(cfg):
     assert bool(m["finite"]) and int(state["step"]) == 2
 
 
+@pytest.mark.slow
 def test_cli_reports_nan_with_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     from mistral_jax.cli import pretrain
 
