@@ -1,18 +1,16 @@
-"""Safe checkpoint output folders: destination checks and a folder that appears only when complete
-(single files: `runtime.files.atomic_file`)."""
+"""Safe checkpoint output folders: which destinations may be written or replaced, and a folder that appears
+only when complete (`runtime.files.replace_dir`, the same mechanism as single files' `atomic_file`)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from mistral_jax.checkpoint.formats import checkpoint_kind
 from mistral_jax.errors import CheckpointError
-from mistral_jax.runtime.files import umask
+from mistral_jax.runtime.files import replace_dir
 
 
 def check_dst(dst: str | Path, force: bool = False, src: str | Path | None = None) -> Path:
@@ -52,30 +50,3 @@ def atomic_dir(dst: str | Path, force: bool = False, src: str | Path | None = No
     """
     with replace_dir(check_dst(dst, force, src)) as tmp:
         yield tmp
-
-
-@contextlib.contextmanager
-def replace_dir(real: Path) -> Iterator[Path]:
-    """Yields a temp folder beside the (already checked) folder `real` that replaces it only if the block
-    succeeds; see `atomic_dir`."""
-    real.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=real.parent))
-    old: Path | None = None
-    try:
-        os.chmod(tmp, 0o777 & ~umask())
-        yield tmp
-        if real.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{real.name}.old-", dir=real.parent))
-            os.replace(real, old / "x")
-            try:
-                os.replace(tmp, real)
-            except BaseException:
-                os.replace(old / "x", real)
-                raise
-        else:
-            os.replace(tmp, real)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-

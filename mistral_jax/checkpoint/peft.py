@@ -18,7 +18,6 @@ from typing import Any, Iterator, Mapping
 import jax
 import numpy as np
 
-from mistral_jax.checkpoint.atomic import replace_dir
 from mistral_jax.checkpoint.integrity import check_values
 from mistral_jax.checkpoint.peft_config import (CONFIG_FILE, HF_MODULES, HF_NAMES, check_run_lora,
                                                 read_adapter_config, write_adapter_config)
@@ -28,6 +27,7 @@ from mistral_jax.model.config import ModelConfig
 from mistral_jax.model.lora_config import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraConfig
 from mistral_jax.model.param_tree import host_array
 from mistral_jax.runtime.dtypes import parse_dtype
+from mistral_jax.runtime.files import replace_dir
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 LEGACY_WEIGHTS_FILE = "adapter_model.bin"    # PEFT's save_pretrained(safe_serialization=False)

@@ -1,10 +1,12 @@
-"""Files the library writes and reads: atomic replacement, file identity, and JSON Lines with line numbers."""
+"""Files the library writes and reads: atomic replacement of files and folders, file identity, JSON files and
+JSON Lines with line numbers."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -45,6 +47,33 @@ def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def replace_dir(real: Path) -> Iterator[Path]:
+    """A temp folder beside the folder `real` (checked by the caller) that replaces it only if the block
+    succeeds. On any exception, KeyboardInterrupt included, the temp folder and any set-aside old folder are
+    removed and an old `real` already moved aside is put back. The new folder gets mode 0o777 & ~umask."""
+    real.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=real.parent))
+    old: Path | None = None
+    try:
+        os.chmod(tmp, 0o777 & ~umask())
+        yield tmp
+        if real.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{real.name}.old-", dir=real.parent))
+            os.replace(real, old / "x")
+            try:
+                os.replace(tmp, real)
+            except BaseException:
+                os.replace(old / "x", real)
+                raise
+        else:
+            os.replace(tmp, real)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_atomic(path: str | Path, data: str | bytes, encoding: str = "utf-8") -> Path:

@@ -62,6 +62,7 @@ def test_cache_write_keeps_last_slots_and_positions():
     assert c["k"][0, :, 0, 0].tolist() == [4.0, 5.0, 2.0, 3.0]
 
 
+@pytest.mark.slow
 def test_batch_of_different_lengths_equals_each_alone(ref):
     _, cfg, params = ref
     rs = np.random.RandomState(5)
@@ -254,6 +255,7 @@ def eos_case(ref):
     return prompt, greedy, eos
 
 
+@pytest.mark.slow
 def test_filler_rows_start_finished_and_do_not_extend_the_loop(ref, eos_case):
     _, cfg, params = ref
     prompt, greedy, eos = eos_case

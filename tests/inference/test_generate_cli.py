@@ -203,6 +203,7 @@ def test_sampled_rows_are_independent_of_batches_and_reproducible(ckpt, tmp_path
     assert c != a and len(set(c) & set(a)) == 0
 
 
+@pytest.mark.slow
 def test_vocab_32768_model_gets_the_v3_tokenizer(ckpt_v3, tmp_path, capsys):
     path, cfg, params, _ = ckpt_v3
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"

@@ -75,6 +75,7 @@ def test_ragged_padded_batch():
     assert max(_compare(q, k, v, ct, pos, pos, 9, bq=4, bk=8, self_attention=True)) <= TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [1, 3, 8, 21])
 def test_chunk_over_rolling_cache(chunk):
     """A prefill chunk attending to [rolling cache || chunk]: keys out of order, empty slots at -1."""
@@ -156,6 +157,7 @@ def _rows_with_segments(T, cut, pad_from, left_pad=0):
     return jnp.asarray(pos), jnp.asarray(seg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window", [37, None])
 def test_splash_interpret_matches_dense(window):
     """Pallas splash attention (interpret mode on CPU) on packed and padded self-attention rows; the padded

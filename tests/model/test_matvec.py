@@ -99,6 +99,7 @@ def _partials_bytes(dtype, rows: int = 1) -> int:
     return sum(2 * 4 * (d_in // matvec.group(d_in)) * rows * d_out for d_in, d_out in prods)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_decode_step_reads_stacked_weights_in_place(dtype, batch):

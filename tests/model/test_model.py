@@ -146,6 +146,7 @@ def test_sharded_forward_equals_single_device(gqa):
     assert not out.sharding.is_fully_replicated
 
 
+@pytest.mark.slow
 def test_sharded_init_places_params_directly():
     cfg = ModelConfig.preset("tiny")
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)

@@ -121,6 +121,7 @@ def test_stacked_cache_scanned_equals_unscanned(params):
                                      cache=kv_cache.init_cache(CFG.replace(n_layers=2), 2, 8))
 
 
+@pytest.mark.slow
 def test_attention_options_pass_through_the_scan(params, batch):
     tokens, pos, seg = batch
     def logits(module, params):

@@ -44,3 +44,17 @@ def test_read_json_object_errors_name_the_file(tmp_path):
     assert files.read_json_object(path, ValueError) == {"a": 1}
     with pytest.raises(ValueError, match="not valid JSON"):
         files.read_json_object(tmp_path / "missing.json", ValueError)
+
+
+def test_replace_dir_replaces_a_folder_only_on_success(tmp_path):
+    real = tmp_path / "out"
+    real.mkdir()
+    (real / "old.txt").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with files.replace_dir(real) as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in real.iterdir()] == ["old.txt"]
+    with files.replace_dir(real) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in real.iterdir()] == ["new.txt"]

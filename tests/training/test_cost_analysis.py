@@ -113,6 +113,7 @@ def _mismatch(T: int, window, packed: bool) -> float:
     return float(diff(q, k, v, ct, pos, seg))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("T, window, packed", [(5, None, False), (64, 19, True), (200, None, True)],
                          ids=["T5-no-split", "T64-window-1-level", "T200-packed-2-levels"])
 def test_one_block_self_attention_matches_dense(T, window, packed):

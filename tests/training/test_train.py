@@ -110,6 +110,7 @@ def test_gradient_accumulation_equals_big_batch(cfg):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=3e-6)
 
 
+@pytest.mark.slow
 def test_packed_row_loss_is_sum_of_document_losses(cfg):
     params = model_lib.init_params(cfg, jax.random.key(3))
     rng = np.random.default_rng(4)
