@@ -68,6 +68,7 @@ def test_every_section_ran_ok(report):
     assert md in stdout
 
 
+@pytest.mark.slow
 def test_attention_matches_the_dense_oracle(report):
     a = report[0]["sections"]["a_attention"]
     assert not a["skipped"]
@@ -85,6 +86,7 @@ def test_attention_matches_the_dense_oracle(report):
         assert max(errs) > 0 or r["backend"] == "xla", r   # a zero error everywhere would mean no comparison
 
 
+@pytest.mark.slow
 def test_train_decode_scoring_numbers(report):
     s = report[0]["sections"]
     b = s["b_train"]
@@ -103,6 +105,7 @@ def test_train_decode_scoring_numbers(report):
     assert d["repeat_identical"] and d["logprobs_finite"] and 0 < d["fill"] <= 1
 
 
+@pytest.mark.slow
 def test_lora_memory(report):
     e = report[0]["sections"]["e_lora_memory"]
     (row,) = e["rows"]
