@@ -16,6 +16,7 @@ from mistral_jax.data import shards as ds
 from mistral_jax.data.chat_stream import ChatStream
 from mistral_jax.data.chat_template import as_chat_tokenizer
 from mistral_jax.runtime import distributed
+from mistral_jax.runtime.files import write_atomic
 from mistral_jax.data.chat_examples import write_examples
 from mistral_jax.training.data_source import DataSource
 from mistral_jax.training.run_config import RunConfig
@@ -86,7 +87,7 @@ def make_chat_data(rc: RunConfig, tokenizer: Tokenizer, run_dir: Path) -> DataSo
     report = report_obj.to_dict()
     report.update(train_conversations=n_train, heldout_conversations=n_val)
     if distributed.is_main():     # also when the data is unusable: the report says why
-        (run_dir / "data_report.json").write_text(json.dumps(report, indent=1))
+        write_atomic(run_dir / "data_report.json", json.dumps(report, indent=1))
     if not n_train:
         where = "training file(s) " + ", ".join(str(f) for f in train_files[:3]) + (" ..." if len(train_files) > 3
                                                                                  else "")

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mistral_jax.model import lora as lora_lib
 from mistral_jax.model import packing
 from mistral_jax.model import sharding
-from mistral_jax.data.rows import BATCH_KEYS  # noqa: F401  (also read as train_step.BATCH_KEYS)
+from mistral_jax.data.rows import BATCH_KEYS
 from mistral_jax.model import transformer as model_lib
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.training.loss import chunked_nll
