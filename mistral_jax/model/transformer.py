@@ -23,6 +23,7 @@ from mistral_jax.model import sharding
 from mistral_jax.model.attention import multihead_attention
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.model.lora_config import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraConfig
+from mistral_jax.model.projection import project
 from mistral_jax.model.rope import apply_rope
 
 Dtype = Any
@@ -73,11 +74,12 @@ def _plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
 
 def _dense(module: nn.Module, spec: str, x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
     """x times the weight w (as `_param(..., packed=True)` returns it) by the einsum `spec`, whose first n_in
-    weight axes are contracted, in the module's dtype. With module.fused_matvec and few rows (a decode
+    weight axes are contracted, in the module's dtype (`projection.project`: a backward without transposed
+    copies). With module.fused_matvec and few rows (a decode
     step), a fused matrix-vector product (matvec.py) that reads w once instead of XLA's dot."""
     if module.fused_matvec and matvec.applies(math.prod(x.shape[:x.ndim - n_in]), w.dtype):
         return matvec.matvec(x, w, n_in).astype(module.dtype)
-    return jnp.einsum(spec, x, packing.unpack(w).astype(module.dtype))
+    return project(spec, x.astype(module.dtype), packing.unpack(w).astype(module.dtype))
 
 
 class RMSNorm(nn.Module):

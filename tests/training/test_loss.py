@@ -82,3 +82,49 @@ def test_train_loss_is_the_chunked_loss_of_the_model():
     assert abs(float(ref) - float(got)) <= 1e-5 * abs(float(ref))
     diffs = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), g_ref, g_got)
     assert max(jax.tree_util.tree_leaves(diffs)) <= 1e-5
+
+
+def _small(dtype, seed=2):
+    r = np.random.default_rng(seed)
+    B, T, D, V = 2, 40, 16, 256
+    h = jnp.asarray(r.normal(size=(B, T, D)), dtype)
+    w = jnp.asarray(r.normal(size=(D, V)) * 0.3, jnp.float32)
+    t = jnp.asarray(r.integers(0, V, (B, T)), jnp.int32)
+    g = jnp.asarray(r.random((B, T)), jnp.float32)   # per-token weights: a cotangent that is not all ones
+    return h, w, t, g
+
+
+def test_gradients_of_the_hand_written_backward():
+    """chunked_nll's custom backward (softmax - onehot, then two products) equals jax.grad of the unchunked
+    loss, with a ragged last chunk and a per-token cotangent."""
+    h, w, t, g = _small(jnp.float32)
+    loss = lambda fn: lambda h, w: jnp.sum(g * fn(h, w))  # noqa: E731
+    got = jax.jit(jax.grad(loss(lambda h, w: chunked_nll(h, w, t, chunk=16)), argnums=(0, 1)))(h, w)
+    ref = jax.jit(jax.grad(loss(lambda h, w: _unchunked_nll(h, w, t)), argnums=(0, 1)))(h, w)
+    for name, a, b in zip(("dh", "dw"), got, ref):
+        assert a.dtype == b.dtype == jnp.float32, name
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(b))), err_msg=name)
+
+
+def test_bfloat16_and_packed_heads():
+    """bfloat16 hidden states with a float32 head (bf16 compute, f32 master) give a bfloat16 dh and a float32 dw;
+    a packed bfloat16 head (LoRA's frozen base) gives the same dh and no head gradient at all."""
+    from mistral_jax.model import packing
+
+    h, w, t, g = _small(jnp.bfloat16)
+    w_bf16 = w.astype(jnp.bfloat16)
+    ref = jax.grad(lambda h, w: jnp.sum(g * _unchunked_nll(h, w, t)), argnums=(0, 1))(
+        h.astype(jnp.float32), w_bf16.astype(jnp.float32))
+
+    dh, dw = jax.jit(jax.grad(lambda h, w: jnp.sum(g * chunked_nll(h, w, t, chunk=16)), argnums=(0, 1)))(h, w)
+    assert dh.dtype == jnp.bfloat16 and dw.dtype == jnp.float32, (dh.dtype, dw.dtype)
+    for name, a, b in (("dh", dh, ref[0]), ("dw", dw, ref[1])):
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0, atol=3e-2 * float(jnp.max(jnp.abs(b))),
+                                   err_msg=name)
+
+    packed = jax.lax.bitcast_convert_type(w_bf16, packing.PACKED)
+    dh_packed = jax.jit(jax.grad(lambda h: jnp.sum(g * chunked_nll(h, packed, t, chunk=16))))(h)
+    np.testing.assert_allclose(np.asarray(dh_packed, np.float32), ref[0], rtol=0,
+                               atol=3e-2 * float(jnp.max(jnp.abs(ref[0]))), err_msg="dh, packed head")
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda h: jnp.sum(g * chunked_nll(h, packed, t, chunk=16))))(h))
+    assert "bcd,bcv->dv" not in jaxpr and jaxpr.count("dot_general") == 3, jaxpr  # 2 forward logits, 1 dh
