@@ -14,7 +14,19 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# LLVM at -O0 for the programs the tests compile: the suite is mostly compilation of tiny programs, and this
+# halves it (77 -> 43 s for the LoRA-memory and cost-analysis files). XLA's own (HLO) passes, which decide
+# fusion, layouts, buffers and so what memory_analysis, cost_analysis and the HLO checks see, are not affected;
+# the matmuls are library calls either way. Benchmarks do not set it.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int | None = 8) -> str:
+    """XLA_FLAGS for a test's program: `devices` simulated CPU devices (None: the default one) and TEST_XLA_FLAGS."""
+    return " ".join(([f"--xla_force_host_platform_device_count={devices}"] if devices else []) + [TEST_XLA_FLAGS])
+
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

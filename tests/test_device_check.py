@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.conftest import xla_flags
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "device_check.py"
@@ -18,7 +19,8 @@ SECTIONS = ("a_attention", "b_train", "c_decode", "d_scoring", "e_lora_memory")
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one CPU device, as on one chip
-    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.update(XLA_FLAGS=xla_flags(None), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONUNBUFFERED="1")
     return env
 
 

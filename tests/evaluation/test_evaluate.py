@@ -25,6 +25,7 @@ from mistral_jax.inference import scoring
 from mistral_jax.model import sharding  # noqa: E402
 from mistral_jax.model.config import ModelConfig  # noqa: E402
 from mistral_jax.data.tokenizer import Tokenizer  # noqa: E402
+from tests.conftest import xla_flags  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64, vocab_size=32000,
@@ -271,7 +272,7 @@ def test_perplexity_cli_resumes_after_sigkill(tiny, tok, tmp_path):
     out = tmp_path / "out"
     argv = ["--checkpoint", str(folder), "--task", "perplexity", "--data", str(data), "--output", str(out),
             "--batch-size", "1", "--max-length", "64"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(None), "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "infer.evaluate", *argv], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ex_file = out / EXAMPLES_FILE

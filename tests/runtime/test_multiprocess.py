@@ -20,7 +20,7 @@ from mistral_jax.data import text as data_lib
 from mistral_jax.training import run_config as rc_lib
 from mistral_jax.data.shards import merge_states
 from mistral_jax.data.tokenizer import Tokenizer
-from tests.conftest import compile_cache_env
+from tests.conftest import compile_cache_env, xla_flags
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_TOML = REPO / "configs" / "pretrain-tiny.toml"
@@ -46,7 +46,7 @@ def _env(devices: int) -> dict:
     """The environment of a program run here: `devices` CPU devices, and the session's compilation cache (a
     resumed or repeated run loads the programs its first run compiled)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+    return {**env, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu",
             "PYTHONUNBUFFERED": "1", **compile_cache_env()}
 
 
@@ -228,7 +228,7 @@ while True:
 def test_a_stalled_peer_stops_the_other_process(tmp_path):
     """Process 1 is stopped (SIGSTOP: alive, connections open, silent): process 0 stops after
     --heartbeat-timeout with one line and exit status 1, before jax's own heartbeat (twice as long) aborts it."""
-    heartbeat = 15
+    heartbeat = 8
     port = _free_port()
     logs = [open(tmp_path / f"s{i}.log", "w") for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "-c", STALL_PROBE, str(heartbeat)], cwd=REPO, stdout=logs[i],

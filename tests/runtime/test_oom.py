@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from mistral_jax.runtime import oom  # noqa: E402
+from tests.conftest import xla_flags  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PIB = 2**50
@@ -292,7 +293,7 @@ def _run(module: str, *argv: str, timeout: float = 60) -> subprocess.CompletedPr
             f"sys.argv = [{module!r}] + sys.argv[1:]; "
             f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "MALLOC_ARENA_MAX": "2", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+           "HF_DATASETS_OFFLINE": "1", "XLA_FLAGS": xla_flags(1)}
     env.pop("MISTRAL_JAX_DEBUG", None)
     try:
         return subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, env=env, capture_output=True, text=True,

@@ -19,6 +19,7 @@ from mistral_jax.training.metrics import read_metrics
 from mistral_jax.checkpoint.train_state import TrainCheckpointer
 from mistral_jax.training.run import run
 from mistral_jax.cli import pretrain
+from tests.conftest import xla_flags
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_TOML = REPO / "configs" / "pretrain-tiny.toml"
@@ -221,7 +222,7 @@ def test_bad_input_is_one_error_line(bad_inputs, tmp_path, capsys, sets, extra, 
 
 def test_cli_process_prints_one_line_and_exits(tmp_path):
     """In a real process: one `error:` line on stderr and nothing else (no thread traceback at exit)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "train.pretrain", *_argv(tmp_path / "run", *_sets()),
                            "--init-from", str(tmp_path / "missing")], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)

@@ -21,7 +21,7 @@ from mistral_jax.training import train_step as ts
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.training.metrics import read_metrics
 from mistral_jax.checkpoint.train_state import TrainCheckpointer
-from tests.conftest import compile_cache_env
+from tests.conftest import compile_cache_env, xla_flags
 from tests.packed import two_documents
 
 REPO = Path(__file__).resolve().parents[2]
@@ -210,7 +210,7 @@ def _launch(run_dir: Path, steps: int, resume: bool) -> subprocess.Popen:
                                                            "data.batch_size": 4})), [])]   # half the config's
     if resume:
         cmd.append("--resume")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu",
                **compile_cache_env())     # the four runs compile the same programs: the later ones load them
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -238,16 +238,16 @@ def _last_logged_step(run_dir: Path) -> int:
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     steps = 24
+    # the uninterrupted reference runs beside the first interrupted run (two cores, two compiles at once)
     full = _launch(tmp_path / "full", steps, resume=False)
-    out, _ = full.communicate(timeout=240)
-    assert full.returncode == 0, out
-
     run = tmp_path / "interrupted"
     proc = _launch(run, steps, resume=False)
     _wait_for(lambda: (run / "checkpoints" / "8").is_dir(), proc, "checkpoint 8")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
+    out, _ = full.communicate(timeout=240)
+    assert full.returncode == 0, out
 
     proc = _launch(run, steps, resume=True)  # resumes from 8 (or 12); then SIGTERM -> checkpoint and exit
     _wait_for(lambda: _last_logged_step(run) >= 14, proc, "step 14")
