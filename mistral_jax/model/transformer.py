@@ -74,9 +74,9 @@ def _plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
 
 def _dense(module: nn.Module, spec: str, x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
     """x times the weight w (as `_param(..., packed=True)` returns it) by the einsum `spec`, whose first n_in
-    weight axes are contracted, in the module's dtype (`projection.project`: a backward without transposed
-    copies). With module.fused_matvec and few rows (a decode
-    step), a fused matrix-vector product (matvec.py) that reads w once instead of XLA's dot."""
+    weight axes are contracted, in the module's dtype (`projection.project`: its backward has XLA:CPU copy the
+    saved input, not each cotangent). With module.fused_matvec and few rows (a decode step), a fused
+    matrix-vector product (matvec.py) that reads w once instead of XLA's dot."""
     if module.fused_matvec and matvec.applies(math.prod(x.shape[:x.ndim - n_in]), w.dtype):
         return matvec.matvec(x, w, n_in).astype(module.dtype)
     return project(spec, x.astype(module.dtype), packing.unpack(w).astype(module.dtype))
