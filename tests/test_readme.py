@@ -5,10 +5,12 @@ import re
 from pathlib import Path
 
 import jax
+import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.mark.slow   # one of the everyday subset's longest (issue 20, point 7)
 def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     import mistral_jax as mj
 

@@ -162,6 +162,7 @@ def _corrupt(native: Path, tmp_path: Path) -> dict[str, Path]:
 ATTEMPTS = 4
 
 
+@pytest.mark.slow   # one of the everyday subset's longest (issue 20, point 7)
 def test_corrupt_orbax_files_fail_with_one_line_only(native, tmp_path):
     """Each corrupt checkpoint (and a corrupt training checkpoint) gives its one-line error and nothing else
     on stderr: orbax's failed reads used to complete into a closed event loop and print "RuntimeError: Event

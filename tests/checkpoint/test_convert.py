@@ -545,6 +545,7 @@ def test_tokenizer_choice_by_vocab_and_cli_note(hf_gqa, tmp_path, capsys):
 
 # ---------- 8. old CLI name ----------
 
+@pytest.mark.slow   # one of the everyday subset's longest (issue 20, point 7)
 def test_infer_convert_alias(hf_gqa, tmp_path):
     root = Path(__file__).resolve().parents[2]
     env = os.environ | {"JAX_PLATFORMS": "cpu"}

@@ -195,6 +195,7 @@ def test_chunked_prefill_matches_mistral_inference_buffer_cache(ref, seq, tmp_pa
     assert np.abs(ours - theirs).max() <= 1e-4                   # and every position on the way
 
 
+@pytest.mark.slow   # one of the everyday subset's longest (issue 20, point 7)
 def test_decode_cache_is_sharded_over_the_mesh(ref):
     _, cfg, params = ref
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)

@@ -155,6 +155,7 @@ def test_generate_cli_matches_hf_greedy_and_reports_bad_lines(ckpt, tmp_path, ca
     assert reasons == ["length", "eos", "length"]      # GOOD[1] hits the planted EOS, the others run to length
 
 
+@pytest.mark.slow   # one of the everyday subset's longest (issue 20, point 7)
 def test_generate_cli_chat_lines(ckpt, tmp_path):
     from mistral_common.protocol.instruct.messages import SystemMessage, UserMessage
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
@@ -185,6 +186,7 @@ def test_generate_cli_chat_lines(ckpt, tmp_path):
     assert rows[0]["messages"] == good and rows[8]["prompt"] == "hi"
 
 
+@pytest.mark.slow   # one of the everyday subset's longest (issue 20, point 7)
 def test_sampled_rows_are_independent_of_batches_and_reproducible(ckpt, tmp_path):
     path = ckpt[0]
     src = tmp_path / "same.jsonl"
@@ -359,6 +361,7 @@ def test_plan_batches_groups_similar_lengths():
         cli.plan_batches(lengths, 0)
 
 
+@pytest.mark.slow   # one of the everyday subset's longest (issue 20, point 7)
 def test_length_sorted_batches_keep_input_order_and_results(ckpt, tmp_path, capsys):
     """Lines of mixed lengths are batched by length, written in input order, each equal to its own greedy run."""
     path, cfg, params, _ = ckpt

@@ -84,6 +84,7 @@ def test_decode_temp_flat_in_depth(packed_params, batch):
     _check_growth(f"decode batch {batch}", temps, 4 * cache + SLACK)
 
 
+@pytest.mark.slow   # one of the everyday subset's longest (issue 20, point 7)
 def test_score_temp_flat_in_depth(packed_params):
     temps = {L: _score_temp(packed_params[L], _cfg(L)) for L in DEPTHS}
     _check_growth("scoring", temps, SLACK)

@@ -239,6 +239,7 @@ def test_xla_dot_product_attention_path_matches_dense(segments):
         multihead_attention(q, k, v, pos, pos, W, impl="splash", self_attention=False)
 
 
+@pytest.mark.slow   # one of the everyday subset's longest (issue 20, point 7)
 def test_memory_stays_linear_inside_a_differentiated_layer_scan():
     """Scanned layers (lax.scan, as nn.scan lowers) around blockwise attention: the gradient's temp memory
     is about that of one unscanned layer, not every (query block, key block) mask materialised at once,

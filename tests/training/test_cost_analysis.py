@@ -73,6 +73,7 @@ def test_train_step_work_over_model_flops(remat):
     assert 1.0 <= ratio <= LIMITS[remat], f"remat={remat}: compiled / model FLOPs = {ratio:.3f}"
 
 
+@pytest.mark.slow   # one of the everyday subset's longest (issue 20, point 7)
 def test_remat_full_recomputes_the_forward_pass():
     # full remat recomputes the layer's forward (less the last projections, whose outputs the backward
     # does not need): measured 0.16 over remat none at this shape

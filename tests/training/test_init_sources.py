@@ -110,6 +110,7 @@ def test_runs_start_from_the_adapter_and_from_a_hub_id(lora_run, hub, tmp_path, 
     assert "lora_base" in a and "lora_base" not in b
 
 
+@pytest.mark.slow   # one of the everyday subset's longest (issue 20, point 7)
 def test_adapter_rank_mismatch_is_one_line(lora_run, tmp_path, capsys):
     capsys.readouterr()
     argv = _argv(tmp_path / "x", "--init-from", "org/base", **{"lora.init_from": lora_run / "adapter", "lora.rank": 8})

@@ -220,6 +220,7 @@ def test_bad_input_is_one_error_line(bad_inputs, tmp_path, capsys, sets, extra, 
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing was trained
 
 
+@pytest.mark.slow   # one of the everyday subset's longest (issue 20, point 7)
 def test_cli_process_prints_one_line_and_exits(tmp_path):
     """In a real process: one `error:` line on stderr and nothing else (no thread traceback at exit)."""
     env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
