@@ -15,7 +15,9 @@ import shutil
 import tempfile
 
 # LLVM at -O0 for the programs the tests compile: the suite is mostly compilation of tiny programs, and this
-# halves it (77 -> 43 s for the LoRA-memory and cost-analysis files). XLA's own (HLO) passes, which decide
+# roughly halves compile-heavy files (LoRA-memory + cost-analysis: 77 -> 43 s in one pair of runs on a shared
+# 2-core AMD host), while in-process training loops run slower (test_evaluate_trained's fixture: 31-42 ->
+# 51-55 s). XLA's own (HLO) passes, which decide
 # fusion, layouts, buffers and so what memory_analysis, cost_analysis and the HLO checks see, are not affected;
 # the matmuls are library calls either way. Benchmarks do not set it.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
