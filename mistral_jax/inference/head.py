@@ -27,8 +27,13 @@ def from_chunks(x_nBc: jax.Array, T: int) -> jax.Array:
     return x_nBc.swapaxes(0, 1).reshape(B, n * c, *x_nBc.shape[3:])[:, :T]
 
 
-def chunk_logits(h_BcD: jax.Array, w_DV: jax.Array) -> jax.Array:
-    """Float32 logits (B, c, V) = h @ w for one chunk; w in any float dtype (cast to h's), or packed (see
-    `packing`: widened per chunk, never whole)."""
+def chunk_head(w_DV: jax.Array, h_BcD: jax.Array) -> jax.Array:
+    """The head w as one chunk's product reads it: in h's dtype; a packed w (see `packing`) unpacked only
+    once h exists, so it is widened per chunk, never whole."""
     w_DV, h_BcD = packing.unpack_after(w_DV, h_BcD)
-    return jnp.einsum("bcd,dv->bcv", h_BcD, w_DV.astype(h_BcD.dtype), preferred_element_type=jnp.float32)
+    return w_DV.astype(h_BcD.dtype)
+
+
+def chunk_logits(h_BcD: jax.Array, w_DV: jax.Array) -> jax.Array:
+    """Float32 logits (B, c, V) = h @ w for one chunk; w in any float dtype (cast to h's), or packed."""
+    return jnp.einsum("bcd,dv->bcv", h_BcD, chunk_head(w_DV, h_BcD), preferred_element_type=jnp.float32)

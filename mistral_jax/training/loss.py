@@ -15,12 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mistral_jax.inference.head import from_chunks, to_chunks
+from mistral_jax.inference.head import chunk_head, chunk_logits, from_chunks, to_chunks
 from mistral_jax.model import packing
-
-
-def _logits(h_BcD: jax.Array, w_DV: jax.Array) -> jax.Array:
-    return jnp.einsum("bcd,dv->bcv", h_BcD, w_DV, preferred_element_type=jnp.float32)
 
 
 def _onehot(targets_Bc: jax.Array, V: int) -> jax.Array:
@@ -30,34 +26,28 @@ def _onehot(targets_Bc: jax.Array, V: int) -> jax.Array:
 
 
 def _nll_and_lse(h_BcD: jax.Array, w_DV: jax.Array, targets_Bc: jax.Array) -> tuple[jax.Array, jax.Array]:
-    logits_BcV = _logits(h_BcD, w_DV)
+    logits_BcV = chunk_logits(h_BcD, w_DV)
     lse_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
     target_Bc = jnp.sum(jnp.where(_onehot(targets_Bc, logits_BcV.shape[-1]), logits_BcV, 0.0), axis=-1)
     return lse_Bc - target_Bc, lse_Bc
 
 
-def _head(w_DV: jax.Array, h_BcD: jax.Array) -> jax.Array:
-    """w in h's dtype; a packed w is unpacked only once h exists (so no widening leaves the loop)."""
-    w_DV, h_BcD = packing.unpack_after(w_DV, h_BcD)
-    return w_DV.astype(h_BcD.dtype)
-
-
 @jax.custom_vjp
 def _chunk_nll(h_BcD: jax.Array, w_DV: jax.Array, targets_Bc: jax.Array) -> jax.Array:
     """Float32 NLL (B, c) of the targets under logits h @ w (w in any float dtype, cast to h's, or packed)."""
-    return _nll_and_lse(h_BcD, _head(w_DV, h_BcD), targets_Bc)[0]
+    return _nll_and_lse(h_BcD, w_DV, targets_Bc)[0]
 
 
 def _chunk_nll_fwd(h_BcD, w_DV, targets_Bc):
-    nll_Bc, lse_Bc = _nll_and_lse(h_BcD, _head(w_DV, h_BcD), targets_Bc)
+    nll_Bc, lse_Bc = _nll_and_lse(h_BcD, w_DV, targets_Bc)
     # w as given (the caller's array, not a per-chunk cast of it), and no logits: they are recomputed
     return nll_Bc, (h_BcD, w_DV, targets_Bc, lse_Bc)
 
 
 def _chunk_nll_bwd(res, g_Bc):
     h_BcD, w_given_DV, targets_Bc, lse_Bc = res
-    w_DV = _head(w_given_DV, h_BcD)
-    logits_BcV = _logits(h_BcD, w_DV)
+    w_DV = chunk_head(w_given_DV, h_BcD)
+    logits_BcV = chunk_logits(h_BcD, w_DV)
     onehot_BcV = _onehot(targets_Bc, logits_BcV.shape[-1])
     dlogits_BcV = (g_Bc[..., None] * (jnp.exp(logits_BcV - lse_Bc[..., None]) - onehot_BcV)).astype(h_BcD.dtype)
     dh_BcD = jnp.einsum("bcv,dv->bcd", dlogits_BcV, w_DV, preferred_element_type=jnp.float32)
@@ -79,7 +69,6 @@ def chunked_nll(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array, chunk:
     """
     if chunk < 1:
         raise ValueError(f"chunked_nll: chunk must be >= 1, got {chunk}")
-
     nll_nBc = jax.lax.map(lambda xs: _chunk_nll(xs[0], w_DV, xs[1]),
                           (to_chunks(h_BTD, chunk), to_chunks(targets_BT, chunk)))
     return from_chunks(nll_nBc, h_BTD.shape[1])
