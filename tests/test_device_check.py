@@ -85,6 +85,7 @@ def test_attention_matches_the_dense_oracle(report):
         # float32 blockwise / xla / splash agree with the oracle to rounding; bfloat16 to its precision
         tol = 1e-5 if r["dtype"] == "float32" else 2e-2
         assert r["pass"] and max(errs) <= tol, r
+        assert r["all_finite"] is True, r      # padding queries' outputs and every gradient, too
         assert max(errs) > 0 or r["backend"] == "xla", r   # a zero error everywhere would mean no comparison
 
 

@@ -9,11 +9,15 @@ any positions), "xla" (`jax.nn.dot_product_attention` given the mask of `attenti
 never its index-based `is_causal`/`local_window_size`, which would ignore positions and padding; any
 positions) and, for self-attention over rows whose positions count up by one within each segment
 (training and evaluation rows, packed or not, padded anywhere with position -1), "splash" (Pallas TPU
-splash attention with a local mask by index; runs in interpret mode elsewhere). "auto" picks splash on
-TPU and xla on GPU for self-attention rows (xla only without segment ids), blockwise otherwise.
+splash attention with a local mask by index; runs in interpret mode elsewhere), and "cudnn" (cuDNN's fused
+attention through `jax.nn.dot_product_attention`, given the same explicit mask; NVIDIA GPUs, bfloat16 or
+float16). "auto" picks, for self-attention rows: splash on TPU; on GPU cudnn for bfloat16/float16 with head
+dim <= 128, else xla without segment ids; blockwise otherwise and for every cached (decode) call.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +25,8 @@ import jax.numpy as jnp
 from mistral_jax.model.blockwise import blockwise_attend
 from mistral_jax.model.mask import attention_mask
 
-IMPLS = ("auto", "dense", "blockwise", "splash", "xla")
+IMPLS = ("auto", "dense", "blockwise", "splash", "xla", "cudnn")
+CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))   # what cuDNN's fused attention takes
 
 
 def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
@@ -42,8 +47,10 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: ja
     return out_BTKGH.reshape(B, T, N, H)
 
 
-def resolve_impl(impl: str, self_attention: bool, has_segments: bool, backend: str | None = None) -> str:
-    """The implementation `impl` ("auto" or a name in IMPLS) stands for on this backend and call."""
+def resolve_impl(impl: str, self_attention: bool, has_segments: bool, backend: str | None = None,
+                 dtype: Any = None, head_dim: int | None = None) -> str:
+    """The implementation `impl` ("auto" or a name in IMPLS) stands for on this backend and call (dtype and
+    head_dim: of the queries; without them "auto" does not pick cudnn)."""
     if impl not in IMPLS:
         raise ValueError(f"attention implementation must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
@@ -51,8 +58,12 @@ def resolve_impl(impl: str, self_attention: bool, has_segments: bool, backend: s
     backend = backend or jax.default_backend()
     if self_attention and backend == "tpu":
         return "splash"
-    if self_attention and backend == "gpu" and not has_segments:
-        return "xla"
+    if self_attention and backend == "gpu":
+        # measured on an H200 (bench/device_check.py, BENCHMARKS.md): 3x xla and 3-10x blockwise at 16K tokens
+        if dtype is not None and jnp.dtype(dtype) in CUDNN_DTYPES and head_dim is not None and head_dim <= 128:
+            return "cudnn"
+        if not has_segments:
+            return "xla"
     return "blockwise"
 
 
@@ -66,9 +77,15 @@ def multihead_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
     keys are the queries' own row (no cache) with positions counting up by one within each segment
     (padding, position -1, anywhere), which "splash" requires (its window is by index).
     """
-    impl = resolve_impl(impl, self_attention, q_seg_BT is not None)
+    impl = resolve_impl(impl, self_attention, q_seg_BT is not None, dtype=q_BTNH.dtype, head_dim=q_BTNH.shape[-1])
     if impl == "splash" and not self_attention:
         raise ValueError(f"attention implementation {impl!r} serves self-attention rows only (no cache)")
+    if impl == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise ValueError(f"attention implementation 'cudnn' runs on NVIDIA GPUs only; this backend is "
+                             f"{jax.default_backend()!r}")
+        if q_BTNH.dtype not in CUDNN_DTYPES:
+            raise ValueError(f"attention implementation 'cudnn' takes bfloat16 or float16, got {q_BTNH.dtype}")
     if impl == "dense":
         return attend(q_BTNH, k_BSKH, v_BSKH, attention_mask(q_pos_BT, k_pos_BS, window, q_seg_BT, k_seg_BS))
     if impl == "blockwise":
@@ -78,9 +95,10 @@ def multihead_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
         return splash_attend(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, window, q_seg_BT, block=block)
     # is_causal and local_window_size mask by index: wrong for left-padded rows, positions that do not
     # count up with the index, and packed segments. The explicit mask costs (B, T, S) booleans beside
-    # the (B, N, T, S) scores the XLA implementation materialises anyway.
+    # the (B, N, T, S) scores the XLA implementation materialises anyway; cuDNN reads it as a (B, 1, T, S)
+    # bias and never materialises the scores.
     mask_B1TS = attention_mask(q_pos_BT, k_pos_BS, window, q_seg_BT, k_seg_BS)[:, None]
-    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS)
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, implementation=impl)
 
 
 def splash_attend(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, pos_BT: jax.Array,

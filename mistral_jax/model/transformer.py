@@ -232,7 +232,7 @@ class Transformer(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: str = "none"
     scan_layers: bool = True
-    attn_impl: str = "auto"    # attention.IMPLS: "auto" = splash on TPU, xla on GPU, blockwise otherwise
+    attn_impl: str = "auto"    # attention.IMPLS; "auto": splash on TPU, cudnn (bf16) or xla on GPU, else blockwise
     attn_block: int = 512      # query/key block size of the blockwise path
     lora: LoraConfig | None = None
     fused_matvec: bool = False

@@ -199,9 +199,9 @@ def _xla_rows(T: int) -> tuple[jax.Array, jax.Array]:
 @pytest.mark.slow
 @pytest.mark.parametrize("segments", [False, True], ids=["positions", "positions+segments"])
 def test_xla_dot_product_attention_path_matches_dense(segments):
-    """The "xla" path (jax.nn.dot_product_attention, what "auto" picks on GPU; XLA on CPU) follows the
+    """The "xla" path (jax.nn.dot_product_attention, what "auto" picks on GPU in float32; XLA on CPU) follows the
     position/segment mask, not the index: offset, left-padded, packed and gapped rows, and a cache."""
-    from mistral_jax.model.attention import multihead_attention, resolve_impl
+    from mistral_jax.model.attention import multihead_attention
 
     rng = np.random.default_rng(7)
     T, W = 50, 11
@@ -229,14 +229,39 @@ def test_xla_dot_product_attention_path_matches_dense(segments):
     kpos = jnp.tile(jnp.where(jnp.arange(40) < 35, jnp.arange(40), -1).astype(jnp.int32), (4, 1))
     got, want = (multihead_attention(qc, kc, vc, qpos, kpos, W, impl=impl) for impl in ("xla", "dense"))
     assert float(jnp.max(jnp.abs(got - want))) <= TOL
-    # dispatch: accelerators get their kernels for self-attention rows, everything else blockwise
+    with pytest.raises(ValueError, match="self-attention rows only"):
+        multihead_attention(q, k, v, pos, pos, W, impl="splash", self_attention=False)
+
+
+def test_auto_dispatch_by_backend_dtype_and_head_dim():
+    """"auto": accelerators get their kernels for self-attention rows (cuDNN on GPU for bf16/f16 with head
+    dim <= 128, where bench/device_check.py measured it), everything else, decode included, blockwise; "cudnn"
+    off a GPU or in float32 is a one-line error naming the backend or dtype."""
+    from mistral_jax.model.attention import multihead_attention, resolve_impl
+
     assert resolve_impl("auto", True, True, "tpu") == "splash"
     assert resolve_impl("auto", True, False, "gpu") == "xla"
     assert resolve_impl("auto", True, True, "gpu") == "blockwise"
+    for dt in (jnp.bfloat16, jnp.float16):
+        assert resolve_impl("auto", True, True, "gpu", dt, 128) == "cudnn"
+        assert resolve_impl("auto", True, False, "gpu", dt, 128) == "cudnn"
+        assert resolve_impl("auto", True, True, "gpu", dt, 256) == "blockwise"
+        assert resolve_impl("auto", False, False, "gpu", dt, 128) == "blockwise"
+        assert resolve_impl("auto", True, True, "cpu", dt, 128) == "blockwise"
+    assert resolve_impl("auto", True, False, "gpu", jnp.float32, 128) == "xla"
+    assert resolve_impl("auto", True, True, "gpu", jnp.float32, 128) == "blockwise"
     assert resolve_impl("auto", False, False, "tpu") == "blockwise"
     assert resolve_impl("auto", True, False, "cpu") == "blockwise"
-    with pytest.raises(ValueError, match="self-attention rows only"):
-        multihead_attention(q, k, v, pos, pos, W, impl="splash", self_attention=False)
+    assert resolve_impl("cudnn", False, False, "cpu") == "cudnn"    # an explicit choice is kept
+    q = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
+    kv = jnp.zeros((1, 4, 1, 8), jnp.bfloat16)
+    pos = jnp.arange(4, dtype=jnp.int32)[None]
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match=f"NVIDIA GPUs only; this backend is '{jax.default_backend()}'"):
+            multihead_attention(q, kv, kv, pos, pos, impl="cudnn", self_attention=True)
+    else:
+        with pytest.raises(ValueError, match="takes bfloat16 or float16, got float32"):
+            multihead_attention(q.astype(jnp.float32), kv, kv, pos, pos, impl="cudnn", self_attention=True)
 
 
 @pytest.mark.slow   # one of the everyday subset's longest (issue 20, point 7)
