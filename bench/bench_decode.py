@@ -1,7 +1,8 @@
 """Decode throughput of mistral_jax.inference.decode.generate vs Hugging Face `generate` on this CPU, and cache bytes.
 
 Both run greedy decoding of the same random-weight model (float32) from the same prompts; the
-first (compiling) call of each JAX shape is a warm-up and is not timed. Also counts the jit programs
+first (compiling) call of each JAX shape is a warm-up and is not timed; then --rounds (default 3) calls of
+ours and of HF generate alternate, and the medians are reported (a change of load hits both alike). Also counts the jit programs
 compiled for 20 prompts of 20 different lengths (length buckets on, then off). Prints markdown tables.
 
 Default shape only: the same-XLA reference. When /work/venvs/hfflax/bin/python exists (or
@@ -180,6 +181,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="timed calls of ours and of HF generate, alternating; medians are reported")
     ap.add_argument("--shape", choices=("bench", "7b-layers"), default="bench")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="7b-layers only")
     ap.add_argument("--skip-compile-count", action="store_true")
@@ -226,19 +229,26 @@ def main() -> None:
     for b in a.batches:
         prompts = rs.randint(3, a.vocab, (b, a.prompt_len)).tolist()
         decode.generate(params, cfg, prompts, a.new, eos_id=-1)            # compile
-        t0 = time.perf_counter()
-        ours = decode.generate(params, cfg, prompts, a.new, eos_id=-1)
-        t_ours = time.perf_counter() - t0
-        hf_tps, agree = float("nan"), "-"
         if not a.skip_hf:
             with torch.no_grad():
                 hf.generate(torch.tensor(prompts), max_new_tokens=4, do_sample=False, eos_token_id=None,
                             pad_token_id=0)
-                t0 = time.perf_counter()
-                out = hf.generate(torch.tensor(prompts), max_new_tokens=a.new, min_new_tokens=a.new,
-                                  do_sample=False, eos_token_id=None, pad_token_id=0)
-                t_hf = time.perf_counter() - t0
-            hf_tps = b * a.new / t_hf
+        # alternate the two, so that a change of load on this shared machine hits both alike
+        t_ours_calls, t_hf_calls = [], []
+        for _ in range(max(1, a.rounds)):
+            t0 = time.perf_counter()
+            ours = decode.generate(params, cfg, prompts, a.new, eos_id=-1)
+            t_ours_calls.append(time.perf_counter() - t0)
+            if not a.skip_hf:
+                with torch.no_grad():
+                    t0 = time.perf_counter()
+                    out = hf.generate(torch.tensor(prompts), max_new_tokens=a.new, min_new_tokens=a.new,
+                                      do_sample=False, eos_token_id=None, pad_token_id=0)
+                    t_hf_calls.append(time.perf_counter() - t0)
+        t_ours = float(np.median(t_ours_calls))
+        hf_tps, agree = float("nan"), "-"
+        if not a.skip_hf:
+            hf_tps = b * a.new / float(np.median(t_hf_calls))
             agree = f"{np.mean(np.array(ours) == out[:, a.prompt_len:].numpy()):.3f}"
         fx = flax_by_batch.get(b)
         if fx is None:

@@ -31,10 +31,14 @@ from mistral_jax.model import packing
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 GROUP = 16  # input rows summed per stage-1 step: 16 keeps x's broadcasts in vector registers
 MIN_PARTIALS = 33  # fewer stage-1 partials and XLA fuses the two stages back into one slow loop
-# Largest number of rows (batch x tokens) for which `matvec` beats the dot, by weight dtype: measured per
-# 4096x14336 projection inside the layer scan (packed bfloat16 up to ~32 rows, float32 up to ~4); bfloat16
-# stops at 8 so that the (Din/16, rows, Dout) float32 partials stay small.
-MAX_ROWS = {jnp.dtype(packing.PACKED): 8, jnp.dtype(jnp.bfloat16): 8, jnp.dtype(jnp.float32): 4}
+# Largest number of rows (batch x tokens) that use `matvec` instead of the dot, by weight dtype. Packed
+# bfloat16 beat the dot up to ~32 rows per 4096x14336 projection inside the layer scan; it stops at 8 so that
+# the (Din/16, rows, Dout) float32 partials stay small. float32 at 8 rows, whole scanned decode step on a
+# 2-core AMD EPYC (BENCHMARKS.md, 2026-12-04): 34-39 ms against 46-52 ms for the dot at the 57M shapes, 0.66 s
+# against 1.1 s at two Mistral-7B-shaped layers. The dot there first copies each layer's weight slice out of
+# the stacked arrays. An earlier "float32 stops at 4" reading on an Intel Xeon predates `group`'s
+# MIN_PARTIALS, when XLA merged the two stages at 512-wide inputs.
+MAX_ROWS = {jnp.dtype(packing.PACKED): 8, jnp.dtype(jnp.bfloat16): 8, jnp.dtype(jnp.float32): 8}
 
 
 def compiler_options(enabled: bool) -> dict[str, str] | None:
