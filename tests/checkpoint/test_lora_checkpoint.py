@@ -303,6 +303,7 @@ def test_merge_in_place_rewrites_the_base_buffers(dtype):
 
 
 @pytest.mark.slow   # one of the everyday subset's longest (issue 20, point 7)
+@pytest.mark.as_shipped
 def test_merge_on_other_backends_donates_each_weight():
     """What a non-CPU backend gets (here run on CPU): W donated to a per-layer in-place update."""
     mesh = sharding.make_mesh(1, 2, 2, devices=jax.devices()[:4])

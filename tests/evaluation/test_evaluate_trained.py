@@ -2,6 +2,7 @@
 moderation task score far above chance and at chance with shuffled labels; --safe-prompt puts exactly the
 paper's guardrail prompt into the chat encoding (checked against mistral-common); few-shot prefixes."""
 
+import functools
 import json
 import random
 
@@ -21,8 +22,9 @@ from mistral_jax.inference import scoring
 from mistral_jax.checkpoint.native import save_params
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.data.tokenizer import Tokenizer
+from tests.conftest import FAST_RUN
 
-pytestmark = pytest.mark.slow     # the model is trained for STEPS steps first, ~25 s
+pytestmark = pytest.mark.slow     # the model is trained for STEPS steps first, ~30 s
 
 # The paper's guardrail system prompt (section 5), written out here so that the preset file is checked too.
 PAPER_GUARDRAIL = ("Always assist with care, respect, and truth. Respond with utmost utility yet securely. Avoid "
@@ -121,7 +123,7 @@ def train(groups):
             total += -jnp.sum(lp_BK * w_BK) / w_BK.sum()
         return total
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=FAST_RUN)      # it runs STEPS times
     def step(p, o):
         loss, g = jax.value_and_grad(loss_fn)(p)
         upd, o = opt.update(g, o, p)

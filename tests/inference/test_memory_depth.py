@@ -20,6 +20,8 @@ from mistral_jax.inference import scoring
 from mistral_jax.model.config import ModelConfig
 from tests.model.trees import is_packed
 
+pytestmark = pytest.mark.as_shipped   # reads compiled programs' memory, work or text (tests/conftest.py)
+
 DEPTHS = (2, 8)
 BASE = ModelConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, hidden_dim=1024, vocab_size=512,
                    sliding_window=64, max_seq_len=512)

@@ -265,6 +265,7 @@ def test_auto_dispatch_by_backend_dtype_and_head_dim():
 
 
 @pytest.mark.slow   # one of the everyday subset's longest (issue 20, point 7)
+@pytest.mark.as_shipped
 def test_memory_stays_linear_inside_a_differentiated_layer_scan():
     """Scanned layers (lax.scan, as nn.scan lowers) around blockwise attention: the gradient's temp memory
     is about that of one unscanned layer, not every (query block, key block) mask materialised at once,

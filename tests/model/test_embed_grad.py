@@ -146,7 +146,7 @@ for shape in ((2, 2, 2), (2, 4, 1)):
 @pytest.mark.slow
 def test_sharded_step_compiles_without_full_rematerialization():
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_CPP_MAX_VLOG_LEVEL")}
-    env.update(XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu",
+    env.update(XLA_FLAGS=xla_flags(8, as_shipped=True), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", _COMPILE], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)

@@ -18,6 +18,8 @@ from mistral_jax.model import transformer as model
 from mistral_jax.model import packing
 from mistral_jax.model.config import ModelConfig
 
+pytestmark = pytest.mark.as_shipped   # reads compiled programs' memory, work or text (tests/conftest.py)
+
 # Mistral-7B layer shapes, 2 layers: compiled from abstract shapes, nothing allocated
 CFG = ModelConfig(dim=4096, n_layers=2, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, vocab_size=32000,
                   sliding_window=4096, max_seq_len=4096)

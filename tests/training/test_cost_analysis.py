@@ -28,6 +28,8 @@ from mistral_jax.model.blockwise import blockwise_attend
 from mistral_jax.model.config import ModelConfig
 from mistral_jax.training.run_config import OptimSection
 
+pytestmark = pytest.mark.as_shipped   # reads compiled programs' memory, work or text (tests/conftest.py)
+
 CFG = ModelConfig(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=64, hidden_dim=768, vocab_size=2048,
                   sliding_window=4096, max_seq_len=4096)
 ROWS, SEQ = 4, 256

@@ -23,7 +23,8 @@ from mistral_jax.model.config import ModelConfig
 from mistral_jax.model.lora import LoraConfig
 from mistral_jax.training.run_config import OptimSection
 
-pytestmark = pytest.mark.slow     # four compiles of a dim-256 LoRA train step, ~30 s
+# four compiles of a dim-256 LoRA train step, ~30 s; it reads their memory and text (tests/conftest.py)
+pytestmark = [pytest.mark.slow, pytest.mark.as_shipped]
 
 B, T = 2, 256
 LCFG = LoraConfig(rank=8)

@@ -42,6 +42,7 @@ def test_chunked_equals_unchunked(inputs, chunk):
         assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(a))))
 
 
+@pytest.mark.as_shipped
 def test_no_full_logits_buffer(inputs):
     """The compiled loss+grad allocates less temporary memory than one float32 (B, T, V) array."""
     h, w, t, _ = inputs

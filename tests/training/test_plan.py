@@ -11,6 +11,8 @@ from mistral_jax.model.config import ModelConfig
 from mistral_jax.training.run_config import OptimSection
 from mistral_jax.cli import plan as plan_cli
 
+pytestmark = pytest.mark.as_shipped   # reads compiled programs' memory, work or text (tests/conftest.py)
+
 
 def _measured(tree) -> int:
     per_device: dict[int, int] = {}
