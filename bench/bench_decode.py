@@ -11,7 +11,8 @@ transformers 4.57's FlaxMistralForCausalLM `generate` under jax.jit in that venv
 RandomState(0) draws; median of 3 calls after a compiling one). Extra columns: its call tokens/s, ours /
 HF Flax (medians of 3 calls on both sides), greedy-token agreement with ours, and the decode step of
 both ((t(call of n) - t(call of 1)) / (n - 1); ours measured the same way in this run). Without the venv the column says
-"not run (no venv)".
+"not run (no venv)". The same for EasyDeL 0.3.0 (its own jax) when /work/venvs/easydel/bin/python exists (or
+--easydel-python PATH): bench/easydel_ref.py times its `generate` under jax.jit.
 
     python bench/bench_decode.py [--dim 512 --layers 8 --new 128 --batches 1 8]
 
@@ -46,7 +47,8 @@ from mistral_jax.checkpoint import weights  # noqa: E402
 from mistral_jax.model.config import ModelConfig  # noqa: E402
 
 
-import hf_flax_ref  # noqa: E402  (bench/, the script's own folder, is on sys.path)
+import easydel_ref  # noqa: E402  (bench/, the script's own folder, is on sys.path)
+import hf_flax_ref  # noqa: E402
 
 
 def _median_time(fn, n: int = 3) -> float:
@@ -187,6 +189,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="7b-layers only")
     ap.add_argument("--skip-compile-count", action="store_true")
     hf_flax_ref.add_cli_option(ap)
+    easydel_ref.add_cli_option(ap)
     a = ap.parse_args()
     if a.shape == "7b-layers":
         if a.layers == 8:
@@ -214,18 +217,23 @@ def main() -> None:
     print(f"model: {n_params / 1e6:.1f}M params (dim {a.dim}, {a.layers} layers, {a.heads}q/{a.kv_heads}kv, "
           f"window {a.window}), prompt {a.prompt_len} tokens, {a.new} new tokens, greedy, float32\n")
     flax_py = hf_flax_ref.find_python(a.hf_flax_python)
+    ed_py = easydel_ref.find_python(a.easydel_python)
     ref: dict | str = hf_flax_ref.NOT_RUN
-    if flax_py is not None:
+    ed_ref: dict | str = easydel_ref.NOT_RUN
+    if flax_py is not None or ed_py is not None:
         from mistral_jax.checkpoint.torch_write import write_hf
+        args = ("--batches", *map(str, a.batches), "--prompt-len", str(a.prompt_len), "--new", str(a.new),
+                "--seed", "0", "--repeats", "3", "--return-tokens")
         with tempfile.TemporaryDirectory(prefix="bench_decode_hf_") as tmp:
             write_hf(Path(tmp) / "hf", cfg, jax.device_get(params), progress=False, tokenizer=None)
-            ref = hf_flax_ref.run_reference(flax_py, "decode", Path(tmp) / "hf", "--batches", *map(str, a.batches),
-                                            "--prompt-len", str(a.prompt_len), "--new", str(a.new), "--seed", "0",
-                                            "--repeats", "3", "--return-tokens")
+            ref = hf_flax_ref.run_reference(flax_py, "decode", Path(tmp) / "hf", *args)
+            ed_ref = easydel_ref.run_reference(ed_py, "decode", Path(tmp) / "hf", *args)
     flax_by_batch = {r["batch"]: r for r in ref["results"]} if isinstance(ref, dict) else {}
+    ed_by_batch = {r["batch"]: r for r in ed_ref["results"]} if isinstance(ed_ref, dict) else {}
     print("| batch | mistral-jax tokens/s | HF generate tokens/s | tokens agree | HF Flax (jit) tokens/s "
-          "| ours / HF Flax | Flax tokens agree | decode step ms: ours / HF Flax |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| ours / HF Flax | Flax tokens agree | EasyDeL (jit) tokens/s | ours / EasyDeL | EasyDeL tokens agree "
+          "| decode step ms: ours / HF Flax / EasyDeL |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for b in a.batches:
         prompts = rs.randint(3, a.vocab, (b, a.prompt_len)).tolist()
         decode.generate(params, cfg, prompts, a.new, eos_id=-1)            # compile
@@ -250,22 +258,32 @@ def main() -> None:
         if not a.skip_hf:
             hf_tps = b * a.new / float(np.median(t_hf_calls))
             agree = f"{np.mean(np.array(ours) == out[:, a.prompt_len:].numpy()):.3f}"
-        fx = flax_by_batch.get(b)
-        if fx is None:
-            flax_cols = f"{ref if isinstance(ref, str) else 'not run'} | - | - | -"
-        else:
+        steps = "-"
+        if b in flax_by_batch or b in ed_by_batch:
             decode.generate(params, cfg, prompts, 1, eos_id=-1)             # in case 1 token compiles
             t_ours_n = _median_time(lambda: decode.generate(params, cfg, prompts, a.new, eos_id=-1))
             t_ours_1 = _median_time(lambda: decode.generate(params, cfg, prompts, 1, eos_id=-1))
             step_ours = (t_ours_n - t_ours_1) / max(a.new - 1, 1)
-            f_agree = np.mean(np.array(ours) == np.array(fx["tokens"]))
-            flax_cols = (f"{fx['call_tokens_per_s']:.1f} | {b * a.new / t_ours_n / fx['call_tokens_per_s']:.2f}x | "
-                         f"{f_agree:.3f} | {1e3 * step_ours:.2f} / {1e3 * fx['step_s']:.2f}")
-        print(f"| {b} | {b * a.new / t_ours:.1f} | {hf_tps:.1f} | {agree} | {flax_cols} |")
+            steps = " / ".join([f"{1e3 * step_ours:.2f}"] + [f"{1e3 * r[b]['step_s']:.2f}" if b in r else "-"
+                                                             for r in (flax_by_batch, ed_by_batch)])
+        cols = []
+        for got, by_batch in ((ref, flax_by_batch), (ed_ref, ed_by_batch)):
+            rx = by_batch.get(b)
+            if rx is None:
+                cols.append(f"{got if isinstance(got, str) else 'not run'} | - | -")
+            else:
+                rx_agree = np.mean(np.array(ours) == np.array(rx["tokens"]))
+                cols.append(f"{rx['call_tokens_per_s']:.1f} | {b * a.new / t_ours_n / rx['call_tokens_per_s']:.2f}x | "
+                            f"{rx_agree:.3f}")
+        print(f"| {b} | {b * a.new / t_ours:.1f} | {hf_tps:.1f} | {agree} | {' | '.join(cols)} | {steps} |")
     if flax_by_batch:
         print(f"\nHF Flax (jit): transformers {ref['transformers']}, flax {ref['flax']}, jax {ref['jax']}; "
               f"its calls of {a.new} and of 1 new tokens: "
               + "; ".join(f"batch {r['batch']} {r['call_s']:.2f} s / {r['call1_s']:.3f} s" for r in ref["results"]))
+    if ed_by_batch:
+        print(f"\nEasyDeL (jit): easydel {ed_ref['easydel']}, flax {ed_ref['flax']}, jax {ed_ref['jax']}, attention "
+              f"{ed_ref['attention']}; its calls of {a.new} and of 1 new tokens: "
+              + "; ".join(f"batch {r['batch']} {r['call_s']:.2f} s / {r['call1_s']:.3f} s" for r in ed_ref["results"]))
 
     print("\n| generated tokens | cache bytes (window) | cache bytes (no window) |")
     print("|---|---|---|")

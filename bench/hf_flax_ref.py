@@ -50,43 +50,27 @@ import warnings
 from functools import partial
 from pathlib import Path
 
+import ref_venv  # bench/ (this script's folder, first on sys.path)
+
 
 DEFAULT_PYTHON = Path("/work/venvs/hfflax/bin/python")
-NOT_RUN = "not run (no venv)"
+NOT_RUN = ref_venv.NOT_RUN
 
 
 def add_cli_option(parser) -> None:
     """The benches' --hf-flax-python option (default: the venv above when it exists; 'none' skips)."""
-    parser.add_argument("--hf-flax-python", default=None, metavar="PATH",
-                        help=f"python of a venv with transformers 4.57.x + flax for the HF Flax (jit) reference "
-                             f"(default {DEFAULT_PYTHON} if it exists; 'none' skips it)")
+    ref_venv.add_cli_option(parser, "--hf-flax-python", DEFAULT_PYTHON,
+                            "transformers 4.57.x + flax for the HF Flax (jit) reference")
 
 
 def find_python(arg: str | None) -> Path | None:
-    """The reference's python: the given path, else DEFAULT_PYTHON if present; None when there is none."""
-    if arg is not None:
-        return None if arg.lower() == "none" or not Path(arg).exists() else Path(arg)
-    return DEFAULT_PYTHON if DEFAULT_PYTHON.exists() else None
+    return ref_venv.find_python(arg, DEFAULT_PYTHON)
 
 
 def run_reference(python: Path | None, mode: str, folder: str | Path, *args: str, timeout: float = 3600
                   ) -> dict | str:
-    """Runs this script under `python` on an HF folder; its JSON result, or a short reason it has none.
-
-    Called from the main benches (the repo's Python): only the standard library is used here.
-    """
-    import subprocess
-    if python is None:
-        return NOT_RUN
-    cmd = [str(python), str(Path(__file__).resolve()), mode, str(folder), *map(str, args)]
-    try:
-        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return f"not run (timed out after {timeout:.0f} s)"
-    lines = [x for x in r.stdout.splitlines() if x.startswith("{")]
-    if r.returncode != 0 or not lines:
-        return f"failed (exit {r.returncode}; see stderr)"
-    return json.loads(lines[-1])
+    """Runs this script under `python` on an HF folder (from the main benches); its JSON result or why none."""
+    return ref_venv.run_reference(python, Path(__file__), mode, folder, *args, timeout=timeout)
 
 
 def log(msg: str) -> None:
