@@ -28,7 +28,8 @@ _LLVM_O0 = "--xla_backend_optimization_level=0"
 TEST_XLA_FLAGS = f"{_LLVM_O0} --xla_cpu_use_fusion_emitters=false"
 AS_SHIPPED = {"xla_cpu_use_fusion_emitters": True}
 # for a test program that runs many steps (a model trained inside a test): XLA:CPU's defaults for both settings
-FAST_RUN = {**AS_SHIPPED, "xla_backend_optimization_level": 2}
+# (test_evaluate_trained's 100 steps: 50.7 s -> 27.7 s)
+FAST_RUN = {**AS_SHIPPED, "xla_backend_optimization_level": 3}
 
 
 def xla_flags(devices: int | None = 8, as_shipped: bool = False) -> str:
