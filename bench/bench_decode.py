@@ -49,6 +49,7 @@ from mistral_jax.model.config import ModelConfig  # noqa: E402
 
 import easydel_ref  # noqa: E402  (bench/, the script's own folder, is on sys.path)
 import hf_flax_ref  # noqa: E402
+import ref_venv  # noqa: E402
 
 
 def _median_time(fn, n: int = 3) -> float:
@@ -188,8 +189,8 @@ def main() -> None:
     ap.add_argument("--shape", choices=("bench", "7b-layers"), default="bench")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="7b-layers only")
     ap.add_argument("--skip-compile-count", action="store_true")
-    hf_flax_ref.add_cli_option(ap)
-    easydel_ref.add_cli_option(ap)
+    hf_flax_ref.REFERENCE.add_cli_option(ap)
+    easydel_ref.REFERENCE.add_cli_option(ap)
     a = ap.parse_args()
     if a.shape == "7b-layers":
         if a.layers == 8:
@@ -216,18 +217,18 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}")
     print(f"model: {n_params / 1e6:.1f}M params (dim {a.dim}, {a.layers} layers, {a.heads}q/{a.kv_heads}kv, "
           f"window {a.window}), prompt {a.prompt_len} tokens, {a.new} new tokens, greedy, float32\n")
-    flax_py = hf_flax_ref.find_python(a.hf_flax_python)
-    ed_py = easydel_ref.find_python(a.easydel_python)
-    ref: dict | str = hf_flax_ref.NOT_RUN
-    ed_ref: dict | str = easydel_ref.NOT_RUN
+    flax_py = hf_flax_ref.REFERENCE.find_python(a.hf_flax_python)
+    ed_py = easydel_ref.REFERENCE.find_python(a.easydel_python)
+    ref: dict | str = ref_venv.NOT_RUN
+    ed_ref: dict | str = ref_venv.NOT_RUN
     if flax_py is not None or ed_py is not None:
         from mistral_jax.checkpoint.torch_write import write_hf
         args = ("--batches", *map(str, a.batches), "--prompt-len", str(a.prompt_len), "--new", str(a.new),
                 "--seed", "0", "--repeats", "3", "--return-tokens")
         with tempfile.TemporaryDirectory(prefix="bench_decode_hf_") as tmp:
             write_hf(Path(tmp) / "hf", cfg, jax.device_get(params), progress=False, tokenizer=None)
-            ref = hf_flax_ref.run_reference(flax_py, "decode", Path(tmp) / "hf", *args)
-            ed_ref = easydel_ref.run_reference(ed_py, "decode", Path(tmp) / "hf", *args)
+            ref = hf_flax_ref.REFERENCE.run(flax_py, "decode", Path(tmp) / "hf", *args)
+            ed_ref = easydel_ref.REFERENCE.run(ed_py, "decode", Path(tmp) / "hf", *args)
     flax_by_batch = {r["batch"]: r for r in ref["results"]} if isinstance(ref, dict) else {}
     ed_by_batch = {r["batch"]: r for r in ed_ref["results"]} if isinstance(ed_ref, dict) else {}
     print("| batch | mistral-jax tokens/s | HF generate tokens/s | tokens agree | HF Flax (jit) tokens/s "

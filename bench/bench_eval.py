@@ -48,7 +48,8 @@ from mistral_jax.model.config import ModelConfig  # noqa: E402
 from mistral_jax.data.tokenizer import Tokenizer  # noqa: E402
 from mistral_jax.evaluation.lm_eval_tasks import TASKS_DIR  # noqa: E402
 
-import hf_flax_ref  # noqa: E402  (bench/, the script's own folder, is on sys.path)
+import hf_flax_ref  # noqa: E402
+import ref_venv  # noqa: E402  (bench/, the script's own folder, is on sys.path)
 
 CFG_57M = ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536,
                       vocab_size=32000, sliding_window=4096, max_seq_len=4096)
@@ -124,7 +125,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--stdlib-docstrings", type=int, default=0, metavar="N")
     p.add_argument("--skip-cli", action="store_true")
-    hf_flax_ref.add_cli_option(p)
+    hf_flax_ref.REFERENCE.add_cli_option(p)
     args = p.parse_args()
 
     import torch
@@ -179,11 +180,11 @@ def main() -> None:
         rows.append(("HF MistralForCausalLM (PyTorch eager), batch 1", dt))
         theirsB, dt = timed(lambda: hf_score(hf, reqs, args.batch))
         rows.append((f"HF MistralForCausalLM (PyTorch eager), batch {args.batch} padded to longest", dt))
-        flax_py = hf_flax_ref.find_python(args.hf_flax_python)
-        ref: dict | str = hf_flax_ref.NOT_RUN
+        flax_py = hf_flax_ref.REFERENCE.find_python(args.hf_flax_python)
+        ref: dict | str = ref_venv.NOT_RUN
         if flax_py is not None:
             (Path(tmp) / "requests.json").write_text(json.dumps([[list(t), n] for t, n in reqs]))
-            ref = hf_flax_ref.run_reference(flax_py, "score", Path(tmp) / "hf", "--requests",
+            ref = hf_flax_ref.REFERENCE.run(flax_py, "score", Path(tmp) / "hf", "--requests",
                                             str(Path(tmp) / "requests.json"), "--batch", str(args.batch),
                                             "--pad-to", "64")
 

@@ -48,7 +48,8 @@ from mistral_jax.training import train_step as ts  # noqa: E402
 from mistral_jax.model.config import ModelConfig  # noqa: E402
 from mistral_jax.training.run_config import OptimSection  # noqa: E402
 
-import hf_flax_ref  # noqa: E402  (bench/, the script's own folder, is on sys.path)
+import hf_flax_ref  # noqa: E402
+import ref_venv  # noqa: E402  (bench/, the script's own folder, is on sys.path)
 
 CFG_57M = ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536,
                       vocab_size=32000, sliding_window=4096, max_seq_len=4096)
@@ -237,7 +238,7 @@ def main(argv=None) -> None:
     p.add_argument("--memory-seq", type=int, default=0, metavar="T",
                    help="report the train step's peak temp memory at one T-token sequence, before/after")
     p.add_argument("--repeats", type=int, default=1, help="for --compile-layers: best of this many compiles")
-    hf_flax_ref.add_cli_option(p)
+    hf_flax_ref.REFERENCE.add_cli_option(p)
     args = p.parse_args(argv)
     if args.compile_layers:
         run_compile_bench(args.compile_layers, args.remat, args.repeats)
@@ -255,13 +256,13 @@ def main(argv=None) -> None:
         peak_src = (f"best 1024^3 float32 matmul: JAX {jax_mm / 1e9:.0f}, PyTorch {torch_mm / 1e9:.0f} GFLOP/s")
     fpt = flops.train_flops_per_token(CFG_57M, args.seq)
     tokens = args.batch * args.seq
-    flax_py = hf_flax_ref.find_python(args.hf_flax_python)
-    ref: dict | str = hf_flax_ref.NOT_RUN
+    flax_py = hf_flax_ref.REFERENCE.find_python(args.hf_flax_python)
+    ref: dict | str = ref_venv.NOT_RUN
     if flax_py is not None:
         # First, while this process is still small: the reference's f32 step needs a few GiB of its own.
         with tempfile.TemporaryDirectory(prefix="bench_train_hf_") as tmp:
             export_initial_params(Path(tmp) / "hf")
-            ref = hf_flax_ref.run_reference(flax_py, "train", Path(tmp) / "hf", "--batch", str(args.batch),
+            ref = hf_flax_ref.REFERENCE.run(flax_py, "train", Path(tmp) / "hf", "--batch", str(args.batch),
                                             "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", "1",
                                             "--dtypes", "float32", "bfloat16")
     bf16 = "bfloat16 compute, f32 master"

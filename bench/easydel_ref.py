@@ -24,43 +24,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import ref_venv  # bench/ (this script's folder, first on sys.path)
 
-DEFAULT_PYTHON = Path("/work/venvs/easydel/bin/python")
-NOT_RUN = ref_venv.NOT_RUN
-
-
-def add_cli_option(parser) -> None:
-    """The benches' --easydel-python option (default: the venv above when it exists; 'none' skips)."""
-    ref_venv.add_cli_option(parser, "--easydel-python", DEFAULT_PYTHON, "easydel 0.3.0 for the EasyDeL (jit) reference")
-
-
-def find_python(arg: str | None) -> Path | None:
-    return ref_venv.find_python(arg, DEFAULT_PYTHON)
-
-
-def run_reference(python: Path | None, mode: str, folder: str | Path, *args: str, timeout: float = 3600
-                  ) -> dict | str:
-    """Runs this script under `python` on an HF folder (from the main benches); its JSON result or why none."""
-    return ref_venv.run_reference(python, Path(__file__), mode, folder, *args, timeout=timeout)
+REFERENCE = ref_venv.Reference(Path(__file__), Path("/work/venvs/easydel/bin/python"), "--easydel-python",
+                               "easydel 0.3.0 for the EasyDeL (jit) reference")
 
 
 def log(msg: str) -> None:
     print(f"# easydel_ref: {msg}", file=sys.stderr, flush=True)
-
-
-def _median_time(fn, n: int) -> float:
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(statistics.median(ts))
 
 
 def run_decode(a) -> dict:
@@ -83,25 +58,15 @@ def run_decode(a) -> dict:
     with model.mesh:
         for b in a.batches:
             prompts = jnp.asarray(rs.randint(3, vocab, (b, a.prompt_len)), jnp.int32)
-            fns = {}
-            for k in (1, a.new):
+
+            def generate(k, prompts=prompts):
                 config = GenerationConfig(max_new_tokens=k, do_sample=False, eos_token_id=vocab, pad_token_id=0)
 
                 @jax.jit
-                def gen(state, ids, config=config):
+                def gen(state, ids):
                     return nnx.merge(graphdef, state).generate(ids, generation_config=config).sequences
-                t0 = time.perf_counter()
-                gen(state, prompts).block_until_ready()
-                log(f"decode batch {b}, {k} new: compiled + first call {time.perf_counter() - t0:.1f} s")
-                fns[k] = gen
-            toks = np.asarray(fns[a.new](state, prompts))[:, a.prompt_len:]
-            t_new = _median_time(lambda: fns[a.new](state, prompts).block_until_ready(), a.repeats)
-            t_1 = _median_time(lambda: fns[1](state, prompts).block_until_ready(), a.repeats)
-            step = (t_new - t_1) / max(a.new - 1, 1)
-            out.append({"batch": b, "call_s": t_new, "call1_s": t_1, "step_s": step,
-                        "call_tokens_per_s": b * a.new / t_new, "step_tokens_per_s": b / step if step > 0 else None,
-                        "tokens": toks.tolist() if a.return_tokens else None})
-            log(f"decode batch {b}: call {t_new:.2f} s ({b * a.new / t_new:.1f} tokens/s), step {1e3 * step:.1f} ms")
+                return lambda: gen(state, prompts)
+            out.append(ref_venv.time_decode(b, a.prompt_len, a.new, a.repeats, generate, a.return_tokens, log))
     return {"mode": "decode", "prompt_len": a.prompt_len, "new": a.new, "seed": a.seed, "repeats": a.repeats,
             "attention": str(getattr(model.config, "attn_mechanism", "?")), "results": out}
 

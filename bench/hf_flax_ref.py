@@ -53,24 +53,8 @@ from pathlib import Path
 import ref_venv  # bench/ (this script's folder, first on sys.path)
 
 
-DEFAULT_PYTHON = Path("/work/venvs/hfflax/bin/python")
-NOT_RUN = ref_venv.NOT_RUN
-
-
-def add_cli_option(parser) -> None:
-    """The benches' --hf-flax-python option (default: the venv above when it exists; 'none' skips)."""
-    ref_venv.add_cli_option(parser, "--hf-flax-python", DEFAULT_PYTHON,
-                            "transformers 4.57.x + flax for the HF Flax (jit) reference")
-
-
-def find_python(arg: str | None) -> Path | None:
-    return ref_venv.find_python(arg, DEFAULT_PYTHON)
-
-
-def run_reference(python: Path | None, mode: str, folder: str | Path, *args: str, timeout: float = 3600
-                  ) -> dict | str:
-    """Runs this script under `python` on an HF folder (from the main benches); its JSON result or why none."""
-    return ref_venv.run_reference(python, Path(__file__), mode, folder, *args, timeout=timeout)
+REFERENCE = ref_venv.Reference(Path(__file__), Path("/work/venvs/hfflax/bin/python"), "--hf-flax-python",
+                               "transformers 4.57.x + flax for the HF Flax (jit) reference")
 
 
 def log(msg: str) -> None:
@@ -138,15 +122,6 @@ def load(folder: Path, max_pos: int, dtype):
     return model, cfg, params
 
 
-def _median_time(fn, n: int) -> float:
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(statistics.median(ts))
-
-
 def run_decode(a) -> dict:
     import jax
     import jax.numpy as jnp
@@ -157,24 +132,14 @@ def run_decode(a) -> dict:
     out = []
     for b in a.batches:
         prompts = jnp.asarray(rs.randint(3, cfg.vocab_size, (b, a.prompt_len)), jnp.int32)
-        fns = {}
-        for k in (1, a.new):
-            @partial(jax.jit)
-            def gen(p, ids, k=k):
+
+        def generate(k, prompts=prompts):
+            @jax.jit
+            def gen(p, ids):
                 return model.generate(ids, params=p, max_new_tokens=k, do_sample=False,
                                       eos_token_id=cfg.vocab_size, pad_token_id=0).sequences
-            t0 = time.perf_counter()
-            gen(params, prompts).block_until_ready()
-            log(f"decode batch {b}, {k} new: compiled + first call {time.perf_counter() - t0:.1f} s")
-            fns[k] = gen
-        toks = np.asarray(fns[a.new](params, prompts))[:, a.prompt_len:]
-        t_new = _median_time(lambda: fns[a.new](params, prompts).block_until_ready(), a.repeats)
-        t_1 = _median_time(lambda: fns[1](params, prompts).block_until_ready(), a.repeats)
-        step = (t_new - t_1) / max(a.new - 1, 1)
-        out.append({"batch": b, "call_s": t_new, "call1_s": t_1, "step_s": step,
-                    "call_tokens_per_s": b * a.new / t_new, "step_tokens_per_s": b / step if step > 0 else None,
-                    "tokens": toks.tolist() if a.return_tokens else None})
-        log(f"decode batch {b}: call {t_new:.2f} s ({b * a.new / t_new:.1f} tokens/s), step {1e3 * step:.1f} ms")
+            return lambda: gen(params, prompts)
+        out.append(ref_venv.time_decode(b, a.prompt_len, a.new, a.repeats, generate, a.return_tokens, log))
     return {"mode": "decode", "prompt_len": a.prompt_len, "new": a.new, "seed": a.seed, "repeats": a.repeats,
             "results": out}
 
