@@ -52,15 +52,6 @@ import hf_flax_ref  # noqa: E402
 import ref_venv  # noqa: E402
 
 
-def _median_time(fn, n: int = 3) -> float:
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
-
-
 def compile_count_table(params, cfg, new: int, max_len: int, seed: int = 1) -> None:
     """Programs compiled for 20 prompts of 20 different lengths, one call each, buckets on vs off."""
     rs = np.random.RandomState(seed)
@@ -79,11 +70,11 @@ def compile_count_table(params, cfg, new: int, max_len: int, seed: int = 1) -> N
 def read_bandwidth(nbytes: int = 1 << 29) -> tuple[float, str]:
     """Best read bandwidth (bytes/s) of numpy and jax summing a float32 array of nbytes, and how it was measured."""
     a = np.ones(nbytes // 4, np.float32)
-    t_np = min(_median_time(lambda: a.sum(), 5), _median_time(lambda: a.sum(), 5))
+    t_np = min(ref_venv.median_time(lambda: a.sum(), 5), ref_venv.median_time(lambda: a.sum(), 5))
     ja = jax.device_put(a)
     jsum = jax.jit(lambda x: x.sum())
     jsum(ja).block_until_ready()
-    t_jax = _median_time(lambda: jsum(ja).block_until_ready(), 5)
+    t_jax = ref_venv.median_time(lambda: jsum(ja).block_until_ready(), 5)
     how = (f"sum of a {nbytes >> 20} MiB float32 array: numpy {nbytes / t_np / 1e9:.1f} GB/s, "
            f"jax {nbytes / t_jax / 1e9:.1f} GB/s (median of 5; the better one is used)")
     return nbytes / min(t_np, t_jax), how
@@ -138,7 +129,7 @@ def main_7b_layers(a) -> None:
     def ours(k):
         return decode.generate(params, cfg, prompt, k, eos_id=-1, dtype=jdt)
     ours(1 + n)                                                            # compile (also serves k=1)
-    t_ours_n, t_ours_1 = _median_time(lambda: ours(1 + n)), _median_time(lambda: ours(1))
+    t_ours_n, t_ours_1 = ref_venv.median_time(lambda: ours(1 + n), 3), ref_venv.median_time(lambda: ours(1), 3)
     toks = ours(1 + n)[0]
 
     def theirs(k):
@@ -146,7 +137,7 @@ def main_7b_layers(a) -> None:
             return hf.generate(torch.tensor(prompt), max_new_tokens=k, min_new_tokens=k, do_sample=False,
                                eos_token_id=None, pad_token_id=0)
     theirs(2)
-    t_hf_n, t_hf_1 = _median_time(lambda: theirs(1 + n)), _median_time(lambda: theirs(1))
+    t_hf_n, t_hf_1 = ref_venv.median_time(lambda: theirs(1 + n), 3), ref_venv.median_time(lambda: theirs(1), 3)
     hf_toks = theirs(1 + n)[0, a.prompt_len:].tolist()
     step_ours, step_hf = (t_ours_n - t_ours_1) / n, (t_hf_n - t_hf_1) / n
     emb = cfg.vocab_size * cfg.dim
@@ -262,8 +253,8 @@ def main() -> None:
         steps = "-"
         if b in flax_by_batch or b in ed_by_batch:
             decode.generate(params, cfg, prompts, 1, eos_id=-1)             # in case 1 token compiles
-            t_ours_n = _median_time(lambda: decode.generate(params, cfg, prompts, a.new, eos_id=-1))
-            t_ours_1 = _median_time(lambda: decode.generate(params, cfg, prompts, 1, eos_id=-1))
+            t_ours_n = ref_venv.median_time(lambda: decode.generate(params, cfg, prompts, a.new, eos_id=-1), 3)
+            t_ours_1 = ref_venv.median_time(lambda: decode.generate(params, cfg, prompts, 1, eos_id=-1), 3)
             step_ours = (t_ours_n - t_ours_1) / max(a.new - 1, 1)
             steps = " / ".join([f"{1e3 * step_ours:.2f}"] + [f"{1e3 * r[b]['step_s']:.2f}" if b in r else "-"
                                                              for r in (flax_by_batch, ed_by_batch)])
