@@ -48,8 +48,8 @@ from mistral_jax.model.config import ModelConfig  # noqa: E402
 from mistral_jax.data.tokenizer import Tokenizer  # noqa: E402
 from mistral_jax.evaluation.lm_eval_tasks import TASKS_DIR  # noqa: E402
 
-import hf_flax_ref  # noqa: E402
-import ref_venv  # noqa: E402  (bench/, the script's own folder, is on sys.path)
+import hf_flax_ref  # noqa: E402  (bench/, the script's own folder, is on sys.path)
+import ref_venv  # noqa: E402
 
 CFG_57M = ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536,
                       vocab_size=32000, sliding_window=4096, max_seq_len=4096)
@@ -185,8 +185,8 @@ def main() -> None:
         if flax_py is not None:
             (Path(tmp) / "requests.json").write_text(json.dumps([[list(t), n] for t, n in reqs]))
             ref = hf_flax_ref.REFERENCE.run(flax_py, "score", Path(tmp) / "hf", "--requests",
-                                            str(Path(tmp) / "requests.json"), "--batch", str(args.batch),
-                                            "--pad-to", "64")
+                                          str(Path(tmp) / "requests.json"), "--batch", str(args.batch),
+                                          "--pad-to", "64")
 
     if tmp_data is not None:
         os.unlink(tmp_data.name)

@@ -48,8 +48,8 @@ from mistral_jax.training import train_step as ts  # noqa: E402
 from mistral_jax.model.config import ModelConfig  # noqa: E402
 from mistral_jax.training.run_config import OptimSection  # noqa: E402
 
-import hf_flax_ref  # noqa: E402
-import ref_venv  # noqa: E402  (bench/, the script's own folder, is on sys.path)
+import hf_flax_ref  # noqa: E402  (bench/, the script's own folder, is on sys.path)
+import ref_venv  # noqa: E402
 
 CFG_57M = ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536,
                       vocab_size=32000, sliding_window=4096, max_seq_len=4096)
@@ -263,8 +263,8 @@ def main(argv=None) -> None:
         with tempfile.TemporaryDirectory(prefix="bench_train_hf_") as tmp:
             export_initial_params(Path(tmp) / "hf")
             ref = hf_flax_ref.REFERENCE.run(flax_py, "train", Path(tmp) / "hf", "--batch", str(args.batch),
-                                            "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", "1",
-                                            "--dtypes", "float32", "bfloat16")
+                                          "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", "1",
+                                          "--dtypes", "float32", "bfloat16")
     bf16 = "bfloat16 compute, f32 master"
     rows = []
     runs = [("mistral-jax jit step", "float32", lambda: bench_jax(args.batch, args.seq, args.steps, jnp.float32)),
