@@ -29,10 +29,12 @@ MAX_LEVELS = 3  # at most 3 halvings of a one-block self-attention row's causal 
 MIN_SIDE = 32   # ... while its smallest squares keep a side of at least 32 (each level costs compile time)
 
 
-def _reachable(qpos_BQ, kpos_BC, window):
-    """Scalar bool: can any query of the block see any key of the block (segments ignored)?
+def _reachable(qpos_BQ, kpos_BC, window, qseg_BQ=None, kseg_BC=None):
+    """Scalar bool: can any query of the block see any key of the block?
 
-    Positions alone bound it: a key is visible only if 0 <= k <= q and q - k < window.
+    Bounds from positions (a key is visible only if 0 <= k <= q and q - k < window) and, with segment
+    ids, from their ranges (a query sees only keys of its own segment, so the two blocks' ranges of ids
+    must overlap): packed rows skip the blocks between different documents.
     """
     q_valid = qpos_BQ >= 0
     k_valid = kpos_BC >= 0
@@ -44,6 +46,9 @@ def _reachable(qpos_BQ, kpos_BC, window):
     ok_B = (kmin_B <= qmax_B) & (kmax_B >= 0) & (qmax_B >= 0)
     if window is not None:
         ok_B &= kmax_B > qmin_B - window
+    if qseg_BQ is not None:
+        ok_B &= (jnp.maximum(jnp.min(qseg_BQ, axis=1), jnp.min(kseg_BC, axis=1))
+                 <= jnp.minimum(jnp.max(qseg_BQ, axis=1), jnp.max(kseg_BC, axis=1)))
     return jnp.any(ok_B)
 
 
@@ -103,33 +108,37 @@ def _forward(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, window
     S = k_BSKH.shape[1]
     nq, nk = T // bq, S // bk
     scale = H ** -0.5
-    kb, vb, kposb = _blocks(k_BSKH, nk, bk), _blocks(v_BSKH, nk, bk), _blocks(kpos_BS, nk, bk)
+    # blocks laid out as the block products read them, (B, K) leading, once per call instead of per block
+    kb, vb = (jnp.swapaxes(_blocks(x, nk, bk), 2, 3) for x in (k_BSKH, v_BSKH))     # (nk, B, K, C, H)
+    kposb = _blocks(kpos_BS, nk, bk)
     ksegb = None if kseg_BS is None else _blocks(kseg_BS, nk, bk)
     n_iter, first = _band(nk, bq, bk, window, band)
 
     def q_block(_, xs):
-        q_BQKGH, qpos_BQ, qseg_BQ, i = xs
+        q_BKGQH, qpos_BQ, qseg_BQ, i = xs
 
         def k_block(carry, t):
             j = first(i) + t
             jc = jnp.minimum(j, nk - 1)
-            k_BCKH, v_BCKH, kpos_BC, kseg_BC = _take(kb, jc), _take(vb, jc), _take(kposb, jc), _take(ksegb, jc)
+            k_BKCH, v_BKCH, kpos_BC, kseg_BC = _take(kb, jc), _take(vb, jc), _take(kposb, jc), _take(ksegb, jc)
 
             def visit(carry):
                 o_BKGQH, m_BKGQ, l_BKGQ = carry
-                s_BKGQC = jnp.einsum("bqkgh,bckh->bkgqc", q_BQKGH, k_BCKH,
+                s_BKGQC = jnp.einsum("bkgqh,bkch->bkgqc", q_BKGQH, k_BKCH,
                                      preferred_element_type=jnp.float32) * scale
                 mask_B11QC = attention_mask(qpos_BQ, kpos_BC, window, qseg_BQ, kseg_BC)[:, None, None]
                 s_BKGQC = jnp.where(mask_B11QC, s_BKGQC, _NEG)
                 m_new = jnp.maximum(m_BKGQ, jnp.max(s_BKGQC, axis=-1))
-                p_BKGQC = jnp.where(mask_B11QC, jnp.exp(s_BKGQC - m_new[..., None]), 0.0)
+                # masked scores are _NEG, so exp gives exactly 0 there once a row has seen a key; a row that
+                # has seen none subtracts 0 instead of its _NEG max (a small select, not one per score)
+                p_BKGQC = jnp.exp(s_BKGQC - jnp.where(m_new > _NEG, m_new, 0.0)[..., None])
                 alpha = jnp.exp(m_BKGQ - m_new)
                 l_new = l_BKGQ * alpha + jnp.sum(p_BKGQC, axis=-1)
-                pv = jnp.einsum("bkgqc,bckh->bkgqh", p_BKGQC.astype(v_BCKH.dtype), v_BCKH,
+                pv = jnp.einsum("bkgqc,bkch->bkgqh", p_BKGQC.astype(v_BKCH.dtype), v_BKCH,
                                 preferred_element_type=jnp.float32)
                 return o_BKGQH * alpha[..., None] + pv, m_new, l_new
 
-            go = (j < nk) & _reachable(qpos_BQ, kpos_BC, window)
+            go = (j < nk) & _reachable(qpos_BQ, kpos_BC, window, qseg_BQ, kseg_BC)
             return jax.lax.cond(go, visit, lambda c: c, carry), None
 
         init = (jnp.zeros((B, K, G, bq, H), jnp.float32), jnp.full((B, K, G, bq), _NEG, jnp.float32),
@@ -140,8 +149,8 @@ def _forward(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, window
         lse_BKGQ = jnp.where(l > 0, m + jnp.log(safe_l), jnp.inf)  # inf: no key visible, p = 0 everywhere
         return None, (out_BQKGH, lse_BKGQ)
 
-    xs = (_blocks(q_BTKGH, nq, bq), _blocks(qpos_BT, nq, bq), None if qseg_BT is None else _blocks(qseg_BT, nq, bq),
-          jnp.arange(nq, dtype=jnp.int32))
+    xs = (jnp.transpose(_blocks(q_BTKGH, nq, bq), (0, 1, 3, 4, 2, 5)), _blocks(qpos_BT, nq, bq),
+          None if qseg_BT is None else _blocks(qseg_BT, nq, bq), jnp.arange(nq, dtype=jnp.int32))
     _, (out, lse) = jax.lax.scan(q_block, None, xs)
     return _unblocks(out), jnp.moveaxis(lse, 0, 3).reshape(B, K, G, T)
 
@@ -193,7 +202,8 @@ def _backward(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, windo
                 return jnp.zeros(q.shape, f32), jnp.zeros(k.shape, f32), jnp.zeros(k.shape, f32)
 
             # the branches return block-sized updates only; the full-size dk/dv are updated outside
-            dq_add, dk_j, dv_j = jax.lax.cond((j < nk) & _reachable(qpos, kpos, window), visit, skip, None)
+            dq_add, dk_j, dv_j = jax.lax.cond((j < nk) & _reachable(qpos, kpos, window, qseg, kseg),
+                                              visit, skip, None)
             at = (0, jc * bk, 0, 0)
             dk_BSKH = jax.lax.dynamic_update_slice(dk_BSKH, jax.lax.dynamic_slice(dk_BSKH, at, k.shape) + dk_j, at)
             dv_BSKH = jax.lax.dynamic_update_slice(dv_BSKH, jax.lax.dynamic_slice(dv_BSKH, at, k.shape) + dv_j, at)

@@ -197,6 +197,48 @@ def test_pack_rows_best_fit_decreasing():
         scoring.pack_rows([3, 161], lambda n: 160)
 
 
+def test_short_requests_fill_the_empty_rows_of_a_partial_batch():
+    """Three rows of 160 run as a batch of 4 (`rows_for`): the short requests go into the fourth row, which
+    runs anyway, instead of opening rows (and a program) of their own; the values do not change."""
+    cfg = ModelConfig(**TINY)
+    params = random_params(cfg, 0)
+    rs = np.random.RandomState(3)
+    reqs = [(list(rs.randint(1, 32000, n + 1)), 5) for n in (150, 149, 148, 30, 30, 30, 30, 30)]
+    sc = scoring.Scorer(params, cfg, batch_size=4, max_input=160, pack_length=64)
+    got = sc.score(reqs)
+    assert sc.used_shapes == {(4, 160)} and sc.positions_run == 640
+    alone = scoring.Scorer(params, cfg, batch_size=1, max_input=160, pack=False)
+    for r, g in zip(reqs, got):
+        np.testing.assert_allclose(g.logprobs, alone.score([r])[0].logprobs, atol=1e-5, rtol=0)
+
+
+def test_head_runs_at_scored_positions_only(monkeypatch):
+    """The output head runs on the scored positions gathered together, not on the chunks of each row that
+    hold one: 20 scored positions in two rows make 2 chunks of 16 (3 if taken row by row)."""
+    cfg = ModelConfig(**TINY)
+    params = random_params(cfg, 0)
+    rs = np.random.RandomState(4)
+    reqs = [(list(rs.randint(1, 32000, 151)), 12), (list(rs.randint(1, 32000, 101)), 8)]
+    want = scoring.Scorer(params, cfg, batch_size=2, max_input=160, pack=False, chunk=512).score(reqs)
+    runs, chunk_scores = [], scoring._chunk_scores
+
+    def counted(h, w, t):
+        jax.debug.callback(lambda: runs.append(1))
+        return chunk_scores(h, w, t)
+
+    monkeypatch.setattr(scoring, "_chunk_scores", counted)
+    scoring._score_batch.clear_cache()
+    try:
+        got = scoring.Scorer(params, cfg, batch_size=2, max_input=160, pack=False, chunk=16).score(reqs)
+        jax.effects_barrier()
+    finally:
+        scoring._score_batch.clear_cache()
+    assert len(runs) == 2
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(g.greedy, w.greedy)
+
+
 def test_wilson_interval():
     lo, hi = scoring.wilson_interval(8, 10)          # textbook value: 0.4902 .. 0.9433
     assert abs(lo - 0.4902) < 1e-4 and abs(hi - 0.9433) < 1e-4

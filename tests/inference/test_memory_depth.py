@@ -61,7 +61,8 @@ def _decode_temp(params, cfg: ModelConfig, batch: int) -> tuple[int, int]:
 def _score_temp(params, cfg: ModelConfig) -> int:
     B, T = 2, 128
     z = jnp.zeros((B, T), jnp.int32)
-    compiled = scoring._score_batch.lower(params, z, z, jnp.ones((B, T), bool), z, z + 1, cfg=cfg,
+    o = jnp.arange(B * T, dtype=jnp.int32)[None]
+    compiled = scoring._score_batch.lower(params, z, z, z + 1, o, o, jnp.ones((1, B * T), bool), cfg=cfg,
                                           dtype=jnp.bfloat16, chunk=64, attn_block=64, mesh=None).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 

@@ -107,6 +107,27 @@ def test_skips_unreachable_blocks():
         np.testing.assert_array_equal(np.asarray(out[:, 32:]), np.asarray(ref[:, 32:]))
 
 
+def test_skips_blocks_of_other_segments():
+    """In a packed row, key blocks of another document do no work, although their positions (which
+    restart per document) are in reach: NaN keys and values there reach neither the output nor the
+    gradients of the other document's queries."""
+    rng = np.random.default_rng(6)
+    T = 64
+    q, k, v, ct = _qkv(rng, 1, T, T, 2, 1, 8)
+    pos = jnp.asarray(np.concatenate([np.arange(32), np.arange(32)])[None], jnp.int32)
+    seg = jnp.asarray(np.repeat([1, 2], 32)[None], jnp.int32)
+    bad = lambda x: x.at[:, :32].set(jnp.nan)  # noqa: E731  document 1 (blocks 0 and 1 of 16)
+
+    def run(k, v, q):
+        out = blockwise_attend(q, k, v, pos, pos, None, seg, seg, block_q=16, block_k=16, self_attention=True)
+        return out, jax.grad(lambda q: jnp.sum(blockwise_attend(
+            q, k, v, pos, pos, None, seg, seg, block_q=16, block_k=16, self_attention=True)[:, 32:] * ct[:, 32:]))(q)
+
+    (ref, dref), (out, dq) = jax.jit(run)(k, v, q), jax.jit(run)(bad(k), bad(v), q)
+    np.testing.assert_array_equal(np.asarray(out[:, 32:]), np.asarray(ref[:, 32:]))
+    np.testing.assert_array_equal(np.asarray(dq[:, 32:]), np.asarray(dref[:, 32:]))
+
+
 def test_bad_arguments():
     q = jnp.zeros((1, 4, 3, 8))
     k = jnp.zeros((1, 4, 2, 8))
