@@ -271,23 +271,38 @@ def _square_mask(qpos, kpos, qseg, kseg, window, level, n, side):
     return m.reshape(B, n, side, 1, 1, side)
 
 
+def _qrows(x, level, n, side):
+    """Queries (or per-query values) of a level's squares, (K, G) before the query axis as the products
+    read them: (B, T, K, G, ...) -> (B, n, K, G, side, ...)."""
+    r = _rows(x, level, n, side)
+    return jnp.moveaxis(r, 2, 4)
+
+
+def _kcols(x, level, n, side):
+    """Keys or values of a level's squares, K before the key axis: (B, T, K, H) -> (B, n, K, side, H)."""
+    return jnp.swapaxes(_cols(x, level, n, side), 2, 3)
+
+
 def _split_forward(q_BTKGH, k_BTKH, v_BTKH, qpos_BT, kpos_BT, qseg_BT, kseg_BT, window, b):
     """(out (B, T, K, G, H) in q's dtype, lse (B, T, K, G) float32) over the squares of `_pieces` (diagonal
     squares of side b)."""
     q_BTKGH, qpos_BT, kpos_BT, qseg_BT, kseg_BT = jax.lax.optimization_barrier(  # see `_forward`
         (q_BTKGH, qpos_BT, kpos_BT, qseg_BT, kseg_BT))
+    B = q_BTKGH.shape[0]
     scale = q_BTKGH.shape[-1] ** -0.5
     parts = []
     for level, n, side in _pieces(q_BTKGH.shape[1], b):
-        s = jnp.einsum("bnqkgh,bnckh->bnqkgc", _rows(q_BTKGH, level, n, side), _cols(k_BTKH, level, n, side),
+        s = jnp.einsum("bnkgqh,bnkch->bnkgqc", _qrows(q_BTKGH, level, n, side), _kcols(k_BTKH, level, n, side),
                        preferred_element_type=jnp.float32) * scale
-        mask = _square_mask(qpos_BT, kpos_BT, qseg_BT, kseg_BT, window, level, n, side)
+        mask = _square_mask(qpos_BT, kpos_BT, qseg_BT, kseg_BT, window, level, n, side).reshape(B, n, 1, 1, side, side)
         s = jnp.where(mask, s, _NEG)
         m = jnp.max(s, axis=-1)
-        p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
-        o = jnp.einsum("bnqkgc,bnckh->bnqkgh", p.astype(v_BTKH.dtype), _cols(v_BTKH, level, n, side),
+        p = jnp.exp(s - jnp.where(m > _NEG, m, 0.0)[..., None])   # 0 where masked: see `_forward`
+        o = jnp.einsum("bnkgqc,bnkch->bnkgqh", p.astype(v_BTKH.dtype), _kcols(v_BTKH, level, n, side),
                        preferred_element_type=jnp.float32)
-        parts.append((_full(m, level, _NEG), _full(jnp.sum(p, axis=-1), level, 0.0), _full(o, level, 0.0)))
+        back = lambda x: jnp.moveaxis(x, 4, 2)  # noqa: E731   (B, n, K, G, side, ...) -> (B, n, side, K, G, ...)
+        parts.append((_full(back(m), level, _NEG), _full(back(jnp.sum(p, axis=-1)), level, 0.0),
+                      _full(back(o), level, 0.0)))
     m_BTKG = functools.reduce(jnp.maximum, [m for m, _, _ in parts])
     l_BTKG = sum(l * jnp.exp(m - m_BTKG) for m, l, _ in parts)
     o_BTKGH = sum(o * jnp.exp(m - m_BTKG)[..., None] for m, _, o in parts)
@@ -298,22 +313,24 @@ def _split_forward(q_BTKGH, k_BTKH, v_BTKH, qpos_BT, kpos_BT, qseg_BT, kseg_BT, 
 
 def _split_backward(q_BTKGH, k_BTKH, v_BTKH, qpos_BT, kpos_BT, qseg_BT, kseg_BT, window, b, out, lse_BTKG, dout):
     """(dq, dk, dv) of `_split_forward`, recomputing each square's probabilities from the saved lse."""
+    B = q_BTKGH.shape[0]
     scale = q_BTKGH.shape[-1] ** -0.5
     f32 = jnp.float32
     delta_BTKG = jnp.einsum("btkgh,btkgh->btkg", dout.astype(f32), out.astype(f32))
     dq = dk = dv = 0.0
     for level, n, side in _pieces(q_BTKGH.shape[1], b):
-        rows = lambda x: _rows(x, level, n, side)  # noqa: E731
+        rows = lambda x: _qrows(x, level, n, side)  # noqa: E731
         q, do = rows(q_BTKGH), rows(dout).astype(f32)
-        k, v = _cols(k_BTKH, level, n, side), _cols(v_BTKH, level, n, side).astype(f32)
-        mask = _square_mask(qpos_BT, kpos_BT, qseg_BT, kseg_BT, window, level, n, side)
-        s = jnp.einsum("bnqkgh,bnckh->bnqkgc", q, k, preferred_element_type=f32) * scale
+        k, v = _kcols(k_BTKH, level, n, side), _kcols(v_BTKH, level, n, side).astype(f32)
+        mask = _square_mask(qpos_BT, kpos_BT, qseg_BT, kseg_BT, window, level, n, side).reshape(B, n, 1, 1, side, side)
+        s = jnp.einsum("bnkgqh,bnkch->bnkgqc", q, k, preferred_element_type=f32) * scale
         p = jnp.where(mask, jnp.exp(s - rows(lse_BTKG)[..., None]), 0.0)
-        dp = jnp.einsum("bnqkgh,bnckh->bnqkgc", do, v)
+        dp = jnp.einsum("bnkgqh,bnkch->bnkgqc", do, v)
         ds = p * (dp - rows(delta_BTKG)[..., None]) * scale
-        dq = dq + _full(jnp.einsum("bnqkgc,bnckh->bnqkgh", ds, k.astype(f32)), level, 0.0)
-        dk = dk + _full(jnp.einsum("bnqkgc,bnqkgh->bnckh", ds, q.astype(f32)), level, 0.0, rows=False)
-        dv = dv + _full(jnp.einsum("bnqkgc,bnqkgh->bnckh", p, do), level, 0.0, rows=False)
+        dq = dq + _full(jnp.moveaxis(jnp.einsum("bnkgqc,bnkch->bnkgqh", ds, k.astype(f32)), 4, 2), level, 0.0)
+        dk = dk + _full(jnp.swapaxes(jnp.einsum("bnkgqc,bnkgqh->bnkch", ds, q.astype(f32)), 2, 3), level, 0.0,
+                        rows=False)
+        dv = dv + _full(jnp.swapaxes(jnp.einsum("bnkgqc,bnkgqh->bnkch", p, do), 2, 3), level, 0.0, rows=False)
     return dq.astype(q_BTKGH.dtype), dk.astype(k_BTKH.dtype), dv.astype(v_BTKH.dtype)
 
 
