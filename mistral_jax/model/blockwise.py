@@ -272,14 +272,12 @@ def _square_mask(qpos, kpos, qseg, kseg, window, level, n, side):
 
 
 def _qrows(x, level, n, side):
-    """Queries (or per-query values) of a level's squares, (K, G) before the query axis as the products
-    read them: (B, T, K, G, ...) -> (B, n, K, G, side, ...)."""
-    r = _rows(x, level, n, side)
-    return jnp.moveaxis(r, 2, 4)
+    """`_rows` with (K, G) moved before the query axis, as the products read them: (B, n, K, G, side, ...)."""
+    return jnp.moveaxis(_rows(x, level, n, side), 2, 4)
 
 
 def _kcols(x, level, n, side):
-    """Keys or values of a level's squares, K before the key axis: (B, T, K, H) -> (B, n, K, side, H)."""
+    """`_cols` of keys or values with K moved before the key axis: (B, n, K, side, H)."""
     return jnp.swapaxes(_cols(x, level, n, side), 2, 3)
 
 
@@ -300,9 +298,8 @@ def _split_forward(q_BTKGH, k_BTKH, v_BTKH, qpos_BT, kpos_BT, qseg_BT, kseg_BT, 
         p = jnp.exp(s - jnp.where(m > _NEG, m, 0.0)[..., None])   # 0 where masked: see `_forward`
         o = jnp.einsum("bnkgqc,bnkch->bnkgqh", p.astype(v_BTKH.dtype), _kcols(v_BTKH, level, n, side),
                        preferred_element_type=jnp.float32)
-        back = lambda x: jnp.moveaxis(x, 4, 2)  # noqa: E731   (B, n, K, G, side, ...) -> (B, n, side, K, G, ...)
-        parts.append((_full(back(m), level, _NEG), _full(back(jnp.sum(p, axis=-1)), level, 0.0),
-                      _full(back(o), level, 0.0)))
+        parts.append(tuple(_full(jnp.moveaxis(x, 4, 2), level, fill)   # m, l, o back to (B, T, K, G, ...)
+                           for x, fill in ((m, _NEG), (jnp.sum(p, axis=-1), 0.0), (o, 0.0))))
     m_BTKG = functools.reduce(jnp.maximum, [m for m, _, _ in parts])
     l_BTKG = sum(l * jnp.exp(m - m_BTKG) for m, l, _ in parts)
     o_BTKGH = sum(o * jnp.exp(m - m_BTKG)[..., None] for m, _, o in parts)
