@@ -34,7 +34,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,12 +114,9 @@ def hf_score(hf, reqs: list, batch: int) -> list[np.ndarray]:
 
 def timed(fn, repeats: int = 1):
     """(fn's last result, median wall time of `repeats` calls)."""
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        res = fn()
-        ts.append(time.perf_counter() - t0)
-    return res, float(np.median(ts))
+    results = []
+    dt = ref_venv.median_time(lambda: results.append(fn()), repeats)
+    return results[-1], dt
 
 
 def main() -> None:
