@@ -2,10 +2,12 @@
 
 The model's cache is one dict of layer-stacked arrays {"k": (L, B, C, K, H), "v": (L, B, C, K, H),
 "pos": (L, B, C) int32}, scanned alongside the stacked layer params; a layer sees its slice
-{"k": (B, C, K, H), "v": ..., "pos": (B, C)}. "pos" holds the absolute position stored in each slot
-(-1 when empty), so the attention mask is computed from positions like everywhere else and the memory
-never grows with generated length. (Every layer writes the same positions; "pos" is kept per layer so
-a layer's slice is self-contained; it is 1/(2*K*H) of the cache.)
+{"k": (B, C, K, H), "v": ..., "pos": (B, C)} and returns its chunk's keys and values, which
+`write_layers` stores for all layers at once after the layer loop (so the loop never copies the cache).
+"pos" holds the absolute position stored in each slot (-1 when empty), so the attention mask is computed
+from positions like everywhere else and the memory never grows with generated length. (Every layer
+writes the same positions; "pos" is kept per layer so a layer's slice is self-contained; it is
+1/(2*K*H) of the cache.)
 """
 
 from __future__ import annotations
@@ -64,12 +66,21 @@ def write(cache: LayerCache, k_BTKH: jax.Array, v_BTKH: jax.Array, pos_BT: jax.A
     keep_BT = (pos_BT >= 0) & (pos_BT > last_B1 - C)
     slot_BT = jnp.where(keep_BT, pos_BT % C, C)  # slot C is out of range: dropped
     b_B1 = jnp.arange(B)[:, None]
-    return {"k": cache["k"].at[b_B1, slot_BT].set(_stored(k_BTKH, cache["k"].dtype), mode="drop"),
-            "v": cache["v"].at[b_B1, slot_BT].set(_stored(v_BTKH, cache["v"].dtype), mode="drop"),
+    return {"k": cache["k"].at[b_B1, slot_BT].set(stored(k_BTKH, cache["k"].dtype), mode="drop"),
+            "v": cache["v"].at[b_B1, slot_BT].set(stored(v_BTKH, cache["v"].dtype), mode="drop"),
             "pos": cache["pos"].at[b_B1, slot_BT].set(pos_BT.astype(jnp.int32), mode="drop")}
 
 
-def _stored(x: jax.Array, dtype: Any) -> jax.Array:
+def write_layers(cache: Cache, k_LBTKH: jax.Array, v_LBTKH: jax.Array, pos_BT: jax.Array) -> Cache:
+    """`write` for every layer of the stacked cache at once (each layer's chunk of keys and values,
+    the same positions); one scatter per array, in place where the cache buffer is donated or carried."""
+    return jax.vmap(write, in_axes=(0, 0, 0, None))(cache, k_LBTKH, v_LBTKH, pos_BT)
+
+
+def stored(x: jax.Array, dtype: Any) -> jax.Array:
+    """x as the cache stores it in `dtype` (see `storage_dtype`); x already in dtype is returned as is."""
+    if x.dtype == dtype:
+        return x
     if dtype == packing.PACKED:
         return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), packing.PACKED)
     return x.astype(dtype)

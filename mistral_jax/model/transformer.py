@@ -133,7 +133,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, seg_BT: jax.Array | None = None,
                  cache: kv_cache.LayerCache | None = None
-                 ) -> tuple[jax.Array, kv_cache.LayerCache | None]:
+                 ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        """(output (B, T, D), with a layer cache the chunk's {"k", "v"} (B, T, K, H) as the cache stores them)."""
         c = self.cfg
         D, N, K, H = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
         wq_DNH = _param(self, "wq", (D, N, H), ("embed", "q_heads", "head_dim"), packed=True)
@@ -155,26 +156,22 @@ class Attention(nn.Module):
 
         if cache is None:
             k_BSKH, v_BSKH, kpos_BS, kseg_BS = k_BTKH, v_BTKH, pos_BT, seg_BT
-            new_cache = None
+            update = None
         else:
             if seg_BT is not None:
                 raise ValueError("Attention: segment ids are for packed training rows, not cached decoding")
-            T, C = x_BTD.shape[1], cache["pos"].shape[1]
-            new_cache = kv_cache.write(cache, k_BTKH, v_BTKH, pos_BT)
+            # the chunk's queries see the cache as it was before the chunk (slots the chunk will overwrite
+            # included: its early queries may still need them) followed by the chunk itself; the layer
+            # returns the chunk's keys and values, written for all layers after the loop (cache.write_layers)
+            k_BSKH = jnp.concatenate([kv_cache.read(cache["k"], self.dtype), k_BTKH], axis=1)
+            v_BSKH = jnp.concatenate([kv_cache.read(cache["v"], self.dtype), v_BTKH], axis=1)
+            kpos_BS = jnp.concatenate([cache["pos"], pos_BT.astype(jnp.int32)], axis=1)
             kseg_BS = None
-            if T == 1 or c.sliding_window is None or C >= c.sliding_window + T - 1:
-                # nothing a query still needs is overwritten by the chunk: attend over the updated
-                # buffer itself (a decode step reads the cache once and writes one slot)
-                k_BSKH, v_BSKH = (kv_cache.read(new_cache[n], self.dtype) for n in "kv")
-                kpos_BS = new_cache["pos"]
-            else:  # a chunk that wraps the buffer: its early queries need keys the chunk overwrites
-                k_BSKH = jnp.concatenate([kv_cache.read(cache["k"], self.dtype), k_BTKH], axis=1)
-                v_BSKH = jnp.concatenate([kv_cache.read(cache["v"], self.dtype), v_BTKH], axis=1)
-                kpos_BS = jnp.concatenate([cache["pos"], pos_BT.astype(jnp.int32)], axis=1)
+            update = {"k": kv_cache.stored(k_BTKH, cache["k"].dtype), "v": kv_cache.stored(v_BTKH, cache["v"].dtype)}
         out_BTNH = multihead_attention(q_BTNH, k_BSKH, v_BSKH, pos_BT, kpos_BS, c.sliding_window, seg_BT, kseg_BS,
                                        impl=self.attn_impl, block=self.attn_block, self_attention=cache is None)
         return _plus(_dense(self, "btnh,nhd->btd", out_BTNH, wo_NHD, n_in=2),
-                     _lora_delta(self, "wo", out_BTNH, ("q_heads", "head_dim"), (D,), ("embed",))), new_cache
+                     _lora_delta(self, "wo", out_BTNH, ("q_heads", "head_dim"), (D,), ("embed",))), update
 
 
 class Block(nn.Module):
@@ -190,14 +187,14 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, h_BTD, pos_BT, seg_BT=None, cache=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        a_BTD, new_cache = Attention(self.cfg, name="attention", attn_impl=self.attn_impl, attn_block=self.attn_block,
-                                     lora=self.lora, fused_matvec=self.fused_matvec, **kw)(
+        a_BTD, update = Attention(self.cfg, name="attention", attn_impl=self.attn_impl, attn_block=self.attn_block,
+                                  lora=self.lora, fused_matvec=self.fused_matvec, **kw)(
             RMSNorm(self.cfg.norm_eps, name="attention_norm", **kw)(h_BTD), pos_BT, seg_BT, cache)
         h_BTD = h_BTD + a_BTD
         h_BTD = h_BTD + FeedForward(self.cfg, name="feed_forward", lora=self.lora,
                                     fused_matvec=self.fused_matvec, **kw)(
             RMSNorm(self.cfg.norm_eps, name="ffn_norm", **kw)(h_BTD))
-        return _constrain(h_BTD, ("batch", "length", "act_embed")), new_cache
+        return _constrain(h_BTD, ("batch", "length", "act_embed")), update
 
 
 REMAT_POLICIES = ("none", "full", "dots")
@@ -272,15 +269,15 @@ class Transformer(nn.Module):
             blocks = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                              in_axes=(nn.broadcast, nn.broadcast, 0), length=c.n_layers,
                              metadata_params={nn.PARTITION_NAME: "layers"})
-            h_BTD, new_cache = blocks(c, name="layers", **block_kw)(h_BTD, positions_BT, segment_ids_BT, cache)
+            h_BTD, updates = blocks(c, name="layers", **block_kw)(h_BTD, positions_BT, segment_ids_BT, cache)
         else:
-            layer_caches = []
+            layer_updates = []
             for i in range(c.n_layers):
-                h_BTD, layer_cache = block_cls(c, name=f"layers_{i}", **block_kw)(
+                h_BTD, update = block_cls(c, name=f"layers_{i}", **block_kw)(
                     h_BTD, positions_BT, segment_ids_BT, None if cache is None else _layer_slice(cache, i))
-                layer_caches.append(layer_cache)
-            new_cache = None if cache is None else {
-                k: jnp.stack([lc[k] for lc in layer_caches]) for k in cache}
+                layer_updates.append(update)
+            updates = None if cache is None else {k: jnp.stack([u[k] for u in layer_updates]) for k in ("k", "v")}
+        new_cache = None if cache is None else kv_cache.write_layers(cache, updates["k"], updates["v"], positions_BT)
         if logit_index_B is not None:
             h_BTD = jnp.take_along_axis(h_BTD, logit_index_B[:, None, None].astype(jnp.int32), axis=1)
         h_BTD = RMSNorm(c.norm_eps, name="norm", **kw)(h_BTD)
