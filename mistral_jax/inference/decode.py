@@ -61,13 +61,23 @@ def row_keys(seed: int, row_ids: jax.Array) -> jax.Array:
     return jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(row_ids)
 
 
+def first_argmax(logits_BV: jax.Array) -> jax.Array:
+    """`jnp.argmax(logits, -1)` as int32 (B,): the first maximum, or the first NaN. Written as a max and a
+    masked min over the ids, two plain reductions: XLA:CPU's (value, index) reduction was about 2x slower
+    at the (8, 32000) logits of a decode step (485 vs 327 us; 3.2 vs 1.5 ms at batch 64)."""
+    m_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+    ids_BV = jax.lax.broadcasted_iota(jnp.int32, logits_BV.shape, logits_BV.ndim - 1)
+    hit_BV = (logits_BV == m_B1) | jnp.isnan(logits_BV)
+    return jnp.min(jnp.where(hit_BV, ids_BV, logits_BV.shape[-1]), axis=-1)
+
+
 def sample(logits_BV: jax.Array, key: jax.Array, s: SamplingConfig) -> jax.Array:
     """Next token ids (B,) from logits (B, V) under the sampling settings (see SamplingConfig).
 
     key: one key (rows get independent draws from it) or one key per row, shape (B,).
     """
     if s.temperature == 0:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        return first_argmax(logits_BV)
     logits_BV = logits_BV.astype(jnp.float32) / s.temperature
     V = logits_BV.shape[-1]
     if key.ndim == 0:

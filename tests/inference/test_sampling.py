@@ -89,3 +89,19 @@ def test_bad_sampling_settings_are_refused():
                     ({"top_k": 2.5}, "top_k"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p")]:
         with pytest.raises(ValueError, match=msg):
             decode.SamplingConfig(**kw)
+
+
+def test_greedy_is_jnp_argmax_on_ties_infinities_and_nans():
+    """decode.first_argmax (greedy sampling) picks what jnp.argmax picks: the first maximum, the first NaN."""
+    rng = np.random.RandomState(1)
+    x = rng.randint(-3, 4, (64, 37)).astype(np.float32)       # many ties
+    x[3] = -np.inf
+    x[4, 5] = np.inf
+    x[4, 9] = np.inf
+    x[5, 7] = np.nan
+    x[6, [2, 30]] = np.nan
+    x[7] = np.nan
+    got = np.asarray(jax.jit(decode.first_argmax)(jnp.asarray(x)))
+    assert got.dtype == np.int32
+    assert got.tolist() == np.asarray(jnp.argmax(jnp.asarray(x), -1)).tolist()
+    assert got[3] == 0 and got[4] == 5 and got[5] == 7 and got[6] == 2 and got[7] == 0
