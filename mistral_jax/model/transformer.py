@@ -120,7 +120,7 @@ class FeedForward(nn.Module):
 
 
 class Attention(nn.Module):
-    """GQA self-attention; with a layer cache, attends to cached keys plus the chunk and updates the cache.
+    """GQA self-attention; with a layer cache, attends to cached keys plus the chunk and returns the chunk's k/v.
     With `lora`, targeted projections add their low-rank update."""
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
