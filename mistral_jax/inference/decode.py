@@ -233,8 +233,9 @@ def uses_fused_matvec(mesh: Mesh | None) -> bool:
 def compile_step(params: Any, cfg: ModelConfig, batch: int, cache_len: int, dtype: Dtype = jnp.float32,
                  fused: bool | None = None, scan_layers: bool = True) -> Any:
     """The compiled program of one decode step as generate's loop runs it (`batch` tokens against a cache of
-    cache_len slots, the cache donated as the loop carries it), for its memory_analysis() and cost_analysis(). fused defaults to what generate uses
-    without a mesh; with scan_layers=False, params are the per-layer tree (model.unstack_layers)."""
+    cache_len slots, the cache donated as the loop carries it), for its memory_analysis() and cost_analysis().
+    fused defaults to what generate uses without a mesh; with scan_layers=False, params are the per-layer tree
+    (model.unstack_layers)."""
     fused = uses_fused_matvec(None) if fused is None else fused
     dtype = jnp.dtype(dtype)
 
