@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from mistral_jax.inference.head import chunk_head, chunk_logits, from_chunks, to_chunks
 from mistral_jax.model import packing
+from mistral_jax.model.projection import merged_einsum
 
 
 def _onehot(targets_Bc: jax.Array, V: int) -> jax.Array:
@@ -53,7 +54,7 @@ def _chunk_nll_bwd(res, g_Bc):
     dh_BcD = jnp.einsum("bcv,dv->bcd", dlogits_BcV, w_DV, preferred_element_type=jnp.float32)
     if w_given_DV.dtype == packing.PACKED:  # a packed head is frozen (packing.py): no gradient
         return dh_BcD.astype(h_BcD.dtype), None, None
-    dw_DV = jnp.einsum("bcd,bcv->dv", h_BcD, dlogits_BcV, preferred_element_type=jnp.float32)
+    dw_DV = merged_einsum("bcd,bcv->dv", h_BcD, dlogits_BcV, preferred_element_type=jnp.float32)
     return dh_BcD.astype(h_BcD.dtype), dw_DV.astype(w_given_DV.dtype), None
 
 
