@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from mistral_jax.model.mask import attention_mask
+from mistral_jax.model.projection import merged_einsum
 
 _NEG = -1e30  # finite "minus infinity" for masked logits and the running max
 MAX_LEVELS = 3  # at most 3 halvings of a one-block self-attention row's causal triangle (`_pieces`) ...
@@ -325,9 +326,9 @@ def _split_backward(q_BTKGH, k_BTKH, v_BTKH, qpos_BT, kpos_BT, qseg_BT, kseg_BT,
         dp = jnp.einsum("bnkgqh,bnkch->bnkgqc", do, v)
         ds = p * (dp - rows(delta_BTKG)[..., None]) * scale
         dq = dq + _full(jnp.moveaxis(jnp.einsum("bnkgqc,bnkch->bnkgqh", ds, k.astype(f32)), 4, 2), level, 0.0)
-        dk = dk + _full(jnp.swapaxes(jnp.einsum("bnkgqc,bnkgqh->bnkch", ds, q.astype(f32)), 2, 3), level, 0.0,
+        dk = dk + _full(jnp.swapaxes(merged_einsum("bnkgqc,bnkgqh->bnkch", ds, q.astype(f32)), 2, 3), level, 0.0,
                         rows=False)
-        dv = dv + _full(jnp.swapaxes(jnp.einsum("bnkgqc,bnkgqh->bnkch", p, do), 2, 3), level, 0.0, rows=False)
+        dv = dv + _full(jnp.swapaxes(merged_einsum("bnkgqc,bnkgqh->bnkch", p, do), 2, 3), level, 0.0, rows=False)
     return dq.astype(q_BTKGH.dtype), dk.astype(k_BTKH.dtype), dv.astype(v_BTKH.dtype)
 
 

@@ -128,6 +128,19 @@ def test_skips_blocks_of_other_segments():
     np.testing.assert_array_equal(np.asarray(dq[:, 32:]), np.asarray(dref[:, 32:]))
 
 
+def test_one_block_backward_products_contract_one_axis():
+    """The one-block ("split") path's gradient products each contract a single axis: dk and dv sum over
+    (group, query), merged into one (projection.merged_einsum), so XLA:CPU needs no transposed copy."""
+    from tests.model.test_projection import _dots
+    q, k, v, ct = _qkv(np.random.default_rng(3), 2, 32, 32, 4, 2, 8)
+    pos = jnp.tile(jnp.arange(32), (2, 1))
+    grad = jax.grad(lambda q, k, v: jnp.sum(blockwise_attend(q, k, v, pos, pos, None, block_q=64, block_k=64,
+                                                              self_attention=True) * ct), argnums=(0, 1, 2))
+    dots = _dots(jax.make_jaxpr(grad)(q, k, v).jaxpr)
+    assert dots and max(n for n, _ in dots) == 1, dots
+    assert max(_compare(q, k, v, ct, pos, pos, None, bq=64, bk=64, self_attention=True)) <= TOL
+
+
 def test_bad_arguments():
     q = jnp.zeros((1, 4, 3, 8))
     k = jnp.zeros((1, 4, 2, 8))

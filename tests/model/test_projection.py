@@ -68,11 +68,12 @@ def _dots(jaxpr) -> list[tuple[int, int]]:
     return out
 
 
-@pytest.mark.parametrize("spec", ["btd,btf->df", "btnh,btd->nhd", "btd,btnh->dnh", "tbd,btf->fd", "bcd,bcv->dv"])
+@pytest.mark.parametrize("spec", ["btd,btf->df", "btnh,btd->nhd", "btd,btnh->dnh", "tbd,btf->fd", "bcd,bcv->dv",
+                                  "bnkgqc,bnkgqh->bnkch", "bkgqc,bqkgh->bckh"])
 def test_merged_einsum_is_the_einsum_with_one_contracted_axis(spec):
     """A weight gradient's (B, T) contraction runs as one dot over one merged axis (XLA:CPU otherwise writes
     a transposed copy of an operand first), with the einsum's values, axes in any order."""
-    sizes = {**SIZES, "c": 12, "v": 20}
+    sizes = {**SIZES, "c": 12, "v": 20, "g": 2, "q": 6}
     r = np.random.default_rng(2)
     a_axes, b_axes = spec.split("->")[0].split(",")
     a = jnp.asarray(r.normal(size=[sizes[x] for x in a_axes]), jnp.float32)
