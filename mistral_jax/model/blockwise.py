@@ -11,8 +11,7 @@ A self-attention row that fits in one block is instead covered by squares on and
 (`_pieces`), without a loop: the masked-out upper triangle is not computed, so (1 + 2**-L) / 2 of the
 T x T scores are, with L = `split_levels(T)` halvings.
 
-Axis letters: B batch, T queries, S keys, N query heads, K kv heads, G = N / K, H head dim,
-Q / C query / key block size, nq / nk block counts.
+Axes: B batch, T queries, S keys, N / K query / kv heads, G = N / K, H head dim, Q / C query / key block sizes.
 """
 
 from __future__ import annotations
@@ -318,6 +317,7 @@ def _split_backward(q_BTKGH, k_BTKH, v_BTKH, qpos_BT, kpos_BT, qseg_BT, kseg_BT,
     dq = dk = dv = 0.0
     for level, n, side in _pieces(q_BTKGH.shape[1], b):
         rows = lambda x: _qrows(x, level, n, side)  # noqa: E731
+        key_rows = lambda x: _full(jnp.swapaxes(x, 2, 3), level, 0.0, rows=False)  # noqa: E731  (B, T, K, H)
         q, do = rows(q_BTKGH), rows(dout).astype(f32)
         k, v = _kcols(k_BTKH, level, n, side), _kcols(v_BTKH, level, n, side).astype(f32)
         mask = _square_mask(qpos_BT, kpos_BT, qseg_BT, kseg_BT, window, level, n, side).reshape(B, n, 1, 1, side, side)
@@ -326,9 +326,8 @@ def _split_backward(q_BTKGH, k_BTKH, v_BTKH, qpos_BT, kpos_BT, qseg_BT, kseg_BT,
         dp = jnp.einsum("bnkgqh,bnkch->bnkgqc", do, v)
         ds = p * (dp - rows(delta_BTKG)[..., None]) * scale
         dq = dq + _full(jnp.moveaxis(jnp.einsum("bnkgqc,bnkch->bnkgqh", ds, k.astype(f32)), 4, 2), level, 0.0)
-        dk = dk + _full(jnp.swapaxes(merged_einsum("bnkgqc,bnkgqh->bnkch", ds, q.astype(f32)), 2, 3), level, 0.0,
-                        rows=False)
-        dv = dv + _full(jnp.swapaxes(merged_einsum("bnkgqc,bnkgqh->bnkch", p, do), 2, 3), level, 0.0, rows=False)
+        dk = dk + key_rows(merged_einsum("bnkgqc,bnkgqh->bnkch", ds, q.astype(f32)))
+        dv = dv + key_rows(merged_einsum("bnkgqc,bnkgqh->bnkch", p, do))
     return dq.astype(q_BTKGH.dtype), dk.astype(k_BTKH.dtype), dv.astype(v_BTKH.dtype)
 
 
