@@ -336,11 +336,11 @@ def run_ours_decode(variant: str, batch: int, steps: int, fused_mode: str = "aut
 
     # decode.compile_step's program, with the attention implementation chosen and the cache donated (as
     # generate's while loop carries it; an undonated cache would add a copy of the whole cache per step)
-    def step(params, tok_B, pos_B, cache):
+    def step(params, tok_B, pos_B, cache, head_VD):
         with sharding.with_rules():
             logits_B1V, cache = model_lib.Transformer(cfg, dtype=jnp.float32, fused_matvec=fused,
                                                       scan_layers=scan, attn_impl=impl).apply(
-                {"params": params}, tok_B[:, None], pos_B[:, None], cache=cache)
+                {"params": params}, tok_B[:, None], pos_B[:, None], cache=cache, head_VD=head_VD)
         return logits_B1V[:, 0], cache
 
     cache = kv_cache.init_cache(cfg, batch, CACHE_LEN)
@@ -350,16 +350,18 @@ def run_ours_decode(variant: str, batch: int, steps: int, fused_mode: str = "aut
     cache["k"] = jax.random.normal(key, cache["k"].shape) * (cache["pos"] >= 0)[..., None, None]
     cache["v"] = jax.random.normal(jax.random.key(2), cache["v"].shape) * (cache["pos"] >= 0)[..., None, None]
     packed = packing.pack(params)
+    # the head transposed where generate transposes it (once per call, outside the steps)
+    head_VD = decode.transposed_head(packed["output"]) if decode.uses_transposed_head(packed, batch, fused) else None
     tok = jnp.full((batch,), 5, jnp.int32)
     t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(3,)).lower(packed, tok, tok, cache).compile(
+    compiled = jax.jit(step, donate_argnums=(3,)).lower(packed, tok, tok, cache, head_VD).compile(
         compiler_options=matvec.compiler_options(fused))
     compile_s = time.perf_counter() - t0
     box = {"c": cache}
     pos_B = jnp.full((batch,), FILLED, jnp.int32)
 
     def run_one():  # a decode step writes slot FILLED; positions stay at FILLED so each step does the same work
-        logits, box["c"] = compiled(packed, tok, pos_B, box["c"])
+        logits, box["c"] = compiled(packed, tok, pos_B, box["c"], head_VD)
         jax.block_until_ready(logits)
     for _ in range(3):
         run_one()

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from mistral_jax.model import cache as kv_cache
 from mistral_jax.runtime import distributed
 from mistral_jax.inference.buckets import bucket_for, length_buckets
+from mistral_jax.inference.head import transposed_head, uses_transposed_head
 from mistral_jax.model import matvec
 from mistral_jax.model import transformer as model_lib
 from mistral_jax.model import packing
@@ -97,9 +98,9 @@ def sample(logits_BV: jax.Array, key: jax.Array, s: SamplingConfig) -> jax.Array
 
 
 def _apply(params, cfg: ModelConfig, dtype: Dtype, tokens_BT, pos_BT, cache, logit_index_B=None, fused=False,
-           scan_layers=True):
+           scan_layers=True, head_VD=None):
     return model_lib.Transformer(cfg, dtype=dtype, fused_matvec=fused, scan_layers=scan_layers).apply(
-        {"params": params}, tokens_BT, pos_BT, cache=cache, logit_index_B=logit_index_B)
+        {"params": params}, tokens_BT, pos_BT, cache=cache, logit_index_B=logit_index_B, head_VD=head_VD)
 
 
 def _new_cache(cfg: ModelConfig, batch: int, size: int, dtype: Dtype) -> kv_cache.Cache:
@@ -108,10 +109,11 @@ def _new_cache(cfg: ModelConfig, batch: int, size: int, dtype: Dtype) -> kv_cach
 
 
 def _prefill(params, cfg: ModelConfig, dtype: Dtype, tokens_BL, lengths_B, cache, chunk: int,
-             all_logits: bool):
+             all_logits: bool, head_VD=None):
     """Runs right-padded prompts through the cache in chunks (L must be a multiple of chunk).
 
-    Returns (logits, cache): all logits (B, L, V) if all_logits, else each row's last-token logits (B, V).
+    Returns (logits, cache): all logits (B, L, V) if all_logits, else each row's last-token logits (B, V)
+    (computed with head_VD when given).
     """
     B, L = tokens_BL.shape
     n = L // chunk
@@ -129,7 +131,8 @@ def _prefill(params, cfg: ModelConfig, dtype: Dtype, tokens_BL, lengths_B, cache
         rel_B = lengths_B - 1 - j * chunk
 
         def run(cache):
-            logits_B1V, cache = _apply(params, cfg, dtype, tok_Bc, pos_Bc, cache, jnp.clip(rel_B, 0, chunk - 1))
+            logits_B1V, cache = _apply(params, cfg, dtype, tok_Bc, pos_Bc, cache, jnp.clip(rel_B, 0, chunk - 1),
+                                       head_VD=head_VD)
             inside_B = (rel_B >= 0) & (rel_B < chunk)
             return cache, jnp.where(inside_B[:, None], logits_B1V[:, 0], last_BV)
 
@@ -184,21 +187,22 @@ def decode_shapes(cfg: ModelConfig, max_prompt_len: int, max_new_tokens: int, pr
                         cache_len=kv_cache.cache_size(cfg, prompt_b + out_b), out_len=out_b)
 
 
-def _generate_program(params, tokens_BL, lengths_B, keys_B, live_B, n_new, *, cfg: ModelConfig, dtype: Dtype,
-                      chunk: int, cache_len: int, max_new: int, sampling: SamplingConfig, eos_id: jax.Array,
-                      mesh: Mesh | None = None, fused: bool = False):
+def _generate_program(params, tokens_BL, lengths_B, keys_B, live_B, n_new, head_VD=None, *, cfg: ModelConfig,
+                      dtype: Dtype, chunk: int, cache_len: int, max_new: int, sampling: SamplingConfig,
+                      eos_id: jax.Array, mesh: Mesh | None = None, fused: bool = False):
     """(tokens (B, max_new) with -1 after a row stops, cache, decode-loop iterations run).
 
     Rows with live_B False (batch filler) start finished: their output is all -1 and they never keep the
     loop running. The loop stops after n_new (<= max_new, a traced scalar) tokens or when every row is done.
     fused: decode steps use the fused matrix-vector products (matvec.py); the program must then be compiled
-    with matvec.CPU_COMPILER_OPTIONS.
+    with matvec.CPU_COMPILER_OPTIONS. head_VD: params['output'] transposed, used in its place, or None.
     """
     B = tokens_BL.shape[0]
     keys_B = jax.random.wrap_key_data(keys_B)      # (B, key words) uint32 -> (B,) keys
     with sharding.with_rules(mesh):
         cache = _new_cache(cfg, B, cache_len, dtype)
-        last_BV, cache = _prefill(params, cfg, dtype, tokens_BL, lengths_B, cache, chunk, all_logits=False)
+        last_BV, cache = _prefill(params, cfg, dtype, tokens_BL, lengths_B, cache, chunk, all_logits=False,
+                                  head_VD=head_VD)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))   # (B,) keys, step t -> (B,) keys
         tok_B = sample(last_BV, step_keys(keys_B, 0), sampling)
         out_BN = jnp.full((B, max_new), -1, jnp.int32).at[:, 0].set(jnp.where(live_B, tok_B, -1))
@@ -211,7 +215,8 @@ def _generate_program(params, tokens_BL, lengths_B, keys_B, live_B, n_new, *, cf
         def step(state):
             t, tok_B, cache, done_B, out_BN = state
             pos_B = lengths_B + t - 1
-            logits_B1V, cache = _apply(params, cfg, dtype, tok_B[:, None], pos_B[:, None], cache, fused=fused)
+            logits_B1V, cache = _apply(params, cfg, dtype, tok_B[:, None], pos_B[:, None], cache, fused=fused,
+                                       head_VD=head_VD)
             nxt_B = sample(logits_B1V[:, 0], step_keys(keys_B, t), sampling)
             out_BN = jax.lax.dynamic_update_slice(out_BN, jnp.where(done_B, -1, nxt_B)[:, None], (0, t))
             return t + 1, nxt_B, cache, done_B | (nxt_B == eos_id), out_BN
@@ -238,16 +243,20 @@ def compile_step(params: Any, cfg: ModelConfig, batch: int, cache_len: int, dtyp
     (model.unstack_layers)."""
     fused = uses_fused_matvec(None) if fused is None else fused
     dtype = jnp.dtype(dtype)
+    params = packing.pack(params)
+    # generate passes the head transposed (once per head, outside its steps): here an argument like the params
+    head_VD = (jax.eval_shape(jnp.transpose, params["output"])
+               if uses_transposed_head(params, batch, fused) else None)
 
-    def step(params, tok_B, pos_B, cache):
+    def step(params, tok_B, pos_B, cache, head_VD):
         with sharding.with_rules():
             logits_B1V, cache = _apply(params, cfg, dtype, tok_B[:, None], pos_B[:, None], cache, fused=fused,
-                                       scan_layers=scan_layers)
+                                       scan_layers=scan_layers, head_VD=head_VD)
         return logits_B1V[:, 0], cache
 
     cache = jax.eval_shape(lambda: kv_cache.init_cache(cfg, batch, cache_len, dtype))
     tok_B = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    return jax.jit(step, donate_argnums=3).lower(packing.pack(params), tok_B, tok_B, cache).compile(
+    return jax.jit(step, donate_argnums=3).lower(params, tok_B, tok_B, cache, head_VD).compile(
         compiler_options=matvec.compiler_options(fused))
 
 
@@ -314,7 +323,9 @@ def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], ma
                                        for x in (tokens, lengths, live, keys))
     fused = uses_fused_matvec(mesh)
     program = _generate_fused if fused else _generate
-    out, cache, steps = program(packing.pack(params), tokens, lengths, keys, live, jnp.int32(max_new_tokens), cfg=cfg,
+    params = packing.pack(params)
+    head_VD = transposed_head(params["output"]) if uses_transposed_head(params, n_rows, fused) else None
+    out, cache, steps = program(params, tokens, lengths, keys, live, jnp.int32(max_new_tokens), head_VD, cfg=cfg,
                                 dtype=dtype, chunk=shapes.chunk, cache_len=shapes.cache_len, max_new=shapes.out_len,
                                 sampling=sampling, eos_id=jnp.int32(eos), mesh=mesh, fused=fused)
     out = distributed.to_host(out)[:n_real, :max_new_tokens]

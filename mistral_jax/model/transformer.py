@@ -248,10 +248,12 @@ class Transformer(nn.Module):
                  cache: kv_cache.Cache | None = None,
                  logit_index_B: jax.Array | None = None,
                  return_hidden: bool = False,
+                 head_VD: jax.Array | None = None,
                  ) -> tuple[jax.Array, kv_cache.Cache | None]:
         """Returns (logits_BTV, updated cache). With logit_index_B, only the logits at that index of
         each row are computed: (B, 1, V). With return_hidden, returns the final normed hidden states
-        (B, T, D) instead of logits (for a chunked loss against params['output'])."""
+        (B, T, D) instead of logits (for a chunked loss against params['output']). head_VD: params['output']
+        transposed, used in its place (decoding passes it: see `inference.head.transposed_head`)."""
         c = self.cfg
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
@@ -285,7 +287,13 @@ class Transformer(nn.Module):
             return h_BTD, new_cache
         out_DV = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), packed=True)
         # the head is not stacked, so only a packed one gains from matvec (XLA's dot would widen it whole)
-        if (self.fused_matvec and out_DV.dtype == packing.PACKED
+        if head_VD is not None:
+            if head_VD.shape != (c.vocab_size, c.dim):
+                raise ValueError(f"Transformer: head_VD has shape {head_VD.shape}, expected (vocab, dim) = "
+                                 f"{(c.vocab_size, c.dim)}")
+            logits_BTV = jnp.einsum("btd,vd->btv", h_BTD, head_VD.astype(self.dtype),
+                                    preferred_element_type=jnp.float32)
+        elif (self.fused_matvec and out_DV.dtype == packing.PACKED
                 and matvec.applies(h_BTD.shape[0] * h_BTD.shape[1], out_DV.dtype)):
             out_DV, h_BTD = jax.lax.optimization_barrier((out_DV, h_BTD))  # no widening hoisted out of a loop
             logits_BTV = matvec.matvec(h_BTD, out_DV)
