@@ -350,7 +350,7 @@ def run_ours_decode(variant: str, batch: int, steps: int, fused_mode: str = "aut
     cache["k"] = jax.random.normal(key, cache["k"].shape) * (cache["pos"] >= 0)[..., None, None]
     cache["v"] = jax.random.normal(jax.random.key(2), cache["v"].shape) * (cache["pos"] >= 0)[..., None, None]
     packed = packing.pack(params)
-    # the head transposed where generate transposes it (once per call, outside the steps)
+    # the head transposed as generate passes it (once per head, outside the steps)
     head_VD = decode.transposed_head(packed["output"]) if decode.uses_transposed_head(packed, batch, fused) else None
     tok = jnp.full((batch,), 5, jnp.int32)
     t0 = time.perf_counter()
