@@ -44,16 +44,15 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mistral_jax.inference import decode  # noqa: E402
-from mistral_jax.model import cache as kv_cache  # noqa: E402
 from mistral_jax.model import matvec  # noqa: E402
 from mistral_jax.model import packing  # noqa: E402
 from mistral_jax.model import transformer as model_lib  # noqa: E402
-from mistral_jax.model.config import ModelConfig  # noqa: E402
 from mistral_jax.model.rope import apply_rope  # noqa: E402
 
-CACHE_LEN, FILLED, WINDOW = 256, 128, 256
-CFG = ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536, vocab_size=32000,
-                  sliding_window=WINDOW, max_seq_len=4096)
+# the decode shape of profile_breakdown.py (bench/, the script's own folder, is on sys.path)
+from profile_breakdown import CACHE_LEN, FILLED, WINDOW, _cfg, filled_cache  # noqa: E402
+
+CFG = _cfg(WINDOW)
 NAMES = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
 
 
@@ -140,17 +139,6 @@ def torch_products(w, batch: int):
     return run
 
 
-def filled_cache(batch: int) -> kv_cache.Cache:
-    """A stacked cache holding positions 0 .. FILLED-1 with random keys and values."""
-    cache = kv_cache.init_cache(CFG, batch, CACHE_LEN)
-    pos = jnp.where(jnp.arange(CACHE_LEN) < FILLED, jnp.arange(CACHE_LEN), -1).astype(jnp.int32)
-    cache["pos"] = jnp.broadcast_to(pos, cache["pos"].shape)
-    filled = (cache["pos"] >= 0)[..., None, None]
-    cache["k"] = jax.random.normal(jax.random.key(1), cache["k"].shape) * filled
-    cache["v"] = jax.random.normal(jax.random.key(2), cache["v"].shape) * filled
-    return cache
-
-
 def ours_step(params, batch: int, out: dict):
     """() -> one step of generate's decode program (cache filled to FILLED positions, donated, carried);
     out["first"] gets the first step's logits (later steps find position FILLED cached by the step before)."""
@@ -159,7 +147,7 @@ def ours_step(params, batch: int, out: dict):
     head_VD = (decode.transposed_head(packed["output"])
                if decode.uses_transposed_head(packed, batch, decode.uses_fused_matvec(None)) else None)
     tok_B, pos_B = jnp.full((batch,), 5, jnp.int32), jnp.full((batch,), FILLED, jnp.int32)
-    box = {"cache": filled_cache(batch)}
+    box = {"cache": filled_cache(CFG, batch)}
 
     def run():  # every step writes slot FILLED at position FILLED: the same work each time
         logits, box["cache"] = compiled(packed, tok_B, pos_B, box["cache"], head_VD)
@@ -176,7 +164,7 @@ def hand_step(params, w, batch: int, out: dict):
     norms = [(params["layers"]["attention_norm"]["scale"][i], params["layers"]["ffn_norm"]["scale"][i])
              for i in range(L)]
     head = jnp.asarray(np.ascontiguousarray(w["head"].T))
-    stacked = filled_cache(batch)
+    stacked = filled_cache(CFG, batch)
     caches = [{k: v[i] for k, v in stacked.items()} for i in range(L)]
     dot = lambda a, b: jnp.einsum("bi,oi->bo", a, b)  # noqa: E731
     rms = lambda x, s: x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + CFG.norm_eps) * s  # noqa: E731

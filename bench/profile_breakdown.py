@@ -318,10 +318,23 @@ def _summed_loss_impl(params, tokens_BT, positions_BT, segment_ids_BT, *, cfg, d
     return jnp.sum(jnp.where(mask_BT, nll_BT, 0.0)), jnp.sum(mask_BT).astype(jnp.float32)
 
 
-def run_ours_decode(variant: str, batch: int, steps: int, fused_mode: str = "auto"):
+def filled_cache(cfg, batch: int):
+    """A stacked cache of CACHE_LEN slots holding positions 0 .. FILLED-1, random keys and values."""
     import jax
     import jax.numpy as jnp
     from mistral_jax.model import cache as kv_cache
+    cache = kv_cache.init_cache(cfg, batch, CACHE_LEN)
+    pos = jnp.where(jnp.arange(CACHE_LEN) < FILLED, jnp.arange(CACHE_LEN), -1).astype(jnp.int32)
+    cache["pos"] = jnp.broadcast_to(pos, cache["pos"].shape)
+    filled = (cache["pos"] >= 0)[..., None, None]
+    cache["k"] = jax.random.normal(jax.random.key(1), cache["k"].shape) * filled
+    cache["v"] = jax.random.normal(jax.random.key(2), cache["v"].shape) * filled
+    return cache
+
+
+def run_ours_decode(variant: str, batch: int, steps: int, fused_mode: str = "auto"):
+    import jax
+    import jax.numpy as jnp
     from mistral_jax.inference import decode
     from mistral_jax.model import matvec
     from mistral_jax.model import packing
@@ -343,12 +356,7 @@ def run_ours_decode(variant: str, batch: int, steps: int, fused_mode: str = "aut
                 {"params": params}, tok_B[:, None], pos_B[:, None], cache=cache, head_VD=head_VD)
         return logits_B1V[:, 0], cache
 
-    cache = kv_cache.init_cache(cfg, batch, CACHE_LEN)
-    pos = jnp.where(jnp.arange(CACHE_LEN) < FILLED, jnp.arange(CACHE_LEN), -1).astype(jnp.int32)
-    cache["pos"] = jnp.broadcast_to(pos, cache["pos"].shape)
-    key = jax.random.key(1)
-    cache["k"] = jax.random.normal(key, cache["k"].shape) * (cache["pos"] >= 0)[..., None, None]
-    cache["v"] = jax.random.normal(jax.random.key(2), cache["v"].shape) * (cache["pos"] >= 0)[..., None, None]
+    cache = filled_cache(cfg, batch)
     packed = packing.pack(params)
     # the head transposed as generate passes it (once per head, outside the steps)
     head_VD = decode.transposed_head(packed["output"]) if decode.uses_transposed_head(packed, batch, fused) else None
